@@ -1,0 +1,223 @@
+"""The only module that talks to the Kubernetes API server.
+
+It speaks HTTP itself, over one async httpx client, rather than through the synchronous
+`kubernetes` client: kopf runs on asyncio, and an async client keeps its event loop free without
+a thread pool per call. The `kubernetes` package is used only to load credentials (kubeconfig or
+in-cluster service account, including token rotation).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import ssl
+from collections.abc import Generator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from kubernetes import client, config  # the credentials loader only
+
+from llmservice_operator.metrics import OperatorMetrics
+from llmservice_operator.render import Manifest
+
+log = logging.getLogger(__name__)
+
+APPLY_CONTENT_TYPE = "application/apply-patch+yaml"
+
+
+@dataclass(frozen=True)
+class Resource:
+    api_version: str
+    plural: str
+
+    def path(self, namespace: str, name: str | None = None, subresource: str | None = None) -> str:
+        prefix = "/api/v1" if self.api_version == "v1" else f"/apis/{self.api_version}"
+        path = f"{prefix}/namespaces/{namespace}/{self.plural}"
+        if name is not None:
+            path += f"/{name}"
+        if subresource is not None:
+            path += f"/{subresource}"
+        return path
+
+
+RESOURCES: dict[str, Resource] = {
+    "LLMService": Resource("llmservice.io/v1alpha1", "llmservices"),
+    "Deployment": Resource("apps/v1", "deployments"),
+    "Service": Resource("v1", "services"),
+    "HorizontalPodAutoscaler": Resource("autoscaling/v2", "horizontalpodautoscalers"),
+    "PodDisruptionBudget": Resource("policy/v1", "poddisruptionbudgets"),
+    "ServiceMonitor": Resource("monitoring.coreos.com/v1", "servicemonitors"),
+    "PodMonitor": Resource("monitoring.coreos.com/v1", "podmonitors"),
+    "Pod": Resource("v1", "pods"),
+    "Event": Resource("events.k8s.io/v1", "events"),
+}
+
+
+class KubeError(Exception):
+    """A failed API call."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"HTTP {status}: {message}")
+        self.status = status
+        self.message = message
+
+    @property
+    def transient(self) -> bool:
+        """Worth retrying: conflicts, throttling, server trouble, the network."""
+        return self.status in (0, 409, 429) or self.status >= 500
+
+
+class Kube:
+    """Typed operations over one async HTTP client; credentials live in the client."""
+
+    def __init__(self, http: httpx.AsyncClient, field_manager: str, metrics: OperatorMetrics) -> None:
+        self._http = http
+        self._field_manager = field_manager
+        self._metrics = metrics
+
+    async def _request(
+        self, verb: str, method: str, path: str, *, params: dict[str, str] | None = None,
+        content: bytes | None = None, content_type: str | None = None,
+    ) -> httpx.Response:
+        headers = {"Content-Type": content_type} if content_type else {}
+        try:
+            response = await self._http.request(method, path, params=params, content=content, headers=headers)
+        except httpx.HTTPError as error:
+            self._metrics.api_requests.labels(verb=verb, code="error").inc()
+            raise KubeError(0, f"{method} {path}: {error!r}") from error
+        self._metrics.api_requests.labels(verb=verb, code=str(response.status_code)).inc()
+        return response
+
+    @staticmethod
+    def _raise_for(response: httpx.Response) -> None:
+        if response.is_success:
+            return
+        try:
+            message = str(response.json().get("message", response.text))
+        except ValueError:
+            message = response.text
+        raise KubeError(response.status_code, message)
+
+    async def get(self, kind: str, namespace: str, name: str) -> Manifest | None:
+        response = await self._request("get", "GET", RESOURCES[kind].path(namespace, name))
+        if response.status_code == 404:
+            return None
+        self._raise_for(response)
+        body: Manifest = response.json()
+        return body
+
+    async def list(self, kind: str, namespace: str, selector: str) -> list[Manifest]:
+        response = await self._request(
+            "list", "GET", RESOURCES[kind].path(namespace), params={"labelSelector": selector}
+        )
+        if response.status_code == 404 and kind in ("ServiceMonitor", "PodMonitor"):
+            return []  # the prometheus-operator CRDs are not installed: nothing of ours can exist
+        self._raise_for(response)
+        items: list[Manifest] = response.json().get("items", [])
+        return items
+
+    async def apply(self, manifest: Manifest, *, subresource: str | None = None) -> Manifest:
+        """Server-side apply under our field manager; force, since we own what we render."""
+        metadata = manifest["metadata"]
+        path = RESOURCES[manifest["kind"]].path(metadata["namespace"], metadata["name"], subresource)
+        response = await self._request(
+            "apply", "PATCH", path,
+            params={"fieldManager": self._field_manager, "force": "true"},
+            # JSON is YAML, and json.dumps with sorted keys sends the same bytes for the same object.
+            content=json.dumps(manifest, sort_keys=True).encode(),
+            content_type=APPLY_CONTENT_TYPE,
+        )
+        self._raise_for(response)
+        body: Manifest = response.json()
+        return body
+
+    async def delete(self, kind: str, namespace: str, name: str, uid: str) -> None:
+        """Delete exactly the object we saw (uid precondition); already gone is fine."""
+        body = {"apiVersion": "v1", "kind": "DeleteOptions", "preconditions": {"uid": uid},
+                "propagationPolicy": "Background"}
+        response = await self._request(
+            "delete", "DELETE", RESOURCES[kind].path(namespace, name),
+            content=json.dumps(body).encode(), content_type="application/json",
+        )
+        if response.status_code in (404, 409):
+            return
+        self._raise_for(response)
+
+    async def serves(self, group_version: str, plural: str) -> bool:
+        """Whether the cluster serves a resource (discovery), e.g. servicemonitors."""
+        response = await self._request("discover", "GET", f"/apis/{group_version}")
+        if response.status_code in (404, 503):
+            return False
+        self._raise_for(response)
+        return any(r.get("name") == plural for r in response.json().get("resources", []))
+
+    async def serves_group(self, group: str) -> bool:
+        """Whether any version of an API group is served, e.g. custom.metrics.k8s.io."""
+        response = await self._request("discover", "GET", f"/apis/{group}")
+        if response.status_code in (404, 503):
+            return False
+        self._raise_for(response)
+        return bool(response.json().get("versions"))
+
+    async def post_event(self, involved: Manifest, kind: str, reason: str, message: str, now: str) -> None:
+        """Record a Kubernetes Event on the LLMService (events.k8s.io/v1)."""
+        metadata = involved["metadata"]
+        event = {
+            "apiVersion": "events.k8s.io/v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{metadata['name']}.", "namespace": metadata["namespace"]},
+            "eventTime": now,
+            "type": kind,
+            "reason": reason,
+            "note": message[:1024],
+            "action": "Reconcile",
+            "reportingController": "llmservice.io/operator",
+            "reportingInstance": self._field_manager,
+            "regarding": {
+                "apiVersion": involved["apiVersion"], "kind": involved["kind"], "name": metadata["name"],
+                "namespace": metadata["namespace"], "uid": metadata["uid"],
+                "resourceVersion": metadata.get("resourceVersion", ""),
+            },
+        }
+        response = await self._request(
+            "create", "POST", RESOURCES["Event"].path(metadata["namespace"]),
+            content=json.dumps(event).encode(), content_type="application/json",
+        )
+        if not response.is_success:
+            # An event is a courtesy; losing one must not fail the reconcile.
+            log.warning("Could not record event %s on %s/%s: %s", reason, metadata["namespace"],
+                        metadata["name"], response.text[:200])
+
+
+class _BearerFromConfig(httpx.Auth):
+    """Adds the bearer token on every request, so a rotated service-account token is picked up."""
+
+    def __init__(self, configuration: Any) -> None:
+        self._configuration = configuration
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        token = self._configuration.get_api_key_with_prefix("authorization")
+        if token:
+            request.headers["Authorization"] = token
+        yield request
+
+
+def http_client(kubeconfig: str | None = None) -> httpx.AsyncClient:
+    """An httpx client for the current kubeconfig context or the in-cluster service account."""
+    configuration = client.Configuration()
+    try:
+        config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]  # untyped library
+    except config.ConfigException:
+        config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)  # type: ignore[no-untyped-call]
+    context = ssl.create_default_context(cafile=configuration.ssl_ca_cert) if configuration.verify_ssl \
+        else ssl._create_unverified_context()  # noqa: S323 - only when the kubeconfig says insecure-skip-tls-verify
+    if configuration.cert_file and configuration.key_file:
+        context.load_cert_chain(configuration.cert_file, configuration.key_file)
+    return httpx.AsyncClient(
+        base_url=configuration.host,
+        verify=context,
+        auth=_BearerFromConfig(configuration),
+        timeout=httpx.Timeout(30.0),
+        limits=httpx.Limits(max_connections=32, max_keepalive_connections=32),
+    )

@@ -1,0 +1,110 @@
+"""`llmservice-operator`: run the reconcile loop under kopf against the current cluster."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import httpx
+import kopf
+from prometheus_client import CollectorRegistry, start_http_server
+
+from llmservice_operator import handlers
+from llmservice_operator.kube import Kube, http_client
+from llmservice_operator.logs import configure_logging
+from llmservice_operator.metrics import OperatorMetrics
+from llmservice_operator.reconcile import Key, Reconciler
+from llmservice_operator.settings import OperatorSettings
+from llmservice_operator.workqueue import WorkQueue
+
+log = logging.getLogger(__name__)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="llmservice-operator",
+        description="Reconcile LLMService objects into inference Deployments, Services, HPAs and monitors.",
+    )
+    parser.add_argument("--namespace", "-n", action="append", default=None,
+                        help="watch this namespace (repeatable); default: all namespaces")
+    parser.add_argument("--kubeconfig", default=None, help="kubeconfig file; default: in-cluster or ~/.kube/config")
+    parser.add_argument("--log-level", default=None, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return parser.parse_args(argv)
+
+
+def build_settings(args: argparse.Namespace) -> OperatorSettings:
+    overrides: dict[str, Any] = {}
+    if args.namespace:
+        overrides["namespaces"] = tuple(args.namespace)
+    if args.log_level:
+        overrides["log_level"] = args.log_level
+    return OperatorSettings(**overrides)
+
+
+class Operator:
+    """The process: a kopf registry feeding a work queue drained by the reconciler."""
+
+    def __init__(self, settings: OperatorSettings, metrics: OperatorMetrics, kubeconfig: str | None) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.kubeconfig = kubeconfig
+        self.registry = kopf.OperatorRegistry()
+        self.queue: WorkQueue[Key] = WorkQueue(
+            self._reconcile, workers=settings.workers,
+            base_delay=settings.retry_base_seconds, max_delay=settings.retry_max_seconds,
+        )
+        self._http: httpx.AsyncClient | None = None
+        self._reconciler: Reconciler | None = None
+        kopf.on.startup(registry=self.registry)(self._startup)
+        kopf.on.cleanup(registry=self.registry)(self._cleanup)
+        handlers.register(self.registry, self.queue)
+
+    async def _reconcile(self, key: Key) -> None:
+        assert self._reconciler is not None, "reconcile before startup"
+        await self._reconciler(key)
+
+    async def _startup(self, settings: kopf.OperatorSettings, **_: Any) -> None:
+        # Our handlers leave no state in objects; kopf's own event posting is off, we post ours.
+        settings.posting.enabled = False
+        self._http = http_client(self.kubeconfig)
+        kube = Kube(self._http, self.settings.field_manager, self.metrics)
+        self._reconciler = Reconciler(kube, self.metrics, self.settings.server_image)
+        self.queue.start()
+        log.info("Operator started: namespaces=%s, default server image %s",
+                 ",".join(self.settings.namespaces) or "all", self.settings.server_image)
+
+    async def _cleanup(self, **_: Any) -> None:
+        await self.queue.stop()
+        if self._http is not None:
+            await self._http.aclose()
+
+    async def run(self) -> None:
+        liveness = f"http://0.0.0.0:{self.settings.health_port}/healthz" if self.settings.health_port else None
+        await kopf.operator(
+            registry=self.registry,
+            standalone=True,
+            clusterwide=not self.settings.namespaces,
+            namespaces=list(self.settings.namespaces),
+            liveness_endpoint=liveness,
+        )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    settings = build_settings(args)
+    configure_logging(settings.log_level)
+    if args.kubeconfig:
+        os.environ["KUBECONFIG"] = args.kubeconfig  # kopf's own login reads it too
+    registry = CollectorRegistry()
+    metrics = OperatorMetrics(registry)
+    if settings.metrics_port:
+        start_http_server(settings.metrics_port, registry=registry)
+    asyncio.run(Operator(settings, metrics, args.kubeconfig).run())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+"""The operator's own Prometheus metrics, on a registry passed in (never the global one)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+
+class OperatorMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.reconciles = Counter(
+            "llmservice_operator_reconciles",
+            "Reconciles of LLMServices by result (applied, unchanged, invalid, retry, gone).",
+            ["result"],
+            registry=registry,
+        )
+        self.reconcile_duration = Histogram(
+            "llmservice_operator_reconcile_duration_seconds",
+            "Wall time of one reconcile of one LLMService.",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+            registry=registry,
+        )
+        self.api_requests = Counter(
+            "llmservice_operator_api_requests",
+            "Requests to the Kubernetes API server by verb and HTTP status code.",
+            ["verb", "code"],
+            registry=registry,
+        )
+        self.queue_depth = Counter(
+            "llmservice_operator_enqueued",
+            "LLMServices put on the work queue, after de-duplication.",
+            registry=registry,
+        )

@@ -1,0 +1,222 @@
+"""One reconcile of one LLMService: parse -> render -> apply -> prune -> observe -> status.
+
+Level-triggered: it reads the whole current state every time and never depends on what event
+woke it, so a restart, a missed event or a duplicate event all converge to the same result.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from llmservice_operator import naming, status
+from llmservice_operator.diff import contains
+from llmservice_operator.kube import RESOURCES, Kube, KubeError
+from llmservice_operator.metrics import OperatorMetrics
+from llmservice_operator.render import Capabilities, Manifest, RenderContext, render
+from llmservice_operator.spec import API_VERSION, KIND, LLMService, SpecError, parse
+from llmservice_operator.workqueue import RetryLater
+
+log = logging.getLogger(__name__)
+
+CHILD_KINDS = ("Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget")
+MONITOR_KINDS = ("ServiceMonitor", "PodMonitor")
+CAPABILITY_TTL_SECONDS = 60.0
+
+
+@dataclass(frozen=True)
+class Key:
+    namespace: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class CapabilityCache:
+    """Discovery results, refreshed at most once a minute: CRDs come and go rarely."""
+
+    def __init__(self, kube: Kube, clock: Callable[[], float] = time.monotonic) -> None:
+        self._kube = kube
+        self._clock = clock
+        self._value: Capabilities | None = None
+        self._at = 0.0
+
+    async def get(self) -> Capabilities:
+        if self._value is None or self._clock() - self._at > CAPABILITY_TTL_SECONDS:
+            self._value = Capabilities(
+                service_monitor=await self._kube.serves("monitoring.coreos.com/v1", "servicemonitors"),
+                pod_monitor=await self._kube.serves("monitoring.coreos.com/v1", "podmonitors"),
+                custom_metrics=await self._kube.serves_group("custom.metrics.k8s.io"),
+            )
+            self._at = self._clock()
+        return self._value
+
+
+class Reconciler:
+    def __init__(
+        self, kube: Kube, metrics: OperatorMetrics, default_image: str,
+        clock: Callable[[], str] = utc_now,
+    ) -> None:
+        self._kube = kube
+        self._metrics = metrics
+        self._default_image = default_image
+        self._capabilities = CapabilityCache(kube)
+        self._now = clock
+
+    async def __call__(self, key: Key) -> None:
+        started = time.perf_counter()
+        try:
+            result = await self.reconcile(key)
+        except KubeError as error:
+            self._metrics.reconciles.labels(result="retry").inc()
+            if error.transient:
+                log.info("Reconcile of LLMService %s hit %s; retrying", key, error)
+            else:
+                log.warning("Reconcile of LLMService %s failed: %s; retrying with backoff", key, error)
+            raise RetryLater(str(error)) from error
+        finally:
+            self._metrics.reconcile_duration.observe(time.perf_counter() - started)
+        self._metrics.reconciles.labels(result=result).inc()
+
+    async def reconcile(self, key: Key) -> str:
+        body = await self._kube.get(KIND, key.namespace, key.name)
+        if body is None:
+            return "gone"
+        if body["metadata"].get("deletionTimestamp"):
+            return "gone"  # owner references let the garbage collector remove the children
+        previous = body.get("status")
+        try:
+            service = parse(body)
+        except SpecError as error:
+            await self._invalid(body, str(error))
+            return "invalid"
+
+        capabilities = await self._capabilities.get()
+        desired = render(service, RenderContext(self._default_image, capabilities))
+        observed = await self._observe_children(service, capabilities)
+        wrote = False
+        try:
+            deployment = await self._apply_changed(service, desired, observed)
+        except KubeError as error:
+            if error.transient:
+                raise
+            # The API server rejected what we rendered from the user's spec (e.g. a bad toleration).
+            await self._invalid(body, f"The API server rejected a child object: {error.message}")
+            return "invalid"
+        wrote = deployment[1]
+        wrote = await self._prune(service, desired, observed) or wrote
+
+        pods: tuple[Manifest, ...] = ()
+        observed_status = status.Observed(deployment=deployment[0], capabilities=capabilities)
+        settled = status.compute(service, observed_status, previous, self._now())
+        if not _ready(settled):
+            # Only an unsettled service needs its pods read, to say why it is not Ready.
+            pods = tuple(await self._kube.list("Pod", key.namespace, naming.selector_string(key.name)))
+            observed_status = status.Observed(deployment=deployment[0], pods=pods, capabilities=capabilities)
+            settled = status.compute(service, observed_status, previous, self._now())
+        wrote = await self._write_status(body, settled) or wrote
+        return "applied" if wrote else "unchanged"
+
+    async def _observe_children(self, service: LLMService, capabilities: Capabilities) -> dict[tuple[str, str], Manifest]:
+        kinds = list(CHILD_KINDS)
+        if capabilities.service_monitor:
+            kinds.append("ServiceMonitor")
+        if capabilities.pod_monitor:
+            kinds.append("PodMonitor")
+        found: dict[tuple[str, str], Manifest] = {}
+        selector = naming.children_selector(service.ref.name)
+        for kind in kinds:
+            for item in await self._kube.list(kind, service.ref.namespace, selector):
+                if _controlled_by(item, service.ref.uid):
+                    found[(kind, item["metadata"]["name"])] = {**item, "kind": kind}
+        return found
+
+    async def _apply_changed(
+        self, service: LLMService, desired: list[Manifest], observed: dict[tuple[str, str], Manifest]
+    ) -> tuple[Manifest | None, bool]:
+        deployment: Manifest | None = None
+        wrote = False
+        for manifest in desired:
+            current = observed.get((manifest["kind"], manifest["metadata"]["name"]))
+            if current is None or not contains(current, manifest):
+                current = await self._kube.apply(manifest)
+                wrote = True
+                log.info("Applied %s %s/%s", manifest["kind"], service.ref.namespace, manifest["metadata"]["name"])
+            if manifest["kind"] == "Deployment":
+                deployment = current
+        return deployment, wrote
+
+    async def _prune(
+        self, service: LLMService, desired: list[Manifest], observed: dict[tuple[str, str], Manifest]
+    ) -> bool:
+        wanted = {(m["kind"], m["metadata"]["name"]) for m in desired}
+        wrote = False
+        for (kind, name), item in sorted(observed.items()):
+            if (kind, name) not in wanted:
+                await self._kube.delete(kind, service.ref.namespace, name, item["metadata"]["uid"])
+                wrote = True
+                log.info("Pruned %s %s/%s, no longer in the spec", kind, service.ref.namespace, name)
+        return wrote
+
+    async def _invalid(self, body: Manifest, message: str) -> None:
+        metadata = body["metadata"]
+        generation = int(metadata.get("generation") or 0)
+        new = status.invalid(generation, message, body.get("status"), self._now())
+        if await self._write_status(body, new):
+            log.warning("LLMService %s/%s is invalid: %s", metadata["namespace"], metadata["name"], message)
+
+    async def _write_status(self, body: Manifest, new: dict[str, Any]) -> bool:
+        """Write the status once, and only when it differs from what is stored."""
+        current = body.get("status") or {}
+        if current == new:
+            return False
+        metadata = body["metadata"]
+        await self._kube.apply(
+            {"apiVersion": API_VERSION, "kind": KIND,
+             "metadata": {"name": metadata["name"], "namespace": metadata["namespace"]}, "status": new},
+            subresource="status",
+        )
+        await self._announce(body, current, new)
+        return True
+
+    async def _announce(self, body: Manifest, old: dict[str, Any], new: dict[str, Any]) -> None:
+        """An Event when readiness changes its reason, so `kubectl describe` tells the story."""
+        before, after = _condition(old, "Ready"), _condition(new, "Ready")
+        if after is None or (before is not None and before.get("reason") == after.get("reason")):
+            return
+        kind = "Normal" if after.get("status") == "True" or after.get("reason") in ("RollingOut", "Creating") \
+            else "Warning"
+        await self._kube.post_event(body, kind, str(after.get("reason")), str(after.get("message")), _micro(self._now()))
+
+
+def _controlled_by(item: Manifest, uid: str) -> bool:
+    return any(ref.get("uid") == uid and ref.get("controller") for ref in item["metadata"].get("ownerReferences") or [])
+
+
+def _condition(state: dict[str, Any], kind: str) -> dict[str, Any] | None:
+    for condition in state.get("conditions") or []:
+        if condition.get("type") == kind:
+            return dict(condition)
+    return None
+
+
+def _ready(state: dict[str, Any]) -> bool:
+    ready = _condition(state, "Ready")
+    return ready is not None and ready.get("status") == "True"
+
+
+def _micro(now: str) -> str:
+    # events.k8s.io wants a MicroTime (RFC 3339 with microseconds).
+    return now.replace("Z", ".000000Z")
+
+
+__all__ = ["CHILD_KINDS", "MONITOR_KINDS", "RESOURCES", "Key", "Reconciler"]

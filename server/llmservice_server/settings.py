@@ -1,0 +1,81 @@
+"""Server settings: one pydantic-settings model, read from CLI flags and `LLMSERVICE_*` env vars.
+
+The operator configures the server through environment variables; a person running it by hand
+uses the flags. Both spell the same field (`--max-model-len` == `LLMSERVICE_MAX_MODEL_LEN`).
+Settings are built once in `main()` (or in the app factory of a uvicorn worker) and passed down.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
+
+ENV_PREFIX = "LLMSERVICE_"
+BUNDLED = "bundled"
+
+Dtype = Literal["auto", "float32", "float16", "bfloat16"]
+Device = Literal["auto", "cpu", "cuda"]
+LogLevel = Literal["debug", "info", "warning", "error", "critical"]
+
+
+class Settings(BaseSettings):
+    """Everything the operator (or a person) can set on the inference server."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        cli_kebab_case=True,
+        cli_implicit_flags=True,
+        cli_prog_name="llmservice-server",
+        frozen=True,
+        extra="forbid",
+    )
+
+    model: str = Field(
+        BUNDLED,
+        description="Local directory, Hugging Face repo id, path to a .gguf file, or 'bundled'.",
+    )
+    revision: str | None = Field(None, description="Hugging Face revision (branch, tag, commit).")
+    gguf_file: str | None = Field(None, description="GGUF file name inside a repo or directory.")
+    trust_remote_code: bool = Field(False, description="Allow model code from the repository.")
+    served_model_name: str | None = Field(None, description="Model name in the API; default derived.")
+    dtype: Dtype = Field("auto", description="auto: bf16/fp16 on CUDA, float32 on CPU.")
+    device: Device = "auto"
+    max_model_len: int | None = Field(None, ge=1, description="Context length; default from config.")
+    host: str = "0.0.0.0"
+    port: int = Field(8000, ge=0, le=65535)
+    workers: int = Field(1, ge=1, description="uvicorn worker processes, each with its own model.")
+    max_num_seqs: int = Field(16, ge=1, description="Sequences decoded together (running batch).")
+    max_queue: int = Field(64, ge=0, description="Sequences admitted but waiting for a batch slot.")
+    request_timeout_seconds: float = Field(600.0, gt=0)
+    drain_seconds: float = Field(30.0, ge=0, description="How long SIGTERM waits for streams.")
+    api_key_file: Path | None = Field(None, description="File with the bearer token; auth is off if unset.")
+    log_level: LogLevel = "info"
+    cache_dir: Path = Field(
+        Path.home() / ".cache" / "llmservice" / "models",
+        description="Writable dir for converted (dequantized GGUF) model copies.",
+    )
+    load_delay_seconds: float = Field(
+        0.0, ge=0, description="Fault injection: wait this long before loading (tests, demos)."
+    )
+
+    @model_validator(mode="after")
+    def _gguf_only_with_model(self) -> Settings:
+        if self.gguf_file is not None and self.model == BUNDLED:
+            raise ValueError("--gguf-file names a file inside --model; it cannot be used with 'bundled'")
+        return self
+
+    def to_env(self) -> dict[str, str]:
+        """The env vars that rebuild these settings in another process (uvicorn workers)."""
+        env: dict[str, str] = {}
+        for name, value in self.model_dump(exclude_defaults=True).items():
+            env[ENV_PREFIX + name.upper()] = str(value).lower() if isinstance(value, bool) else str(value)
+        return env
+
+
+def parse_settings(argv: Sequence[str]) -> Settings:
+    """Parse CLI flags over env vars (flags win), exiting with usage on a bad flag."""
+    return CliApp.run(Settings, cli_args=list(argv))

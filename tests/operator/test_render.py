@@ -1,0 +1,157 @@
+"""The pure renderer: every valid spec renders valid, deterministic, self-consistent children."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import kubernetes_validate
+import pytest
+from hypothesis import HealthCheck, given, settings
+
+from llmservice_operator import naming
+from llmservice_operator.render import Capabilities, RenderContext, render, server_env
+from llmservice_operator.spec import SpecError
+from tests.operator.specs import MINIMAL, UID, service, specs
+
+CONTEXT = RenderContext(default_image="registry.local/llmservice-server:test")
+KUBERNETES_VERSION = "1.35"
+
+
+def by_kind(children: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {child["kind"]: child for child in children}
+
+
+def env_of(deployment: dict[str, Any]) -> dict[str, Any]:
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(spec=specs())
+def test_any_valid_spec_renders_deterministically_and_consistently(spec: dict[str, Any]) -> None:
+    svc = service(spec)
+    capabilities = Capabilities(service_monitor=True, pod_monitor=True, custom_metrics=True)
+    context = RenderContext("img:1", capabilities)
+    first = render(svc, context)
+    assert json.dumps(first, sort_keys=True) == json.dumps(render(svc, context), sort_keys=True)
+
+    kinds = by_kind(first)
+    deployment = kinds["Deployment"]
+    selector = deployment["spec"]["selector"]["matchLabels"]
+    template_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert selector.items() <= template_labels.items(), "the Deployment selector must match its pods"
+    assert kinds["Service"]["spec"]["selector"].items() <= template_labels.items()
+    for child in first:
+        owner = child["metadata"]["ownerReferences"]
+        assert owner == [{"apiVersion": "llmservice.io/v1alpha1", "kind": "LLMService", "name": "chat",
+                          "uid": UID, "controller": True}]
+        assert child["metadata"]["labels"][naming.NAME_LABEL] == "chat"
+    if "autoscaling" in spec:
+        assert "replicas" not in deployment["spec"], "an HPA owns replicas; applying them would fight it"
+        assert kinds["HorizontalPodAutoscaler"]["spec"]["maxReplicas"] == spec["autoscaling"]["maxReplicas"]
+    else:
+        assert deployment["spec"]["replicas"] == spec.get("replicas", 1)
+        assert "HorizontalPodAutoscaler" not in kinds
+    for child in first:
+        if child["kind"] not in ("ServiceMonitor", "PodMonitor"):  # CRDs: no built-in schema to check against
+            kubernetes_validate.validate(child, KUBERNETES_VERSION, strict=True)
+
+
+def test_deployment_carries_gpu_memory_env_probes_and_security() -> None:
+    svc = service({
+        "model": {"source": {"huggingFace": {"repo": "org/model", "revision": "v1"}}, "tokenSecretRef": {"name": "hf", "key": "token"}},
+        "resources": {"gpu": {"count": 2, "type": "NVIDIA-L4"}, "memory": {"request": "24Gi", "limit": "32Gi"}, "shmSize": "8Gi"},
+        "server": {"maxNumSeqs": 32, "maxQueue": 100, "drainSeconds": 45, "workers": 2, "requestTimeoutSeconds": 120},
+    })
+    deployment = by_kind(render(svc, CONTEXT))["Deployment"]
+    pod = deployment["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["resources"] == {
+        "requests": {"memory": "24Gi", "cpu": "1", "nvidia.com/gpu": "2"},
+        "limits": {"memory": "32Gi", "nvidia.com/gpu": "2"},
+    }
+    expected_env = {
+        "LLMSERVICE_MODEL": "org/model", "LLMSERVICE_REVISION": "v1", "LLMSERVICE_MAX_NUM_SEQS": "32",
+        "LLMSERVICE_MAX_QUEUE": "100", "LLMSERVICE_DRAIN_SECONDS": "45", "LLMSERVICE_WORKERS": "2",
+        "LLMSERVICE_REQUEST_TIMEOUT_SECONDS": "120", "LLMSERVICE_SERVED_MODEL_NAME": "org/model",
+        "LLMSERVICE_DEVICE": "cuda",
+        "HF_TOKEN": {"secretKeyRef": {"name": "hf", "key": "token"}},
+    }
+    assert expected_env.items() <= env_of(deployment).items()
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-L4"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    shm = next(v for v in pod["volumes"] if v["name"] == "shm")
+    assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": "8Gi"}
+    assert {p: container[p]["httpGet"]["path"] for p in ("startupProbe", "readinessProbe", "livenessProbe")} == {
+        "startupProbe": "/startupz", "readinessProbe": "/readyz", "livenessProbe": "/livez"}
+    startup = container["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 1800, "a model load needs a long startup budget"
+    assert pod["terminationGracePeriodSeconds"] > 45 + container["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert container["securityContext"] == {
+        "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert deployment["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 0, "maxUnavailable": 1}
+
+
+def test_cpu_service_surges_and_derives_memory_limit_from_request() -> None:
+    deployment = by_kind(render(service({**MINIMAL, "resources": {"gpu": {"count": 0}, "memory": {"request": "2Gi"}}}),
+                                CONTEXT))["Deployment"]
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"]["limits"] == {"memory": "2Gi"}
+    assert "nvidia.com/gpu" not in container["resources"]["requests"]
+    assert deployment["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": "25%", "maxUnavailable": 0}
+    assert env_of(deployment)["LLMSERVICE_MODEL"] == "bundled"
+    assert container["image"] == "registry.local/llmservice-server:test"
+
+
+def test_pvc_model_is_mounted_read_only_and_addressed_by_path() -> None:
+    deployment = by_kind(render(service({"model": {"source": {"pvc": {"claimName": "models", "path": "llama/8b"}}}}),
+                                CONTEXT))["Deployment"]
+    pod = deployment["spec"]["template"]["spec"]
+    assert {"name": "model", "persistentVolumeClaim": {"claimName": "models", "readOnly": True}} in pod["volumes"]
+    assert {"name": "model", "mountPath": "/models", "readOnly": True} in pod["containers"][0]["volumeMounts"]
+    assert env_of(deployment)["LLMSERVICE_MODEL"] == "/models/llama/8b"
+
+
+def test_monitoring_auto_picks_service_monitor_only_when_the_crd_exists() -> None:
+    svc = service(MINIMAL)
+    without = by_kind(render(svc, CONTEXT))
+    annotations = without["Deployment"]["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert "ServiceMonitor" not in without
+    with_crd = by_kind(render(svc, RenderContext("img", Capabilities(service_monitor=True))))
+    assert with_crd["ServiceMonitor"]["spec"]["endpoints"] == [{"port": "http", "path": "/metrics", "interval": "30s"}]
+    assert "annotations" not in with_crd["Deployment"]["spec"]["template"]["metadata"]
+
+
+def test_pdb_only_with_more_than_one_replica() -> None:
+    assert "PodDisruptionBudget" not in by_kind(render(service(MINIMAL), CONTEXT))
+    assert "PodDisruptionBudget" in by_kind(render(service({**MINIMAL, "replicas": 2}), CONTEXT))
+
+
+def test_hpa_targets_the_servers_queue_metric() -> None:
+    hpa = by_kind(render(service({**MINIMAL, "autoscaling": {"maxReplicas": 4, "target": 8}}), CONTEXT))[
+        "HorizontalPodAutoscaler"]
+    assert hpa["spec"]["metrics"] == [{"type": "Pods", "pods": {
+        "metric": {"name": "vllm:num_requests_waiting"}, "target": {"type": "AverageValue", "averageValue": "8"}}}]
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "chat"}
+
+
+def test_user_env_replaces_ours_by_name() -> None:
+    env = server_env(service({**MINIMAL, "server": {"env": [{"name": "LLMSERVICE_MAX_QUEUE", "value": "7"}]}}))
+    assert [e for e in env if e["name"] == "LLMSERVICE_MAX_QUEUE"] == [{"name": "LLMSERVICE_MAX_QUEUE", "value": "7"}]
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ({**MINIMAL, "replicas": 2, "autoscaling": {"maxReplicas": 3}}, "not both"),
+    ({**MINIMAL, "autoscaling": {"minReplicas": 5, "maxReplicas": 3}}, "must not exceed"),
+    ({"model": {"source": {"bundled": {}, "image": {"path": "/m"}}}}, "exactly one"),
+    ({"model": {"source": {}}}, "exactly one"),
+    ({**MINIMAL, "resources": {"memory": {"request": "8Gi", "limit": "4Gi"}}}, "below its request"),
+    ({**MINIMAL, "resources": {"memory": {"limit": "lots"}}}, "not a Kubernetes quantity"),
+])
+def test_specs_we_cannot_serve_are_refused_with_a_readable_message(spec: dict[str, Any], message: str) -> None:
+    with pytest.raises(SpecError, match=message):
+        service(spec)

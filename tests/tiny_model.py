@@ -1,0 +1,100 @@
+"""Build a tiny, random-weight Llama model with a locally trained tokenizer.
+
+Tests and benchmarks need a real model that loads through the same code path as a real one
+(`from_pretrained` on a directory) but runs in milliseconds on a laptop CPU and never touches a
+model hub. The weights are random (fixed seed), the tokenizer is a byte-level BPE trained here on
+the text below, so every build is byte-for-byte reproducible.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+SEED = 1234
+VOCAB_SIZE = 512
+EOS = "<|endoftext|>"
+PAD = "<|pad|>"
+SPECIAL_TOKENS = [EOS, PAD, "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+
+# A deliberately simple template: role marker, content, end marker. The server applies it with
+# `apply_chat_template`, so prompt token counts in tests come from the same template.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|{{ message['role'] }}|>{{ message['content'] }}<|end|>"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+_CORPUS = """\
+The operator turns one LLMService object into the workload that serves a language model.
+A Deployment runs the inference server, a Service sits in front of it, and a HorizontalPodAutoscaler
+scales it on queue depth. The server speaks the OpenAI API: chat completions, completions and models.
+Requests join the running batch between decode steps and leave when they are finished.
+What is the capital of France? The capital of France is Paris. Paris is a city on the Seine.
+Hello! How are you today? I am fine, thank you. Tell me a story about a cat and a dog.
+Once upon a time there was a small robot who liked to count numbers: one, two, three, four, five.
+Readiness is true only after the model is loaded and warmed, and false again while draining.
+"""
+
+
+def _corpus_lines() -> list[str]:
+    # Repeat and recombine the lines so BPE sees enough pairs to learn ~250 merges.
+    lines = [line for line in _CORPUS.splitlines() if line]
+    mixed = [" ".join(pair) for pair in itertools.permutations(lines, 2)]
+    return lines * 20 + mixed
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_corpus_lines(), trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS, pad_token=PAD)
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_tiny_model(path: Path, *, max_position_embeddings: int = 512) -> Path:
+    """Save a tiny model + tokenizer into `path` (created if needed) and return it."""
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_position_embeddings,
+        # A larger init spread than the default 0.02 makes the random next-token distribution
+        # peaked, so greedy decoding does not hinge on floating-point near-ties.
+        initializer_range=0.3,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(SEED)
+    model = LlamaForCausalLM(config).to(torch.float32).eval()
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+if __name__ == "__main__":
+    import sys
+
+    build_tiny_model(Path(sys.argv[1]))
