@@ -70,6 +70,9 @@ class Operator:
     async def _startup(self, settings: kopf.OperatorSettings, **_: Any) -> None:
         # Our handlers leave no state in objects; kopf's own event posting is off, we post ours.
         settings.posting.enabled = False
+        if self.settings.watch_timeout_seconds is not None:
+            settings.watching.server_timeout = self.settings.watch_timeout_seconds
+            settings.watching.client_timeout = self.settings.watch_timeout_seconds + 10
         self._http = http_client(self.kubeconfig)
         kube = Kube(self._http, self.settings.field_manager, self.metrics)
         self._reconciler = Reconciler(kube, self.metrics, self.settings.server_image)

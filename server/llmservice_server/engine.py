@@ -289,6 +289,7 @@ class Engine:
             self._publish_queue()
             if self._batch is not None:
                 self._decode_step()
+                self._publish_queue()
 
     # --- scheduling ---
 

@@ -1,0 +1,247 @@
+"""The operator, as a process with the chart's RBAC, against a real API server with kwok nodes."""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.cluster import ControlPlane, wait_for
+from tests.e2e.operator_harness import (
+    CHART,
+    SYSTEM_NAMESPACE,
+    OperatorProcess,
+    apply_manifest,
+    condition,
+    get_json,
+    helm_install,
+    service_account_kubeconfig,
+)
+
+CHILD_KINDS = ("deployment", "service", "horizontalpodautoscaler", "poddisruptionbudget")
+READY_TIMEOUT = 90
+
+
+@pytest.fixture(scope="module")
+def chart(cluster: ControlPlane) -> Iterator[None]:
+    helm_install(cluster)
+    yield
+    cluster.helm("uninstall", "llmservice", "--namespace", SYSTEM_NAMESPACE, check=False)
+
+
+@pytest.fixture(scope="module")
+def operator(cluster: ControlPlane, chart: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
+    workdir = tmp_path_factory.mktemp("operator")
+    process = OperatorProcess(service_account_kubeconfig(cluster, workdir / "kubeconfig"), workdir / "operator.log")
+    process.start()
+    yield process
+    process.stop()
+
+
+def llmservice(name: str, namespace: str, **spec: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "model": {"source": {"bundled": {}}},
+        "resources": {"gpu": {"count": 1}, "memory": {"limit": "2Gi"}},
+    }
+    body.update(spec)
+    return {"apiVersion": "llmservice.io/v1alpha1", "kind": "LLMService",
+            "metadata": {"name": name, "namespace": namespace}, "spec": body}
+
+
+def wait_ready(cluster: ControlPlane, operator: OperatorProcess, name: str, namespace: str,
+               timeout: float = READY_TIMEOUT) -> dict[str, Any]:
+    def ready() -> bool:
+        obj = get_json(cluster, "llmsvc", name, "-n", namespace)
+        return condition(obj, "Ready").get("status") == "True" and \
+            obj["status"].get("observedGeneration") == obj["metadata"]["generation"]
+
+    try:
+        wait_for(ready, timeout, f"LLMService {namespace}/{name} to become Ready")
+    except Exception as error:
+        obj = get_json(cluster, "llmsvc", name, "-n", namespace)
+        raise AssertionError(f"{error}\nstatus: {obj.get('status')}\noperator log:\n{operator.log_tail()}") from error
+    return get_json(cluster, "llmsvc", name, "-n", namespace)
+
+
+def children(cluster: ControlPlane, namespace: str, name: str) -> dict[str, list[dict[str, Any]]]:
+    found = {}
+    for kind in CHILD_KINDS:
+        items = get_json(cluster, kind, "-n", namespace, "-l", f"llmservice.io/name={name}")["items"]
+        found[kind] = items
+    return found
+
+
+def versions(cluster: ControlPlane, namespace: str, name: str) -> dict[str, str]:
+    seen = {f"llmservice/{name}": get_json(cluster, "llmsvc", name, "-n", namespace)["metadata"]["resourceVersion"]}
+    for kind, items in children(cluster, namespace, name).items():
+        for item in items:
+            seen[f"{kind}/{item['metadata']['name']}"] = item["metadata"]["resourceVersion"]
+    return seen
+
+
+def test_helm_installed_the_crd_and_rbac(cluster: ControlPlane, chart: None) -> None:
+    crd = get_json(cluster, "crd", "llmservices.llmservice.io")
+    assert condition(crd, "Established").get("status") == "True"
+    assert cluster.kubectl("get", "serviceaccount", "llmservice-operator", "-n", SYSTEM_NAMESPACE).returncode == 0
+    can = cluster.kubectl("auth", "can-i", "patch", "deployments.apps", "-n", "default",
+                          "--as=system:serviceaccount:llmservice-system:llmservice-operator", check=False)
+    assert can.stdout.strip() == "yes"
+    cannot = cluster.kubectl("auth", "can-i", "delete", "secrets", "-n", "default",
+                             "--as=system:serviceaccount:llmservice-system:llmservice-operator", check=False)
+    assert cannot.stdout.strip() == "no", "the operator must not be able to touch secrets"
+
+
+def test_helm_upgrade_updates_the_crd(cluster: ControlPlane, chart: None, tmp_path: Path) -> None:
+    changed = tmp_path / "chart"
+    shutil.copytree(CHART, changed)
+    crd_file = changed / "templates" / "crds" / "llmservice.io_llmservices.yaml"
+    text = crd_file.read_text()
+    marker = "e2e-upgrade-marker"
+    # An extra short name is a visible, harmless change to the CRD.
+    line = next(line for line in text.splitlines() if line.strip() == "- llmsvc")
+    crd_file.write_text(text.replace(line, f"{line}\n{line.replace('llmsvc', marker)}", 1))
+    helm_install(cluster, chart=changed, verb="upgrade")
+    try:
+        crd = get_json(cluster, "crd", "llmservices.llmservice.io")
+        assert marker in crd["spec"]["names"]["shortNames"], "helm upgrade must upgrade the CRD"
+    finally:
+        helm_install(cluster, verb="upgrade")
+    assert marker not in get_json(cluster, "crd", "llmservices.llmservice.io")["spec"]["names"]["shortNames"]
+
+
+def test_llmservice_gets_its_children_and_becomes_ready(cluster: ControlPlane, operator: OperatorProcess,
+                                                        namespace: str) -> None:
+    apply_manifest(cluster, llmservice("chat", namespace, server={"maxNumSeqs": 8, "drainSeconds": 20},
+                                       autoscaling={"minReplicas": 1, "maxReplicas": 3}))
+    obj = wait_ready(cluster, operator, "chat", namespace)
+    assert obj["status"]["url"] == f"http://chat.{namespace}.svc:8000"
+    assert obj["status"]["selector"] == "app.kubernetes.io/name=llmservice-server,llmservice.io/name=chat"
+
+    deployment = get_json(cluster, "deployment", "chat", "-n", namespace)
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"]["limits"] == {"memory": "2Gi", "nvidia.com/gpu": "1"}
+    assert container["resources"]["requests"]["nvidia.com/gpu"] == "1"
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["LLMSERVICE_MAX_NUM_SEQS"] == "8" and env["LLMSERVICE_DRAIN_SECONDS"] == "20"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    owner = deployment["metadata"]["ownerReferences"][0]
+    assert (owner["kind"], owner["name"], owner["controller"]) == ("LLMService", "chat", True)
+    assert get_json(cluster, "service", "chat", "-n", namespace)["spec"]["ports"][0]["port"] == 8000
+    hpa = get_json(cluster, "hpa", "chat", "-n", namespace)
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (1, 3)
+    # No custom-metrics adapter in this cluster: the status must say the HPA cannot act.
+    assert condition(obj, "Degraded")["reason"] == "MetricsAPIMissing"
+
+    table = cluster.kubectl("get", "llmsvc", "-n", namespace, "-o", "wide").stdout
+    header = table.splitlines()[0]
+    for column in ("MODEL", "READY", "GPUS", "URL", "AGE"):
+        assert column in header, f"printer column {column} missing from:\n{table}"
+    assert "SmolLM2-135M-Instruct" in table
+
+
+def test_scale_subresource_and_hpa_owned_replicas(cluster: ControlPlane, operator: OperatorProcess, namespace: str) -> None:
+    apply_manifest(cluster, llmservice("fixed", namespace, resources={"gpu": {"count": 0}, "memory": {"limit": "1Gi"}}))
+    wait_ready(cluster, operator, "fixed", namespace)
+    cluster.kubectl("scale", "llmsvc", "fixed", "-n", namespace, "--replicas=3")
+    wait_for(lambda: get_json(cluster, "deployment", "fixed", "-n", namespace)["spec"]["replicas"] == 3, 60,
+             "the Deployment to follow kubectl scale llmsvc")
+    obj = wait_ready(cluster, operator, "fixed", namespace)
+    assert obj["status"]["readyReplicas"] == 3
+    assert get_json(cluster, "pdb", "fixed", "-n", namespace)["spec"]["maxUnavailable"] == 1
+
+    apply_manifest(cluster, llmservice("auto", namespace, autoscaling={"minReplicas": 1, "maxReplicas": 4, "metric": "cpu"},
+                                       resources={"gpu": {"count": 0}, "memory": {"limit": "1Gi"}}))
+    wait_ready(cluster, operator, "auto", namespace)
+    # What the HPA controller does: write the Deployment's replicas through the scale subresource.
+    cluster.kubectl("scale", "deployment", "auto", "-n", namespace, "--replicas=2")
+    wait_ready(cluster, operator, "auto", namespace)
+    time.sleep(5)  # give a wrongly-fighting operator the chance to revert it
+    assert get_json(cluster, "deployment", "auto", "-n", namespace)["spec"]["replicas"] == 2
+
+
+def test_drift_is_repaired_and_deletion_collects_children(cluster: ControlPlane, operator: OperatorProcess,
+                                                          namespace: str) -> None:
+    apply_manifest(cluster, llmservice("drift", namespace))
+    wait_ready(cluster, operator, "drift", namespace)
+    cluster.kubectl("set", "image", "deployment/drift", "server=evil/image:1", "-n", namespace)
+    wait_for(lambda: get_json(cluster, "deployment", "drift", "-n", namespace)["spec"]["template"]["spec"]
+             ["containers"][0]["image"] == "registry.local/llmservice-server:e2e", 60, "the edited image to be put back")
+    cluster.kubectl("delete", "service", "drift", "-n", namespace)
+    wait_for(lambda: cluster.kubectl("get", "service", "drift", "-n", namespace, check=False).returncode == 0, 60,
+             "the deleted Service to be recreated")
+
+    cluster.kubectl("delete", "llmsvc", "drift", "-n", namespace, "--wait=true", "--timeout=60s")
+    wait_for(lambda: not any(children(cluster, namespace, "drift").values()), 60,
+             "the garbage collector to delete the children")
+
+
+def test_sigkill_mid_reconcile_converges_to_one_of_each(cluster: ControlPlane, operator: OperatorProcess,
+                                                        namespace: str) -> None:
+    for index in range(5):
+        apply_manifest(cluster, llmservice(f"burst-{index}", namespace, replicas=2,
+                                           resources={"gpu": {"count": 0}, "memory": {"limit": "1Gi"}}))
+    time.sleep(0.5)
+    operator.kill()
+    operator.start()
+    for index in range(5):
+        wait_ready(cluster, operator, f"burst-{index}", namespace)
+        found = children(cluster, namespace, f"burst-{index}")
+        assert {kind: len(items) for kind, items in found.items()} == {
+            "deployment": 1, "service": 1, "horizontalpodautoscaler": 0, "poddisruptionbudget": 1}
+
+
+def test_more_gpus_than_any_node_says_so_then_recovers(cluster: ControlPlane, operator: OperatorProcess,
+                                                       namespace: str) -> None:
+    apply_manifest(cluster, llmservice("big", namespace, resources={"gpu": {"count": 8}, "memory": {"limit": "2Gi"}}))
+
+    def insufficient() -> bool:
+        return condition(get_json(cluster, "llmsvc", "big", "-n", namespace), "Ready").get("reason") == "InsufficientGPU"
+
+    wait_for(insufficient, 90, "the status to report InsufficientGPU")
+    obj = get_json(cluster, "llmsvc", "big", "-n", namespace)
+    assert "nvidia.com/gpu" in condition(obj, "Ready")["message"]
+    assert condition(obj, "Degraded")["status"] == "True"
+    cluster.add_gpu_node("e2e-big-gpu-node", gpus=8)
+    try:
+        wait_ready(cluster, operator, "big", namespace, timeout=120)
+    finally:
+        cluster.kubectl("delete", "llmsvc", "big", "-n", namespace, "--wait=true", "--timeout=60s", check=False)
+        cluster.remove_node("e2e-big-gpu-node")
+
+
+def test_gitops_reapply_changes_nothing_and_spec_is_never_written(cluster: ControlPlane, operator: OperatorProcess,
+                                                                  namespace: str) -> None:
+    manifest = llmservice("git", namespace, replicas=2)
+    apply_manifest(cluster, manifest)
+    wait_ready(cluster, operator, "git", namespace)
+    time.sleep(3)
+    before = versions(cluster, namespace, "git")
+    generation = get_json(cluster, "llmsvc", "git", "-n", namespace)["metadata"]["generation"]
+    apply_manifest(cluster, copy.deepcopy(manifest))
+    time.sleep(5)
+    after = get_json(cluster, "llmsvc", "git", "-n", namespace)
+    assert after["metadata"]["generation"] == generation
+    assert versions(cluster, namespace, "git") == before, "re-applying the same manifest must change nothing"
+    managers = {entry["manager"]: entry for entry in after["metadata"]["managedFields"]}
+    operator_fields = [e for e in after["metadata"]["managedFields"] if e["manager"] == "llmservice-operator"]
+    assert all(e.get("subresource") == "status" for e in operator_fields), managers
+    assert "f:spec" in str(managers["gitops"]["fieldsV1"])
+
+
+def test_settled_llmservice_sees_no_writes_across_resyncs(cluster: ControlPlane, operator: OperatorProcess,
+                                                          namespace: str) -> None:
+    apply_manifest(cluster, llmservice("quiet", namespace, replicas=2))
+    wait_ready(cluster, operator, "quiet", namespace)
+    time.sleep(5)
+    before = versions(cluster, namespace, "quiet")
+    reconciles_before = operator.metric("llmservice_operator_reconciles_total")
+    window = float(os.environ.get("LLMSERVICE_E2E_IDLE_SECONDS", "75"))
+    time.sleep(window)  # several watch timeouts (20 s each) re-list everything meanwhile
+    assert versions(cluster, namespace, "quiet") == before, "a settled LLMService must cost zero writes"
+    assert operator.metric("llmservice_operator_reconciles_total") >= reconciles_before
