@@ -18,14 +18,44 @@ mkdir -p "$BIN" "$WORK"
 say() { printf '[cluster-tools] %s\n' "$*" >&2; }
 die() { say "error: $*"; exit 1; }
 
+# One build at a time per cache: a second caller waits here, then finds the binaries present.
+if command -v flock >/dev/null; then
+  exec 9>"$CACHE/build.lock"
+  flock 9
+fi
+
 command -v go >/dev/null || die "Go is required to build the control plane (https://go.dev/doc/install)"
 export GOFLAGS="${GOFLAGS:--buildvcs=false}" CGO_ENABLED=0
+
+# Stamp the versions the way the upstream release build does, so the API server's /version (which
+# Helm's kubeVersion checks and clients read) says vX.Y.Z rather than v0.0.0-master.
+k8s_ldflags() {
+  local minor="${K8S_VERSION#v1.}"
+  minor="${minor%%.*}"
+  local flags="-s -w" pkg
+  for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    flags+=" -X $pkg.gitVersion=$K8S_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
+    flags+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
+  done
+  echo "$flags"
+}
+
+# The version a built Kubernetes binary reports ("" when missing or unstamped).
+k8s_version_of() {
+  local bin="$BIN/$1"
+  [[ -x "$bin" ]] || return 0
+  if [[ "$1" == kubectl ]]; then
+    "$bin" version --client 2>/dev/null | sed -n 's/^Client Version: //p'
+  else
+    "$bin" --version 2>/dev/null | sed -n 's/^Kubernetes //p'
+  fi
+}
 
 build_kubernetes() {
   local mod="$WORK/k8s-$K8S_VERSION"
   local wanted=(kube-apiserver kube-controller-manager kube-scheduler kubectl)
   local missing=0
-  for b in "${wanted[@]}"; do [[ -x "$BIN/$b" ]] || missing=1; done
+  for b in "${wanted[@]}"; do [[ "$(k8s_version_of "$b")" == "$K8S_VERSION" ]] || missing=1; done
   [[ $missing == 0 ]] && return 0
   say "building Kubernetes $K8S_VERSION control plane (once; several minutes on 2 cores)"
   mkdir -p "$mod"
@@ -47,7 +77,7 @@ build_kubernetes() {
   (
     cd "$mod"
     go mod download -x k8s.io/kubernetes >/dev/null 2>&1 || true
-    GOFLAGS="$GOFLAGS -mod=mod" go build -trimpath -ldflags="-s -w" -o "$BIN/" \
+    GOFLAGS="$GOFLAGS -mod=mod" go build -trimpath -ldflags="$(k8s_ldflags)" -o "$BIN/" \
       k8s.io/kubernetes/cmd/kube-apiserver \
       k8s.io/kubernetes/cmd/kube-controller-manager \
       k8s.io/kubernetes/cmd/kube-scheduler \
@@ -84,15 +114,18 @@ GO
 }
 
 go_install() {
-  local name="$1" pkg="$2" version="$3"
+  local name="$1" pkg="$2" version="$3" extra_ldflags="${4:-}"
   [[ -x "$BIN/$name" ]] && return 0
   say "building $name $version"
-  GOBIN="$BIN" go install -trimpath -ldflags="-s -w" "$pkg@$version" || die "building $name $version failed"
+  GOBIN="$BIN" go install -trimpath -ldflags="-s -w $extra_ldflags" "$pkg@$version" \
+    || die "building $name $version failed"
 }
 
 build_kubernetes
 build_etcd
 go_install kwok sigs.k8s.io/kwok/cmd/kwok "$KWOK_VERSION"
-go_install helm helm.sh/helm/v3/cmd/helm "$HELM_VERSION"
+[[ -x "$BIN/helm" && "$("$BIN/helm" version --template '{{.Version}}' 2>/dev/null)" != "$HELM_VERSION" ]] \
+  && rm -f "$BIN/helm"
+go_install helm helm.sh/helm/v3/cmd/helm "$HELM_VERSION" "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
 say "binaries ready in $BIN"
 echo "$BIN"

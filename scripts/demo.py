@@ -22,10 +22,14 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from openai import OpenAI
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -84,8 +88,6 @@ def run_server(env: dict[str, str], port: int, log_path: Path) -> subprocess.Pop
 
 
 def ask(port: int, model: str) -> tuple[str, dict[str, Any]]:
-    from openai import OpenAI
-
     client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="demo")
     started = time.perf_counter()
     reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": QUESTION}],
@@ -125,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
                     for i in items)
 
             wait_for(all_ready, 120, "every example LLMService to become Ready")
-            print(plane.kubectl("get", "llmsvc", "-n", namespace, "-o", "wide").stdout)  # noqa: T201 - the demo's output
+            sys.stdout.write(plane.kubectl("get", "llmsvc", "-n", namespace, "-o", "wide").stdout)
 
             step(f"Running the inference server here with the env the operator rendered for {SERVED_EXAMPLE}")
             env = server_env(plane, namespace, SERVED_EXAMPLE)
@@ -138,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
                 wait_for(lambda: _ready(port, server, workdir / "server.log"), 300, "the server's /readyz")
                 step(f"Asking through the openai client: {QUESTION!r}")
                 answer, usage = ask(port, env["LLMSERVICE_SERVED_MODEL_NAME"])
-                print(f"\n{answer.strip()}\n")  # noqa: T201 - the demo's output
+                sys.stdout.write(f"\n{answer.strip()}\n\n")
                 log.info("    usage: %s", json.dumps(usage))
             finally:
                 server.terminate()
@@ -153,9 +155,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _ready(port: int, server: subprocess.Popen[bytes], log_path: Path) -> bool:
-    import urllib.error
-    import urllib.request
-
     if server.poll() is not None:
         raise RuntimeError(f"the server exited with {server.returncode}:\n{log_path.read_text()[-3000:]}")
     try:

@@ -67,9 +67,7 @@ def _subresources(subresources: dict[str, Any]) -> list[str]:
         return []
     lines = ["## Subresources", ""]
     if "status" in subresources:
-        lines.append(
-            "- `status`: the operator writes `.status` through it; `kubectl apply` of the spec never touches it."
-        )
+        lines.append("- `status`: the operator writes `.status` through it; `kubectl apply` of the spec never touches it.")
     if "scale" in subresources:
         scale = subresources["scale"]
         lines.append(
@@ -94,8 +92,7 @@ def _printer_columns(columns: list[dict[str, Any]]) -> list[str]:
     ]
     for column in columns:
         lines.append(
-            f"| {column['name']} | {_code(column['jsonPath'])} | {column.get('priority', 0)} | "
-            f"{_cell(column.get('description', ''))} |"
+            f"| {column['name']} | {_code(column['jsonPath'])} | {column.get('priority', 0)} | {_cell(column.get('description', ''))} |"
         )
     lines.append("")
     return lines

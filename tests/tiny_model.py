@@ -65,7 +65,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
-def build_tiny_model(path: Path, *, max_position_embeddings: int = 512) -> Path:
+def build_tiny_model(path: Path, *, max_position_embeddings: int = 2048) -> Path:
     """Save a tiny model + tokenizer into `path` (created if needed) and return it."""
     path.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
@@ -87,6 +87,10 @@ def build_tiny_model(path: Path, *, max_position_embeddings: int = 512) -> Path:
     )
     torch.manual_seed(SEED)
     model = LlamaForCausalLM(config).to(torch.float32).eval()
+    with torch.no_grad():
+        # A zero output row gives EOS logit 0, far below the top logits of this peaked random
+        # model: greedy runs last exactly max_tokens, so length/cancel/drain tests are exact.
+        model.lm_head.weight[tokenizer.eos_token_id].zero_()
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(path)

@@ -197,27 +197,65 @@ class _BearerFromConfig(httpx.Auth):
         self._configuration = configuration
 
     def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
-        token = self._configuration.get_api_key_with_prefix("authorization")
+        token = _bearer(self._configuration)
         if token:
-            request.headers["Authorization"] = token
+            request.headers["Authorization"] = f"Bearer {token}"
         yield request
 
 
-def http_client(kubeconfig: str | None = None) -> httpx.AsyncClient:
-    """An httpx client for the current kubeconfig context or the in-cluster service account."""
+def _bearer(configuration: Any) -> str | None:
+    """The bearer token, re-read through the refresh hook (in-cluster tokens rotate)."""
+    # The client library has stored it under "BearerToken" (newer) or "authorization" (older).
+    for identifier in ("BearerToken", "authorization"):
+        value = configuration.get_api_key_with_prefix(identifier)
+        if value:
+            return str(value).removeprefix("Bearer ").strip()
+    return None
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """Where the API server is and how to authenticate, for both our client and kopf's."""
+
+    server: str
+    ca_path: str | None
+    insecure: bool
+    certificate_path: str | None
+    private_key_path: str | None
+    token: str | None
+    configuration: Any  # kubernetes.client.Configuration: refreshes rotated tokens
+
+
+def load_credentials(kubeconfig: str | None = None) -> Credentials:
+    """Credentials from the in-cluster service account, else the kubeconfig (explicit or default)."""
     configuration = client.Configuration()
     try:
         config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]  # untyped library
     except config.ConfigException:
         config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)  # type: ignore[no-untyped-call]
-    context = ssl.create_default_context(cafile=configuration.ssl_ca_cert) if configuration.verify_ssl \
-        else ssl._create_unverified_context()  # noqa: S323 - only when the kubeconfig says insecure-skip-tls-verify
-    if configuration.cert_file and configuration.key_file:
-        context.load_cert_chain(configuration.cert_file, configuration.key_file)
+    return Credentials(
+        server=configuration.host,
+        ca_path=configuration.ssl_ca_cert,
+        insecure=not configuration.verify_ssl,
+        certificate_path=configuration.cert_file,
+        private_key_path=configuration.key_file,
+        token=_bearer(configuration),
+        configuration=configuration,
+    )
+
+
+def http_client(credentials: Credentials) -> httpx.AsyncClient:
+    """An httpx client for the given credentials."""
+    context = (
+        ssl._create_unverified_context()  # noqa: S323 - only when the kubeconfig says insecure-skip-tls-verify
+        if credentials.insecure else ssl.create_default_context(cafile=credentials.ca_path)
+    )
+    if credentials.certificate_path and credentials.private_key_path:
+        context.load_cert_chain(credentials.certificate_path, credentials.private_key_path)
     return httpx.AsyncClient(
-        base_url=configuration.host,
+        base_url=credentials.server,
         verify=context,
-        auth=_BearerFromConfig(configuration),
+        auth=_BearerFromConfig(credentials.configuration),
         timeout=httpx.Timeout(30.0),
         limits=httpx.Limits(max_connections=32, max_keepalive_connections=32),
     )

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,7 +13,7 @@ import kopf
 from prometheus_client import CollectorRegistry, start_http_server
 
 from llmservice_operator import handlers
-from llmservice_operator.kube import Kube, http_client
+from llmservice_operator.kube import Kube, http_client, load_credentials
 from llmservice_operator.logs import configure_logging
 from llmservice_operator.metrics import OperatorMetrics
 from llmservice_operator.reconcile import Key, Reconciler
@@ -59,9 +58,20 @@ class Operator:
         )
         self._http: httpx.AsyncClient | None = None
         self._reconciler: Reconciler | None = None
+        kopf.on.login(registry=self.registry)(self._login)
         kopf.on.startup(registry=self.registry)(self._startup)
         kopf.on.cleanup(registry=self.registry)(self._cleanup)
         handlers.register(self.registry, self.queue)
+
+    def _login(self, **_: Any) -> kopf.ConnectionInfo:
+        # A private registry has none of kopf's default login handlers; kopf's watches use the
+        # same credentials (explicit kubeconfig, in-cluster account or default kubeconfig) as ours.
+        credentials = load_credentials(self.kubeconfig)
+        return kopf.ConnectionInfo(
+            server=credentials.server, ca_path=credentials.ca_path, insecure=credentials.insecure,
+            certificate_path=credentials.certificate_path, private_key_path=credentials.private_key_path,
+            token=credentials.token,
+        )
 
     async def _reconcile(self, key: Key) -> None:
         assert self._reconciler is not None, "reconcile before startup"
@@ -73,7 +83,7 @@ class Operator:
         if self.settings.watch_timeout_seconds is not None:
             settings.watching.server_timeout = self.settings.watch_timeout_seconds
             settings.watching.client_timeout = self.settings.watch_timeout_seconds + 10
-        self._http = http_client(self.kubeconfig)
+        self._http = http_client(load_credentials(self.kubeconfig))
         kube = Kube(self._http, self.settings.field_manager, self.metrics)
         self._reconciler = Reconciler(kube, self.metrics, self.settings.server_image)
         self.queue.start()
@@ -100,8 +110,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     settings = build_settings(args)
     configure_logging(settings.log_level)
-    if args.kubeconfig:
-        os.environ["KUBECONFIG"] = args.kubeconfig  # kopf's own login reads it too
     registry = CollectorRegistry()
     metrics = OperatorMetrics(registry)
     if settings.metrics_port:

@@ -107,8 +107,8 @@ class Reconciler:
         try:
             deployment = await self._apply_changed(service, desired, observed)
         except KubeError as error:
-            if error.transient:
-                raise
+            if error.status not in (400, 422):
+                raise  # ours to retry: conflicts, throttling, missing permissions, server trouble
             # The API server rejected what we rendered from the user's spec (e.g. a bad toleration).
             await self._invalid(body, f"The API server rejected a child object: {error.message}")
             return "invalid"
@@ -137,7 +137,7 @@ class Reconciler:
         for kind in kinds:
             for item in await self._kube.list(kind, service.ref.namespace, selector):
                 if _controlled_by(item, service.ref.uid):
-                    found[(kind, item["metadata"]["name"])] = {**item, "kind": kind}
+                    found[(kind, item["metadata"]["name"])] = {**item, "apiVersion": RESOURCES[kind].api_version, "kind": kind}
         return found
 
     async def _apply_changed(

@@ -362,6 +362,8 @@ def service_monitor(service: LLMService) -> Manifest:
         "spec": {
             "selector": {"matchLabels": naming.selector_labels(service.ref.name)},
             "endpoints": [_endpoint(service)],
+            # Series carry the LLMService name (as llmservice_io_name) for dashboards and KEDA.
+            "podTargetLabels": [naming.NAME_LABEL],
         },
     }
 
@@ -374,5 +376,6 @@ def pod_monitor(service: LLMService) -> Manifest:
         "spec": {
             "selector": {"matchLabels": naming.selector_labels(service.ref.name)},
             "podMetricsEndpoints": [_endpoint(service)],
+            "podTargetLabels": [naming.NAME_LABEL],
         },
     }

@@ -147,6 +147,19 @@ class _Batch:
     rows: list[_Row]
 
 
+def _layers(cache: DynamicCache) -> list[DynamicLayer]:
+    """The cache's layers as plain DynamicLayers (checked after the first prefill)."""
+    layers = [layer for layer in cache.layers if type(layer) is DynamicLayer]
+    if len(layers) != len(cache.layers):
+        raise RuntimeError("this model's KV cache layout (sliding window / hybrid) is not supported by the batching engine")
+    return layers
+
+
+def _kv(layer: DynamicLayer) -> tuple[torch.Tensor, torch.Tensor]:
+    assert layer.keys is not None and layer.values is not None
+    return layer.keys, layer.values
+
+
 def _left_pad(t: torch.Tensor, extra: int, dim: int) -> torch.Tensor:
     if extra == 0:
         return t
@@ -267,10 +280,14 @@ class Engine:
         ids = tokenizer("Hello", add_special_tokens=False).input_ids or [0]
         warm = GenerationRequest(prompts=[list(ids)], max_tokens=[2], params=SamplingParams(temperature=0.0))
         self._waiting.append(Ticket(warm, lambda events: None, self._wake))
-        while self._waiting or self._batch is not None:
-            self._admit()
-            if self._batch is not None:
-                self._decode_step()
+        metrics, self._metrics = self._metrics, None  # warm-up traffic is not user traffic
+        try:
+            while self._waiting or self._batch is not None:
+                self._admit()
+                if self._batch is not None:
+                    self._decode_step()
+        finally:
+            self._metrics = metrics
 
     def _serve(self) -> None:
         while True:
@@ -347,7 +364,7 @@ class Engine:
                 for i in range(request.n):
                     index = p_index * request.n + i
                     seed = None if request.params.seed is None else request.params.seed + index
-                    sampler = RowSampler.create(request.params, self._vocab_size(), seed)
+                    sampler = RowSampler.create(request.params, loaded.vocab_size, seed)
                     detok = IncrementalDetokenizer(loaded.tokenizer, prompt)
                     rows.append(_Row(active, index, len(prompt), request.max_tokens[p_index], sampler, detok, StopMatcher(request.stop)))
                     group_of_row.append(len(prompts) - 1)
@@ -369,10 +386,10 @@ class Engine:
                 use_cache=True,
                 logits_to_keep=1,
             )
-        self._check_cache(cache)
+        layers = _layers(cache)
         expand = torch.tensor(group_of_row, dtype=torch.long)
-        if len(rows) != len(prompts) or group_of_row != list(range(len(prompts))):
-            for layer in cache.layers:
+        if group_of_row != list(range(len(prompts))):  # n > 1: rows share their prompt's cache
+            for layer in layers:
                 layer.batch_select_indices(expand.to(device))
         logits = out.logits[:, -1, :][expand.to(device)]
         newcomer = _Batch(
@@ -387,17 +404,13 @@ class Engine:
         self._advance(logits, list(range(start, len(self._batch.rows))))
 
     @staticmethod
-    def _check_cache(cache: DynamicCache) -> None:
-        if not all(type(layer) is DynamicLayer for layer in cache.layers):
-            raise RuntimeError("this model's KV cache layout (sliding window / hybrid) is not supported by the batching engine")
-
-    @staticmethod
     def _merge(old: _Batch, new: _Batch) -> _Batch:
         length = max(old.mask.shape[1], new.mask.shape[1])
         pad_old, pad_new = length - old.mask.shape[1], length - new.mask.shape[1]
-        for old_layer, new_layer in zip(old.cache.layers, new.cache.layers, strict=True):
-            old_layer.keys = torch.cat([_left_pad(old_layer.keys, pad_old, 2), _left_pad(new_layer.keys, pad_new, 2)])
-            old_layer.values = torch.cat([_left_pad(old_layer.values, pad_old, 2), _left_pad(new_layer.values, pad_new, 2)])
+        for old_layer, new_layer in zip(_layers(old.cache), _layers(new.cache), strict=True):
+            (old_k, old_v), (new_k, new_v) = _kv(old_layer), _kv(new_layer)
+            old_layer.keys = torch.cat([_left_pad(old_k, pad_old, 2), _left_pad(new_k, pad_new, 2)])
+            old_layer.values = torch.cat([_left_pad(old_v, pad_old, 2), _left_pad(new_v, pad_new, 2)])
         return _Batch(
             cache=old.cache,
             mask=torch.cat([_left_pad(old.mask, pad_old, 1), _left_pad(new.mask, pad_new, 1)]),
@@ -415,9 +428,10 @@ class Engine:
         index = torch.tensor(keep, dtype=torch.long, device=batch.mask.device)
         mask = batch.mask[index]
         trim = mask.shape[1] - int(mask.sum(-1).max().item())  # leading columns that are padding in every row
-        for layer in batch.cache.layers:
-            layer.keys = layer.keys[index, :, trim:]
-            layer.values = layer.values[index, :, trim:]
+        for layer in _layers(batch.cache):
+            keys, values = _kv(layer)
+            layer.keys = keys[index, :, trim:]
+            layer.values = values[index, :, trim:]
         self._batch = _Batch(batch.cache, mask[:, trim:], batch.positions[index], batch.next_tokens[index], [batch.rows[i] for i in keep])
 
     # --- decoding ---
@@ -501,15 +515,16 @@ class Engine:
         row.last_token_at = now
 
     def _token_info(self, choice: Choice) -> TokenInfo:
-        decode = self.loaded.tokenizer.decode
-        return TokenInfo(
-            token=decode([choice.token]),
-            logprob=float(choice.logprob or 0.0),
-            top=[(decode([token]), logprob) for token, logprob in choice.top],
-        )
+        tokenizer = self.loaded.tokenizer
 
-    def _vocab_size(self) -> int:
-        return int(self.loaded.model.get_output_embeddings().weight.shape[0])
+        def text(token: int) -> str:
+            return str(tokenizer.decode([token]))
+
+        return TokenInfo(
+            token=text(choice.token),
+            logprob=float(choice.logprob or 0.0),
+            top=[(text(token), logprob) for token, logprob in choice.top],
+        )
 
     # --- bookkeeping ---
 

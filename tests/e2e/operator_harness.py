@@ -13,11 +13,11 @@ import signal
 import socket
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 import yaml
-
 from tests.cluster import ControlPlane, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
@@ -70,6 +70,13 @@ class OperatorProcess:
         self.metrics_port = free_port()
         self._process: subprocess.Popen[bytes] | None = None
 
+    @property
+    def pid(self) -> int:
+        """The operator's process id (it runs in its own session); for benchmarks reading /proc."""
+        if self._process is None:
+            raise RuntimeError("the operator has not been started")
+        return self._process.pid
+
     def start(self) -> None:
         env = {
             **os.environ,
@@ -115,8 +122,6 @@ class OperatorProcess:
 
     def metric(self, name: str) -> float:
         """Sum of a metric's samples from the operator's /metrics."""
-        import urllib.request
-
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as response:
             text = response.read().decode()
         return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()

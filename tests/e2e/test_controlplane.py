@@ -107,9 +107,13 @@ def test_gpu_pod_too_big_stays_pending_until_a_bigger_node_joins(cluster: Contro
 
     def failed_scheduling_events() -> list[dict[str, Any]]:
         events = get(
-            cluster, "events", "-n", namespace,
-            "--field-selector", "involvedObject.name=needs-8-gpus,reason=FailedScheduling",
-        )["items"]  # fmt: skip
+            cluster,
+            "events",
+            "-n",
+            namespace,
+            "--field-selector",
+            "involvedObject.name=needs-8-gpus,reason=FailedScheduling",
+        )["items"]
         return [e for e in events if GPU_RESOURCE in e.get("message", "")]
 
     wait_for(failed_scheduling_events, 30, "a FailedScheduling event naming nvidia.com/gpu")
@@ -248,9 +252,14 @@ def test_impersonated_service_account_without_rbac_is_forbidden(cluster: Control
 
     cluster.kubectl("create", "role", "pod-reader", "--verb=get,list", "--resource=pods", "-n", namespace)
     cluster.kubectl(
-        "create", "rolebinding", "pod-reader", "--role=pod-reader",
-        f"--serviceaccount={namespace}:reader", "-n", namespace,
-    )  # fmt: skip
+        "create",
+        "rolebinding",
+        "pod-reader",
+        "--role=pod-reader",
+        f"--serviceaccount={namespace}:reader",
+        "-n",
+        namespace,
+    )
     wait_for(
         lambda: cluster.kubectl("get", "pods", "-n", namespace, as_user=user, check=False).returncode == 0,
         30,

@@ -137,6 +137,7 @@ INVALID = [
         "spec.resources.cpu.limit must be greater than or equal to the CPU request",
     ),
     ("not-a-quantity", with_changes(("resources.memory", {"request": "lots"})), "spec.resources.memory.request"),
+    ("negative-quantity", with_changes(("resources.memory", {"request": -1})), "a quantity cannot be negative"),
     ("negative-gpu-count", with_changes(("resources.gpu", {"count": -1})), "should be greater than or equal to 0"),
     ("too-many-gpus", with_changes(("resources.gpu", {"count": 17})), "should be less than or equal to 16"),
     ("max-num-seqs-zero", with_changes(("server.maxNumSeqs", 0)), "should be greater than or equal to 1"),
@@ -204,9 +205,7 @@ def test_minimal_llmservice_is_accepted_and_defaulted(crd: ControlPlane, namespa
 
 
 def test_integer_quantities_are_accepted(crd: ControlPlane, namespace: str) -> None:
-    spec = with_changes(
-        ("resources.memory", {"request": 1073741824, "limit": "2Gi"}), ("resources.cpu", {"request": 2})
-    )
+    spec = with_changes(("resources.memory", {"request": 1073741824, "limit": "2Gi"}), ("resources.cpu", {"request": 2}))
     apply(crd, namespace, manifest("integers", spec))
     stored = get(crd, namespace, "integers")
     assert stored["spec"]["resources"]["memory"]["request"] == 1073741824
@@ -237,6 +236,11 @@ def test_scale_subresource_sets_replicas_and_respects_autoscaling(crd: ControlPl
     crd.kubectl("scale", f"{api.PLURAL}/fixed", "-n", namespace, "--replicas=3")
     assert get(crd, namespace, "fixed")["spec"]["replicas"] == 3
 
+    apply(crd, namespace, manifest("unset", MINIMAL))
+    result = crd.kubectl("scale", f"{api.PLURAL}/unset", "-n", namespace, "--replicas=2", check=False)
+    assert result.returncode == 0, result.stderr
+    assert get(crd, namespace, "unset")["spec"]["replicas"] == 2
+
     apply(crd, namespace, manifest("autoscaled", with_changes(("autoscaling", {"maxReplicas": 3}))))
     result = crd.kubectl("scale", f"{api.PLURAL}/autoscaled", "-n", namespace, "--replicas=2", check=False)
     assert result.returncode != 0
@@ -244,7 +248,8 @@ def test_scale_subresource_sets_replicas_and_respects_autoscaling(crd: ControlPl
 
 
 def test_status_and_printer_columns(crd: ControlPlane, namespace: str) -> None:
-    apply(crd, namespace, manifest("shown", MINIMAL))
+    # The scale subresource reads .spec.replicas: the API server cannot serve it while that is unset.
+    apply(crd, namespace, manifest("shown", with_changes(("replicas", 1))))
     generation = get(crd, namespace, "shown")["metadata"]["generation"]
     status = {
         "observedGeneration": generation,
@@ -288,9 +293,8 @@ def test_status_and_printer_columns(crd: ControlPlane, namespace: str) -> None:
     ]
     # `kubectl get llm` lists it through the category.
     assert "shown" in crd.kubectl("get", "llm", "-n", namespace).stdout
-    scale = json.loads(
-        crd.kubectl("get", f"{api.PLURAL}/shown", "-n", namespace, "--subresource=scale", "-o", "json").stdout
-    )
+    scale = json.loads(crd.kubectl("get", f"{api.PLURAL}/shown", "-n", namespace, "--subresource=scale", "-o", "json").stdout)
+    assert scale["spec"] == {"replicas": 1}
     assert scale["status"] == {"replicas": 1, "selector": "app.kubernetes.io/instance=shown"}
 
     bad = {

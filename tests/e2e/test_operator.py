@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from tests.cluster import ControlPlane, wait_for
 from tests.e2e.operator_harness import (
     CHART,

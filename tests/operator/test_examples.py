@@ -146,9 +146,7 @@ def test_core_objects_in_examples_are_valid(name: str, doc: Document) -> None:
 
 
 def test_argocd_health_check_is_keyed_to_the_llmservice_kind() -> None:
-    (config,) = [
-        doc for _, doc in DOCUMENTS if doc.get("kind") == "ConfigMap" and doc["metadata"]["name"] == "argocd-cm"
-    ]
+    (config,) = [doc for _, doc in DOCUMENTS if doc.get("kind") == "ConfigMap" and doc["metadata"]["name"] == "argocd-cm"]
     script = config["data"][f"resource.customizations.health.{api.GROUP}_{api.KIND}"]
     for needle in ("observedGeneration", "generation", '"Ready"', '"Degraded"', '"Healthy"', '"Progressing"'):
         assert needle in script

@@ -1,0 +1,1 @@
+"""Benchmarks: they report numbers (bench/results/, docs/benchmarks.md) and never fail CI."""

@@ -1,0 +1,134 @@
+"""The FastAPI application: `create_app(settings, engine, registry)` wires the parts together.
+
+Nothing here is module-global: each call builds its own metrics, admission and engine, so tests
+can run several apps in one process and uvicorn workers each build their own (`app_from_env`).
+The lifespan starts the engine thread, which loads the model in the background - the server
+answers health checks (503 with the loading stage) while that happens - and stops it on exit.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI
+from prometheus_client import CollectorRegistry, multiprocess
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .admission import Admission
+from .drain import Drainer
+from .engine import Engine
+from .errors import install_error_handlers
+from .loader import resolve_source
+from .logs import configure_logging, request_id_var
+from .metrics import Metrics, multiprocess_dir
+from .routes import build_router
+from .serving import Serving
+from .settings import BUNDLED, Settings
+
+log = logging.getLogger(__name__)
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+_QUIET_PATHS = {"/livez", "/readyz", "/startupz", "/metrics"}
+
+
+def served_model_name(settings: Settings) -> str:
+    if settings.served_model_name:
+        return settings.served_model_name
+    if settings.model == BUNDLED:
+        return "SmolLM2-135M-Instruct"
+    return resolve_source(settings).name
+
+
+class RequestContext:
+    """Pure ASGI middleware: request id in, request id out, one access log line per request."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        incoming = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        token = request_id_var.set(request_id)
+        status = 0
+        started = time.perf_counter()
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            level = logging.DEBUG if scope["path"] in _QUIET_PATHS else logging.INFO
+            log.log(
+                level,
+                "%s %s %s",
+                scope["method"],
+                scope["path"],
+                status,
+                extra={"status": status, "duration_ms": round((time.perf_counter() - started) * 1000, 1)},
+            )
+            request_id_var.reset(token)
+
+
+def _read_api_key(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    key = path.read_text().strip()
+    if not key:
+        raise ValueError(f"API key file {path} is empty")
+    return key
+
+
+def create_app(settings: Settings, engine: Engine | None = None, registry: CollectorRegistry | None = None) -> FastAPI:
+    model_name = served_model_name(settings)
+    metrics = Metrics(registry if registry is not None else CollectorRegistry(), model_name)
+    if engine is None:
+        engine = Engine(settings, metrics)
+    admission = Admission(settings.max_num_seqs, settings.max_queue)
+    serving = Serving(settings, engine, admission, metrics, model_name)
+    drainer = Drainer(admission, serving.idle, settings.drain_seconds, engine.abort_all)
+    api_key = _read_api_key(settings.api_key_file)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        drainer.install()
+        if not engine.alive():
+            engine.start()  # loads the model on the engine thread; readiness follows its stage
+        log.info("Server started", extra={"model": model_name, "pid": os.getpid()})
+        try:
+            yield
+        finally:
+            drainer.uninstall()
+            engine.stop()
+            if multiprocess_dir() is not None:
+                # Drop this worker's live gauges (untyped in prometheus-client).
+                multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
+            log.info("Server stopped")
+
+    app = FastAPI(title="LLMService inference server", version="0.1.0", lifespan=lifespan)
+    install_error_handlers(app)
+    app.include_router(build_router(serving, metrics, api_key, time.time()))
+    app.add_middleware(RequestContext)
+    app.state.serving = serving
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """App factory for uvicorn workers (`--workers` > 1): settings come from LLMSERVICE_* env."""
+    settings = Settings()
+    configure_logging(settings.log_level)
+    return create_app(settings)

@@ -1,0 +1,67 @@
+"""`llmservice-server`: parse settings from flags and env, then run uvicorn.
+
+One worker: the app is built here and served in this process. More workers: uvicorn's process
+supervisor starts each worker with the `app_from_env` factory; the settings travel as
+LLMSERVICE_* env vars, and Prometheus multiprocess mode gets a fresh directory.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import tempfile
+from collections.abc import Sequence
+from types import FrameType
+
+import uvicorn
+from uvicorn.supervisors import Multiprocess
+
+from .logs import configure_logging
+from .settings import Settings, parse_settings
+
+# After the drain, uvicorn's remaining connections get this long before they are closed.
+GRACEFUL_SHUTDOWN_SECONDS = 5
+
+
+def _after_shutdown(sig: int, frame: FrameType | None) -> None:
+    # uvicorn re-raises the SIGTERM it handled once it has shut down; with this handler in place
+    # that ends `main()` normally, so a drained server exits 0 instead of dying by the signal.
+    return None
+
+
+def _config(settings: Settings, app: object) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,  # type: ignore[arg-type]  # an ASGI app or an import string, both accepted at runtime
+        host=settings.host,
+        port=settings.port,
+        workers=settings.workers,
+        factory=isinstance(app, str),
+        log_config=None,
+        access_log=False,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+    )
+
+
+def run(settings: Settings) -> None:
+    configure_logging(settings.log_level)
+    if settings.workers > 1:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="llmservice-metrics-")
+        os.environ.update(settings.to_env())
+        config = _config(settings, "llmservice_server.app:app_from_env")
+        Multiprocess(config, sockets=[config.bind_socket()]).run()
+        return
+    from .app import create_app  # noqa: PLC0415  # torch/transformers: only where a model is served
+
+    config = _config(settings, create_app(settings))
+    signal.signal(signal.SIGTERM, _after_shutdown)
+    uvicorn.Server(config).run()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    run(parse_settings(sys.argv[1:] if argv is None else argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,443 @@
+"""OpenAI requests in, engine events out: validation, admission, streaming and responses.
+
+The routes hand a parsed request here. Checks that need the model (chat template, token counts,
+context length) run after the cheap ones (model name, unsupported fields, n), tokenization runs in
+a worker thread, and only then is a slot taken from admission. Engine events arrive on an
+`asyncio.Queue` per request (the engine thread calls `loop.call_soon_threadsafe`); a client that
+disconnects puts a marker on the same queue, which cancels the request and frees its slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from .admission import Admission, Admitted, Rejected
+from .engine import Delta, Done, Engine, Event, Failed, Finished, GenerationRequest, Ticket, TokenInfo
+from .errors import APIError, bad_request
+from .metrics import Metrics
+from .protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatDelta,
+    ChatLogprobs,
+    Completion,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    ErrorResponse,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+)
+from .sampling import SamplingParams
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+_FAILURE_STATUS = {"timeout": 408, "shutdown": 503, "internal": 500}
+_DISCONNECTED = object()  # put on a request's queue when its client goes away
+
+
+@dataclass
+class Lease:
+    """A request's hold on the server: its admission slot and its engine ticket. Closed once."""
+
+    admission: Admission
+    admitted: Admitted
+    on_release: Callable[[], None]
+    ticket: Ticket | None = None
+    finished: bool = False
+    closed: bool = False
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.ticket is not None and not self.finished:
+            self.ticket.cancel()  # client gone or stream aborted: free the batch rows now
+        self.admission.release(self.admitted)
+        self.on_release()
+
+
+class LeasedStream(StreamingResponse):
+    """A streaming response that always closes its lease, even if the body never starts."""
+
+    def __init__(self, content: AsyncIterator[str], lease: Lease, headers: dict[str, str]) -> None:
+        super().__init__(content, media_type="text/event-stream", headers=headers)
+        self._lease = lease
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._lease.close()
+
+
+@dataclass
+class Prepared:
+    prompts: list[list[int]]
+    max_tokens: list[int]
+    params: SamplingParams
+    n: int
+    stop: list[str]
+    stream: bool
+    include_usage: bool
+    logprobs: bool
+
+
+@dataclass
+class Collected:
+    """Non-streaming accumulation of one choice."""
+
+    text: list[str] = field(default_factory=list)
+    logprobs: list[TokenInfo] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+def sse(payload: dict[str, Any] | str) -> str:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload, separators=(',', ':'))}\n\n"
+
+
+class Serving:
+    def __init__(self, settings: Settings, engine: Engine, admission: Admission, metrics: Metrics, model_name: str) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.admission = admission
+        self.metrics = metrics
+        self.model_name = model_name
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    # --- entry points ---
+
+    async def chat(self, body: ChatCompletionRequest, http: Request) -> Response:
+        self._check_common(body.model, body.unsupported_field(), body.n)
+        self._check_ready()
+        prompt = await asyncio.to_thread(self._render_chat, body)
+        prepared = self._prepare([prompt], body.token_limit(), body, "messages", body.logprobs, body.top_logprobs or 0)
+        return await self._run(prepared, http, chat=True)
+
+    async def completion(self, body: CompletionRequest, http: Request) -> Response:
+        self._check_common(body.model, body.unsupported_field(), body.n)
+        self._check_ready()
+        prompts = await asyncio.to_thread(self._tokenize_prompts, body)
+        top = body.logprobs or 0
+        prepared = self._prepare(prompts, body.token_limit(), body, "prompt", body.logprobs is not None, top)
+        return await self._run(prepared, http, chat=False)
+
+    # --- validation ---
+
+    def _check_common(self, model: str, unsupported: str | None, n: int) -> None:
+        if model != self.model_name:
+            raise APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
+        if unsupported is not None:
+            raise bad_request(f"{unsupported} is not supported by this server", unsupported, "unsupported_parameter")
+        if n > self.settings.max_num_seqs:
+            raise bad_request(f"n must be at most {self.settings.max_num_seqs} (max-num-seqs)", "n")
+
+    def _check_ready(self) -> None:
+        if self.admission.draining or not self.engine.ready:
+            self._reject(self.admission.try_acquire(0, ready=self.engine.ready))
+
+    def _reject(self, decision: Admitted | Rejected) -> Admitted:
+        if isinstance(decision, Admitted):
+            return decision
+        self.metrics.rejected(decision.reason)
+        headers = {"Retry-After": str(decision.retry_after)}
+        raise APIError(decision.status, decision.message, code=decision.reason, headers=headers)
+
+    def _render_chat(self, body: ChatCompletionRequest) -> list[int]:
+        tokenizer = self.engine.loaded.tokenizer
+        if not getattr(tokenizer, "chat_template", None):
+            raise bad_request("this model has no chat template; use /v1/completions", "messages")
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+        try:
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as exc:  # jinja templates raise for shapes they refuse (e.g. role order)
+            raise bad_request(f"chat template rejected the messages: {exc}", "messages") from exc
+        # The template already places the special tokens; do not add BOS a second time.
+        return list(tokenizer(str(text), add_special_tokens=False).input_ids)
+
+    def _tokenize_prompts(self, body: CompletionRequest) -> list[list[int]]:
+        tokenizer = self.engine.loaded.tokenizer
+        prompt = body.prompt
+        if isinstance(prompt, str):
+            texts: list[str] = [prompt]
+        elif all(isinstance(p, str) for p in prompt):
+            texts = [str(p) for p in prompt]
+        elif all(isinstance(p, int) for p in prompt):
+            return self._check_ids([[int(p) for p in prompt if isinstance(p, int)]])
+        else:
+            return self._check_ids([[int(t) for t in p] for p in prompt if isinstance(p, list)])
+        encoded = [list(tokenizer(t).input_ids) for t in texts]
+        if any(not ids for ids in encoded):
+            raise bad_request("prompt must not be empty", "prompt")
+        return encoded
+
+    def _check_ids(self, prompts: list[list[int]]) -> list[list[int]]:
+        vocab = len(self.engine.loaded.tokenizer)
+        if any(not 0 <= t < vocab for p in prompts for t in p):
+            raise bad_request(f"prompt token ids must be in [0, {vocab})", "prompt")
+        return prompts
+
+    def _prepare(
+        self,
+        prompts: list[list[int]],
+        limit: int | None,
+        body: ChatCompletionRequest | CompletionRequest,
+        param: str,
+        logprobs: bool,
+        top_logprobs: int,
+    ) -> Prepared:
+        context = self.engine.loaded.max_model_len
+        max_tokens: list[int] = []
+        for prompt in prompts:
+            wanted = limit if limit is not None else context - len(prompt)
+            if len(prompt) + max(wanted, 1) > context:
+                raise bad_request(
+                    f"This model's maximum context length is {context} tokens. However, you requested "
+                    f"{len(prompt) + max(wanted, 1)} tokens ({len(prompt)} in the {param}, {max(wanted, 1)} in the completion).",
+                    param,
+                    "context_length_exceeded",
+                )
+            max_tokens.append(wanted)
+        if len(prompts) * body.n > self.settings.max_num_seqs:
+            raise bad_request(f"prompts x n must be at most {self.settings.max_num_seqs} (max-num-seqs)", "n")
+        params = SamplingParams(
+            temperature=1.0 if body.temperature is None else body.temperature,
+            top_p=1.0 if body.top_p is None else body.top_p,
+            presence_penalty=body.presence_penalty,
+            frequency_penalty=body.frequency_penalty,
+            logprobs=top_logprobs if logprobs else None,
+            seed=body.seed,
+        )
+        include_usage = body.stream_options.include_usage if body.stream_options else False
+        return Prepared(prompts, max_tokens, params, body.n, body.stop_list(), body.stream, include_usage, logprobs)
+
+    # --- running ---
+
+    async def _run(self, prepared: Prepared, http: Request, *, chat: bool) -> Response:
+        rows = len(prepared.prompts) * prepared.n
+        admitted = self._reject(self.admission.try_acquire(rows, ready=self.engine.ready))
+        self.idle.clear()
+        lease = Lease(self.admission, admitted, self._released)
+        try:
+            queue: asyncio.Queue[object] = asyncio.Queue()
+            loop = asyncio.get_running_loop()
+
+            def sink(events: list[Event]) -> None:
+                # A closed loop (shutdown) means nobody is listening any more.
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(queue.put_nowait, events)
+
+            request = GenerationRequest(
+                prompts=prepared.prompts,
+                max_tokens=prepared.max_tokens,
+                params=prepared.params,
+                n=prepared.n,
+                stop=prepared.stop,
+                timeout=self.settings.request_timeout_seconds,
+                request_id=http.headers.get("x-request-id", ""),
+            )
+            lease.ticket = self.engine.submit(request, sink)
+            created, rid = int(time.time()), ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+            if prepared.stream:
+                body = self._stream(queue, lease, prepared, chat, rid, created)
+                return LeasedStream(body, lease, {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            watcher = asyncio.ensure_future(_watch_disconnect(http, queue))
+            try:
+                return await self._collect(queue, lease, prepared, chat, rid, created)
+            finally:
+                watcher.cancel()
+        except BaseException:
+            lease.close()
+            raise
+
+    def _released(self) -> None:
+        if self.admission.idle:
+            self.idle.set()
+
+    async def _events(self, queue: asyncio.Queue[object], lease: Lease) -> AsyncIterator[Event | None]:
+        """Engine events until Done/Failed; None when the client went away."""
+        while True:
+            item = await queue.get()
+            if item is _DISCONNECTED:
+                yield None
+                return
+            assert isinstance(item, list)
+            for event in item:
+                if isinstance(event, Done | Failed):
+                    lease.finished = True
+                yield event
+                if isinstance(event, Done | Failed):
+                    return
+
+    async def _collect(
+        self, queue: asyncio.Queue[object], lease: Lease, prepared: Prepared, chat: bool, rid: str, created: int
+    ) -> Response:
+        try:
+            choices = [Collected() for _ in range(len(prepared.prompts) * prepared.n)]
+            async for event in self._events(queue, lease):
+                if event is None:
+                    return Response(status_code=499)  # nobody to answer; the ticket is cancelled on close
+                if isinstance(event, Failed):
+                    raise APIError(_FAILURE_STATUS[event.kind], event.message, code=event.kind)
+                if isinstance(event, Delta):
+                    choices[event.index].text.append(event.text)
+                    choices[event.index].logprobs.extend(event.logprobs)
+                elif isinstance(event, Finished):
+                    choices[event.index].finish_reason = event.reason
+                elif isinstance(event, Done):
+                    usage = Usage(
+                        prompt_tokens=event.prompt_tokens,
+                        completion_tokens=event.completion_tokens,
+                        total_tokens=event.prompt_tokens + event.completion_tokens,
+                    )
+                    return JSONResponse(self._final(choices, prepared, chat, rid, created, usage))
+            raise APIError(500, "generation ended without a result")
+        finally:
+            lease.close()
+
+    def _final(self, choices: list[Collected], prepared: Prepared, chat: bool, rid: str, created: int, usage: Usage) -> dict[str, Any]:
+        if chat:
+            return ChatCompletion(
+                id=rid,
+                created=created,
+                model=self.model_name,
+                usage=usage,
+                choices=[
+                    ChatChoice(
+                        index=i,
+                        message=AssistantMessage(content="".join(c.text)),
+                        finish_reason="length" if c.finish_reason == "length" else "stop",
+                        logprobs=_chat_logprobs(c.logprobs) if prepared.logprobs else None,
+                    )
+                    for i, c in enumerate(choices)
+                ],
+            ).model_dump(mode="json")
+        return Completion(
+            id=rid,
+            created=created,
+            model=self.model_name,
+            usage=usage,
+            choices=[
+                CompletionChoice(
+                    index=i,
+                    text="".join(c.text),
+                    finish_reason="length" if c.finish_reason == "length" else "stop",
+                    logprobs=_completion_logprobs(c.logprobs, 0) if prepared.logprobs else None,
+                )
+                for i, c in enumerate(choices)
+            ],
+        ).model_dump(mode="json")
+
+    async def _stream(
+        self, queue: asyncio.Queue[object], lease: Lease, prepared: Prepared, chat: bool, rid: str, created: int
+    ) -> AsyncIterator[str]:
+        offsets = [0] * (len(prepared.prompts) * prepared.n)
+        try:
+            if chat:
+                for index in range(len(offsets)):
+                    role = ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content=""))
+                    yield sse(self._chat_chunk(rid, created, role))
+            async for event in self._events(queue, lease):
+                if event is None:
+                    return
+                if isinstance(event, Failed):
+                    error = APIError(_FAILURE_STATUS[event.kind], event.message, code=event.kind).body()
+                    yield sse(error.model_dump(mode="json"))
+                    break
+                if isinstance(event, Delta):
+                    yield sse(self._delta_chunk(event, prepared, chat, rid, created, offsets))
+                elif isinstance(event, Finished):
+                    if chat:
+                        end = ChatChunkChoice(index=event.index, delta=ChatDelta(), finish_reason=event.reason)
+                        yield sse(self._chat_chunk(rid, created, end))
+                    else:
+                        choice = CompletionChoice(index=event.index, text="", finish_reason=event.reason)
+                        yield sse(Completion(id=rid, created=created, model=self.model_name, choices=[choice]).model_dump(mode="json"))
+                elif isinstance(event, Done) and prepared.include_usage:
+                    usage = Usage(
+                        prompt_tokens=event.prompt_tokens,
+                        completion_tokens=event.completion_tokens,
+                        total_tokens=event.prompt_tokens + event.completion_tokens,
+                    )
+                    last: ChatCompletionChunk | Completion
+                    if chat:
+                        last = ChatCompletionChunk(id=rid, created=created, model=self.model_name, choices=[], usage=usage)
+                    else:
+                        last = Completion(id=rid, created=created, model=self.model_name, choices=[], usage=usage)
+                    yield sse(last.model_dump(mode="json"))
+            yield sse("[DONE]")
+        except Exception as exc:  # after the stream started the status is sent: one error event, then [DONE]
+            log.exception("Stream failed")
+            error_body = ErrorResponse.model_validate({"error": {"message": str(exc) or "internal error", "type": "server_error"}})
+            yield sse(error_body.model_dump(mode="json"))
+            yield sse("[DONE]")
+        finally:
+            lease.close()
+
+    def _chat_chunk(self, rid: str, created: int, choice: ChatChunkChoice) -> dict[str, Any]:
+        data = ChatCompletionChunk(id=rid, created=created, model=self.model_name, choices=[choice]).model_dump(mode="json")
+        # OpenAI omits unset delta fields rather than sending nulls.
+        data["choices"][0]["delta"] = {k: v for k, v in data["choices"][0]["delta"].items() if v is not None}
+        return data
+
+    def _delta_chunk(self, event: Delta, prepared: Prepared, chat: bool, rid: str, created: int, offsets: list[int]) -> dict[str, Any]:
+        if chat:
+            logprobs = _chat_logprobs(event.logprobs) if prepared.logprobs else None
+            choice = ChatChunkChoice(index=event.index, delta=ChatDelta(content=event.text), logprobs=logprobs)
+            return self._chat_chunk(rid, created, choice)
+        completion_logprobs = _completion_logprobs(event.logprobs, offsets[event.index]) if prepared.logprobs else None
+        offsets[event.index] += sum(len(info.token) for info in event.logprobs)
+        text_choice = CompletionChoice(index=event.index, text=event.text, finish_reason=None, logprobs=completion_logprobs)
+        return Completion(id=rid, created=created, model=self.model_name, choices=[text_choice]).model_dump(mode="json")
+
+
+async def _watch_disconnect(http: Request, queue: asyncio.Queue[object]) -> None:
+    # The body has been read, so the next ASGI message can only be the disconnect.
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
+    queue.put_nowait(_DISCONNECTED)
+
+
+def _chat_logprobs(infos: list[TokenInfo]) -> ChatLogprobs:
+    return ChatLogprobs(
+        content=[
+            TokenLogprob(
+                token=info.token,
+                logprob=info.logprob,
+                bytes=list(info.token.encode()),
+                top_logprobs=[TopLogprob(token=t, logprob=lp, bytes=list(t.encode())) for t, lp in info.top],
+            )
+            for info in infos
+        ]
+    )
+
+
+def _completion_logprobs(infos: list[TokenInfo], start: int) -> CompletionLogprobs:
+    result = CompletionLogprobs()
+    offset = start
+    for info in infos:
+        result.tokens.append(info.token)
+        result.token_logprobs.append(info.logprob)
+        result.top_logprobs.append({t: lp for t, lp in info.top})
+        result.text_offset.append(offset)
+        offset += len(info.token)
+    return result

@@ -1,0 +1,119 @@
+"""API faults: transient ones retry with backoff, a rejected child becomes a condition, a gone object is left alone."""
+
+from __future__ import annotations
+
+import pytest
+from kmock import KubernetesError
+
+from llmservice_operator.workqueue import RetryLater
+from tests.operator.kmock.conftest import (
+    COLLECTIONS,
+    DEPLOYMENTS,
+    EVENTS_PATH,
+    LLMSERVICE_PATH,
+    LLMSERVICES,
+    NAME,
+    STATUS_PATH,
+    ApiServer,
+    Controller,
+    body_of,
+    child_writes,
+    exists,
+    requests,
+    seed,
+    settle,
+    writes,
+)
+from tests.operator.specs import MINIMAL, body
+
+pytestmark = pytest.mark.asyncio
+
+DEPLOYMENT_PATH = f"{COLLECTIONS['Deployment']}/{NAME}"
+TRANSIENT = {
+    409: KubernetesError(status=409, reason="Conflict", message='Operation cannot be fulfilled on deployments.apps "chat"'),
+    429: KubernetesError(status=429, reason="TooManyRequests", message="the server has received too many requests"),
+    500: KubernetesError(status=500, reason="InternalError", message="etcdserver: request timed out"),
+    503: KubernetesError(status=503, reason="ServiceUnavailable", message="the server is currently unable to handle the request"),
+}
+
+
+@pytest.mark.parametrize("code", [409, 429, 500])
+async def test_a_transient_fault_on_apply_retries_later(kmock: ApiServer, controller: Controller, code: int) -> None:
+    seed(kmock, body(MINIMAL))
+    kmock[f"patch {DEPLOYMENT_PATH}"] << TRANSIENT[code]
+
+    with pytest.raises(RetryLater, match=f"HTTP {code}"):
+        await controller.run()
+
+    assert controller.reconciles("retry") == 1
+    assert controller.api_requests("apply", str(code)) == 1
+    # It stopped at the failed write: no further children, no status, no Event.
+    assert [r.url.path for r in writes(kmock)] == [DEPLOYMENT_PATH]
+    assert not exists(kmock, DEPLOYMENTS)
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("get", LLMSERVICE_PATH), ("get", COLLECTIONS["Service"]), ("patch", STATUS_PATH)],
+    ids=["get-llmservice", "list-services", "apply-status"],
+)
+async def test_a_server_error_anywhere_retries_later(kmock: ApiServer, controller: Controller, method: str, path: str) -> None:
+    seed(kmock, body(MINIMAL))
+    kmock[f"{method} {path}"] << TRANSIENT[503]
+
+    with pytest.raises(RetryLater, match="HTTP 503"):
+        await controller.run()
+
+    assert controller.reconciles("retry") == 1
+    assert [r.url.path for r in writes(kmock) if r.url.path == EVENTS_PATH] == []
+
+
+async def test_a_retry_after_a_conflict_converges(kmock: ApiServer, controller: Controller) -> None:
+    seed(kmock, body(MINIMAL))
+    kmock[f"patch {DEPLOYMENT_PATH}"][:1] << TRANSIENT[409]  # only the first attempt fails
+
+    with pytest.raises(RetryLater):
+        await controller.run()
+    await controller.run()
+
+    assert (controller.reconciles("retry"), controller.reconciles("applied")) == (1, 1)
+    assert [r.url.path for r in writes(kmock)] == [DEPLOYMENT_PATH, DEPLOYMENT_PATH, f"{COLLECTIONS['Service']}/{NAME}",
+                                                   STATUS_PATH, EVENTS_PATH]
+
+
+async def test_a_rejected_child_becomes_an_invalid_spec_condition(kmock: ApiServer, controller: Controller) -> None:
+    seed(kmock, body(MINIMAL))
+    message = 'Deployment.apps "chat" is invalid: spec.template.spec.tolerations[0].operator: Unsupported value: "Sometimes"'
+    kmock[f"patch {DEPLOYMENT_PATH}"] << KubernetesError(status=422, reason="Invalid", message=message)
+
+    await controller.run()  # no RetryLater: retrying the same spec cannot help
+
+    assert controller.reconciles("invalid") == 1
+    assert controller.reconciles("retry") == 0
+    sent = writes(kmock)
+    assert [(r.method.value, r.url.path) for r in sent] == [("PATCH", DEPLOYMENT_PATH), ("PATCH", STATUS_PATH), ("POST", EVENTS_PATH)]
+    status = body_of(sent[1])["status"]
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "InvalidSpec")
+    assert ready["message"] == f"The API server rejected a child object: {message}"
+    event = body_of(sent[2])
+    assert (event["type"], event["reason"], event["note"]) == ("Warning", "InvalidSpec", ready["message"])
+
+
+async def test_a_gone_llmservice_is_left_alone(kmock: ApiServer, controller: Controller) -> None:
+    await controller.run()  # nothing seeded: the API server answers 404
+
+    assert controller.reconciles("gone") == 1
+    assert [(r.method.value, r.url.path) for r in requests(kmock)] == [("GET", LLMSERVICE_PATH)]
+
+
+async def test_a_deleting_llmservice_is_left_to_the_garbage_collector(kmock: ApiServer, controller: Controller) -> None:
+    seed(kmock, body(MINIMAL))
+    mark = await settle(kmock, controller)
+    llmservice = kmock.objects[LLMSERVICES, "team-a", NAME]
+    llmservice["metadata"] = {**llmservice.raw["metadata"], "deletionTimestamp": "2026-11-29T10:01:00Z"}
+
+    assert await controller.reconcile() == "gone"
+
+    assert [(r.method.value, r.url.path) for r in requests(kmock, mark)] == [("GET", LLMSERVICE_PATH)]
+    assert child_writes(kmock, mark) == []

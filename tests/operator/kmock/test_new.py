@@ -1,0 +1,125 @@
+"""A new LLMService: one server-side apply per child, one status apply, one Event, nothing else."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tests.operator.kmock.conftest import (
+    APPLY,
+    CHILDREN_SELECTOR,
+    COLLECTIONS,
+    DEPLOYMENTS,
+    EVENTS_PATH,
+    FIELD_MANAGER,
+    LLMSERVICE_PATH,
+    LLMSERVICES,
+    NAME,
+    NAMESPACE,
+    STATUS_PATH,
+    ApiServer,
+    Controller,
+    body_of,
+    by_verb,
+    child_writes,
+    header,
+    rendered,
+    requests,
+    seed,
+    stored,
+    writes,
+)
+from tests.operator.specs import MINIMAL, UID, body
+
+pytestmark = pytest.mark.asyncio
+
+AUTOSCALED: dict[str, Any] = {**MINIMAL, "autoscaling": {"minReplicas": 1, "maxReplicas": 4, "metric": "cpu", "target": 70}}
+
+
+@pytest.mark.parametrize(
+    ("spec", "kinds"),
+    [
+        (MINIMAL, ["Deployment", "Service"]),
+        ({**MINIMAL, "replicas": 3}, ["Deployment", "Service", "PodDisruptionBudget"]),
+        (AUTOSCALED, ["Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"]),
+    ],
+    ids=["one-replica", "three-replicas", "autoscaled"],
+)
+async def test_each_child_is_applied_once_with_ssa(
+    kmock: ApiServer, controller: Controller, spec: dict[str, Any], kinds: list[str]
+) -> None:
+    llmservice = body(spec)
+    seed(kmock, llmservice)
+
+    assert await controller.reconcile() == "applied"
+
+    desired = rendered(llmservice)
+    assert [m["kind"] for m in desired] == kinds
+    applies = child_writes(kmock)
+    assert [(r.method.value, r.url.path) for r in applies] == [
+        ("PATCH", f"{COLLECTIONS[kind]}/{NAME}") for kind in kinds
+    ]
+    for request, manifest in zip(applies, desired, strict=True):
+        assert header(request, "Content-Type") == APPLY
+        assert dict(request.params) == {"fieldManager": FIELD_MANAGER, "force": "true"}
+        assert body_of(request) == manifest
+        assert manifest["metadata"]["ownerReferences"] == [
+            {"apiVersion": "llmservice.io/v1alpha1", "kind": "LLMService", "name": NAME, "uid": UID, "controller": True}
+        ]
+
+
+async def test_writes_are_the_children_then_one_status_and_one_event(kmock: ApiServer, controller: Controller) -> None:
+    seed(kmock, body(AUTOSCALED))
+
+    assert await controller.reconcile() == "applied"
+
+    sent = writes(kmock)
+    # Four children (Deployment, Service, HPA, PDB), the status, the Event: the floor for a new
+    # autoscaled LLMService; a fixed-size one with a single replica costs four.
+    assert by_verb(sent) == {"PATCH": 5, "POST": 1}
+    status_apply, event = sent[-2], sent[-1]
+    assert (status_apply.method.value, status_apply.url.path) == ("PATCH", STATUS_PATH)
+    assert header(status_apply, "Content-Type") == APPLY
+    assert dict(status_apply.params) == {"fieldManager": FIELD_MANAGER, "force": "true"}
+    status = body_of(status_apply)
+    assert status["apiVersion"] == "llmservice.io/v1alpha1" and status["kind"] == "LLMService"
+    assert status["metadata"] == {"name": NAME, "namespace": NAMESPACE}
+    assert set(status) == {"apiVersion", "kind", "metadata", "status"}  # nothing but the status is applied there
+    assert status["status"]["observedGeneration"] == 1
+    conditions = {c["type"]: c for c in status["status"]["conditions"]}
+    assert set(conditions) == {"Ready", "Progressing", "Degraded"}
+    assert (conditions["Ready"]["status"], conditions["Ready"]["reason"]) == ("False", "RollingOut")
+    assert all(c["observedGeneration"] == 1 and c["lastTransitionTime"] == "2026-11-29T10:00:00Z" for c in conditions.values())
+    assert status["status"]["selector"] == "app.kubernetes.io/name=llmservice-server,llmservice.io/name=chat"
+
+    assert (event.method.value, event.url.path) == ("POST", EVENTS_PATH)
+    note = body_of(event)
+    assert (note["type"], note["reason"], note["reportingController"]) == ("Normal", "RollingOut", "llmservice.io/operator")
+    assert note["regarding"]["uid"] == UID and note["regarding"]["kind"] == "LLMService"
+    assert note["eventTime"] == "2026-11-29T10:00:00.000000Z"
+
+    # What the API server now holds is what was applied.
+    assert stored(kmock, LLMSERVICES)["status"] == status["status"]
+    assert "replicas" not in body_of(child_writes(kmock)[0])["spec"]  # the HPA owns replicas
+    assert stored(kmock, DEPLOYMENTS)["spec"]["replicas"] == 1  # the server's default, not ours
+
+
+async def test_reads_are_the_llmservice_discovery_and_labelled_lists(kmock: ApiServer, controller: Controller) -> None:
+    seed(kmock, body(MINIMAL))
+
+    await controller.reconcile()
+
+    reads = [r for r in requests(kmock) if r.method.value == "GET"]
+    assert reads[0].url.path == LLMSERVICE_PATH
+    lists = {r.url.path: r.params.get("labelSelector") for r in reads if r.url.path in COLLECTIONS.values()}
+    assert lists == {
+        COLLECTIONS["Deployment"]: CHILDREN_SELECTOR,
+        COLLECTIONS["Service"]: CHILDREN_SELECTOR,
+        COLLECTIONS["HorizontalPodAutoscaler"]: CHILDREN_SELECTOR,
+        COLLECTIONS["PodDisruptionBudget"]: CHILDREN_SELECTOR,
+        # Not Ready yet, so the pods are read to say why.
+        COLLECTIONS["Pod"]: "app.kubernetes.io/name=llmservice-server,llmservice.io/name=chat",
+    }
+    discovery = {r.url.path for r in reads} - {LLMSERVICE_PATH, *COLLECTIONS.values()}
+    assert discovery == {"/apis/monitoring.coreos.com/v1", "/apis/custom.metrics.k8s.io"}

@@ -1,0 +1,98 @@
+"""Fixtures for the inference server tests: a tiny model built once, real server processes.
+
+Servers run as real processes (`python -m llmservice_server.main`) on 127.0.0.1 with a free port,
+so the tests exercise uvicorn, signals and the HTTP protocol exactly as deployed.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+# tests/tiny_model.py is shared with the benchmarks; make it importable from here.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tiny_model import build_tiny_model
+
+STARTUP_DEADLINE = 120.0  # seconds; importing torch + transformers is slow on a busy 2-core box
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class ServerProcess:
+    def __init__(self, model: Path, log_path: Path, **settings: object) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LLMSERVICE_")}
+        env.update({"HF_HUB_OFFLINE": "1", "LLMSERVICE_CACHE_DIR": str(log_path.parent / "cache")})
+        args = [sys.executable, "-m", "llmservice_server.main", "--model", str(model)]
+        args += ["--host", "127.0.0.1", "--port", str(self.port), "--served-model-name", "tiny"]
+        for key, value in settings.items():
+            args += [f"--{key.replace('_', '-')}", str(value)]
+        self._log = log_path.open("wb")
+        self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+
+    def get(self, path: str, **kwargs: object) -> httpx.Response:
+        return httpx.get(self.url + path, timeout=10, **kwargs)  # type: ignore[arg-type]
+
+    def wait_ready(self, deadline: float = STARTUP_DEADLINE) -> None:
+        end = time.monotonic() + deadline
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.logs()}")
+            try:
+                if self.get("/readyz").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"server not ready after {deadline} s:\n{self.logs()}")
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace")[-5000:]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=15)
+        self._log.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    proc = ServerProcess(tiny_model_dir, tmp_path_factory.mktemp("server") / "server.log", max_num_seqs=16, max_queue=32)
+    try:
+        proc.wait_ready()
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_model_dir: Path) -> object:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)

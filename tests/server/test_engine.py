@@ -1,0 +1,147 @@
+"""The batching engine in-process: batched greedy == sequential greedy, EOS, cancel, timeout."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from llmservice_server.engine import Delta, Done, Engine, Event, Failed, Finished, GenerationRequest, Ticket
+from llmservice_server.loader import LoadedModel, load
+from llmservice_server.sampling import SamplingParams
+from llmservice_server.settings import Settings
+
+GREEDY = SamplingParams(temperature=0.0)
+TEXTS = [
+    "Hello",
+    "What is the capital of France? The capital",
+    "Once upon a time there was a small robot who liked",
+    "A",
+    "Readiness is true only after the model is loaded and warmed, and false again while draining.",
+]
+
+
+class Collector:
+    """A sink that records events and signals when the request is over."""
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+        self.done = threading.Event()
+
+    def __call__(self, events: list[Event]) -> None:
+        self.events.extend(events)
+        if any(isinstance(e, Done | Failed) for e in events):
+            self.done.set()
+
+    def text(self, index: int = 0) -> str:
+        return "".join(e.text for e in self.events if isinstance(e, Delta) and e.index == index)
+
+    def finish(self, index: int = 0) -> Finished:
+        return next(e for e in self.events if isinstance(e, Finished) and e.index == index)
+
+
+def start_engine(model_dir: Path, loader: Callable[[Settings, Callable[[str], None]], LoadedModel] = load, **settings: Any) -> Engine:
+    engine = Engine(Settings(model=str(model_dir), dtype="float32", **settings), loader=loader)
+    engine.start()
+    deadline = time.monotonic() + 60
+    while not engine.ready:
+        assert engine.stage != "failed", engine.error
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    return engine
+
+
+def run(engine: Engine, requests: list[GenerationRequest], stagger: float = 0.0) -> list[Collector]:
+    sinks = []
+    for request in requests:
+        sink = Collector()
+        engine.submit(request, sink)
+        sinks.append(sink)
+        time.sleep(stagger)
+    for sink in sinks:
+        assert sink.done.wait(60)
+    return sinks
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir: Path) -> Any:
+    engine = start_engine(tiny_model_dir, max_num_seqs=8)
+    yield engine
+    engine.stop()
+
+
+def test_batched_greedy_equals_sequential_greedy(engine: Engine, tiny_model_dir: Path) -> None:
+    tokenizer = engine.loaded.tokenizer
+    prompts = [list(tokenizer(t, add_special_tokens=False).input_ids) for t in TEXTS]
+    assert len({len(p) for p in prompts}) == len(prompts)  # all different lengths: real padding
+    requests = [GenerationRequest(prompts=[p], max_tokens=[48], params=GREEDY) for p in prompts]
+    # Staggered submission: later requests are spliced into a batch that is already decoding.
+    batched = run(engine, requests, stagger=0.01)
+    sequential = [run(engine, [r])[0] for r in requests]
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    for prompt, together, alone in zip(prompts, batched, sequential, strict=True):
+        generated = reference.generate(torch.tensor([prompt]), max_new_tokens=48, do_sample=False)[0, len(prompt) :]
+        expected = tokenizer.decode(generated, skip_special_tokens=True)
+        assert together.text() == alone.text() == expected
+        assert together.finish().completion_tokens == 48
+
+
+def test_n_rows_share_a_prompt_and_count_usage(engine: Engine) -> None:
+    request = GenerationRequest(prompts=[[5, 6, 7], [8]], max_tokens=[5, 7], params=GREEDY, n=2)
+    (sink,) = run(engine, [request])
+    done = next(e for e in sink.events if isinstance(e, Done))
+    assert done == Done(prompt_tokens=4, completion_tokens=2 * 5 + 2 * 7)
+    assert sink.text(0) == sink.text(1) and sink.text(2) == sink.text(3)
+
+
+def test_eos_finishes_with_stop(tiny_model_dir: Path) -> None:
+    # Declare the first greedy token of the prompt to be EOS: the row must stop right there.
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        token_id = int(reference(torch.tensor([[5, 6, 7]])).logits[0, -1].argmax())
+
+    def loader(settings: Settings, stage: Callable[[str], None]) -> LoadedModel:
+        return dataclasses.replace(load(settings, stage), eos_token_ids=frozenset({token_id}))
+
+    engine = start_engine(tiny_model_dir, loader=loader)
+    try:
+        (sink,) = run(engine, [GenerationRequest(prompts=[[5, 6, 7]], max_tokens=[10], params=GREEDY)])
+    finally:
+        engine.stop()
+    assert sink.finish() == Finished(0, "stop", 1)
+    assert sink.text() == ""
+
+
+def test_cancel_and_timeout_leave_the_batch(engine: Engine) -> None:
+    long = GenerationRequest(prompts=[[5, 6]], max_tokens=[1500], params=GREEDY)
+    sink = Collector()
+    ticket: Ticket = engine.submit(long, sink)
+    deadline = time.monotonic() + 10
+    while not sink.events and time.monotonic() < deadline:
+        time.sleep(0.01)
+    ticket.cancel()
+    # The engine stays usable and the cancelled request never finishes normally.
+    (after,) = run(engine, [GenerationRequest(prompts=[[5]], max_tokens=[3], params=GREEDY)])
+    assert after.finish().completion_tokens == 3
+    assert not any(isinstance(e, Done) for e in sink.events)
+
+    timed = Collector()
+    engine.submit(dataclasses.replace(long, timeout=0.2), timed)
+    assert timed.done.wait(30)
+    failure = timed.events[-1]
+    assert isinstance(failure, Failed) and failure.kind == "timeout"
+
+
+def test_seeded_sampling_is_reproducible_in_a_batch(engine: Engine) -> None:
+    sampled = SamplingParams(temperature=1.0, top_p=0.9, seed=11)
+    alone = run(engine, [GenerationRequest(prompts=[[5, 6, 7]], max_tokens=[20], params=sampled)])[0].text()
+    crowd = [GenerationRequest(prompts=[[9, 10]], max_tokens=[30], params=SamplingParams(temperature=1.0)) for _ in range(3)]
+    together = run(engine, [*crowd, GenerationRequest(prompts=[[5, 6, 7]], max_tokens=[20], params=sampled)])
+    assert together[-1].text() == alone

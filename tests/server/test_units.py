@@ -1,0 +1,151 @@
+"""Unit tests of the pure parts: sampling, admission, stop strings, protocol, settings."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+from llmservice_server.admission import Admission, Admitted, Rejected
+from llmservice_server.protocol import ChatCompletionRequest, CompletionRequest
+from llmservice_server.sampling import RowSampler, SamplingParams, apply_penalties, select_tokens, top_p_filter
+from llmservice_server.settings import Settings, parse_settings
+from llmservice_server.textstream import StopMatcher
+
+# --- sampling ---
+
+
+def test_greedy_rows_take_the_argmax_and_report_logprobs() -> None:
+    logits = torch.tensor([[0.0, 3.0, 1.0], [2.0, 0.0, 1.0]])
+    samplers = [
+        RowSampler.create(SamplingParams(temperature=0.0, logprobs=2), 3, None),
+        RowSampler.create(SamplingParams(temperature=0.0), 3, None),
+    ]
+    first, second = select_tokens(logits, samplers)
+    assert (first.token, second.token) == (1, 0)
+    assert first.logprob == pytest.approx(float(torch.log_softmax(logits[0], -1)[1]))
+    assert [t for t, _ in first.top] == [1, 2]
+    assert second.logprob is None
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p() -> None:
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    assert top_p_filter(probs.clone(), 0.7).tolist() == pytest.approx([0.5, 0.3, 0.0, 0.0])
+    assert top_p_filter(probs.clone(), 0.1).tolist() == pytest.approx([0.5, 0.0, 0.0, 0.0])
+
+
+def test_penalties_follow_openai_definition() -> None:
+    counts = torch.tensor([0.0, 2.0, 1.0])
+    out = apply_penalties(torch.zeros(3), counts, SamplingParams(presence_penalty=0.5, frequency_penalty=1.0))
+    assert out.tolist() == pytest.approx([0.0, -2.5, -1.5])
+
+
+def test_seeded_sampling_is_reproducible_and_seed_sensitive() -> None:
+    logits = torch.zeros((1, 50))
+    params = SamplingParams(temperature=1.0)
+
+    def draw(seed: int) -> list[int]:
+        sampler = RowSampler.create(params, 50, seed)
+        return [select_tokens(logits, [sampler])[0].token for _ in range(20)]
+
+    assert draw(1) == draw(1)
+    assert draw(1) != draw(2)
+
+
+# --- admission ---
+
+
+def test_admission_bounds_running_plus_waiting() -> None:
+    admission = Admission(max_running=2, max_waiting=1)
+    grants = [admission.try_acquire(1, ready=True) for _ in range(3)]
+    assert all(isinstance(g, Admitted) for g in grants)
+    refused = admission.try_acquire(1, ready=True)
+    assert isinstance(refused, Rejected) and refused.status == 429 and refused.retry_after >= 1
+    assert isinstance(admission.try_acquire(2, ready=True), Rejected)
+    admission.release(Admitted(1))
+    assert isinstance(admission.try_acquire(1, ready=True), Admitted)
+
+
+def test_admission_not_ready_and_draining_are_503() -> None:
+    admission = Admission(4, 4)
+    not_ready = admission.try_acquire(1, ready=False)
+    assert isinstance(not_ready, Rejected) and (not_ready.status, not_ready.reason) == (503, "not_ready")
+    admission.start_draining()
+    draining = admission.try_acquire(1, ready=True)
+    assert isinstance(draining, Rejected) and (draining.status, draining.reason) == (503, "draining")
+    assert admission.idle
+
+
+def test_admission_refuses_double_release() -> None:
+    admission = Admission(1, 0)
+    with pytest.raises(RuntimeError):
+        admission.release(Admitted(1))
+
+
+# --- stop strings ---
+
+
+@given(st.text(alphabet="abc", max_size=30), st.lists(st.integers(1, 5), max_size=10), st.sampled_from(["ab", "cab", "bb", "c"]))
+def test_stop_matcher_equals_cutting_the_whole_text(text: str, cuts: list[int], stop: str) -> None:
+    matcher = StopMatcher([stop])
+    released, position = "", 0
+    for size in [*cuts, len(text)]:
+        released += matcher.push(text[position : position + size])
+        position += size
+        if matcher.stopped:
+            break
+    released += matcher.finish()
+    index = text.find(stop)
+    assert released == (text if index < 0 else text[:index])
+    assert matcher.stopped == (index >= 0)
+
+
+def test_stop_matcher_holds_back_a_possible_prefix() -> None:
+    matcher = StopMatcher(["END"])
+    assert matcher.push("abcE") == "abc"
+    assert matcher.push("N") == ""
+    assert matcher.push("x") == "ENx"
+    assert matcher.push("yEND tail") == "y"
+    assert matcher.stopped
+
+
+# --- protocol ---
+
+
+def test_chat_request_rejects_unknown_and_inconsistent_fields() -> None:
+    base = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    with pytest.raises(ValidationError):
+        ChatCompletionRequest.model_validate({**base, "functions": []})
+    with pytest.raises(ValidationError):
+        ChatCompletionRequest.model_validate({**base, "stream_options": {"include_usage": True}})
+    request = ChatCompletionRequest.model_validate({**base, "tool_choice": "none", "response_format": {"type": "text"}, "user": "u"})
+    assert request.unsupported_field() is None
+    assert ChatCompletionRequest.model_validate({**base, "tool_choice": "auto"}).unsupported_field() == "tool_choice"
+    assert ChatCompletionRequest.model_validate({**base, "max_tokens": 5, "max_completion_tokens": 7}).token_limit() == 7
+
+
+def test_completion_request_prompt_shapes() -> None:
+    for prompt in ["x", ["x", "y"], [1, 2], [[1], [2, 3]]]:
+        assert CompletionRequest.model_validate({"model": "m", "prompt": prompt}).max_tokens == 16
+    for bad in [[], [[]]]:
+        with pytest.raises(ValidationError):
+            CompletionRequest.model_validate({"model": "m", "prompt": bad})
+    assert CompletionRequest.model_validate({"model": "m", "prompt": "x", "best_of": 2}).unsupported_field() == "best_of"
+
+
+# --- settings ---
+
+
+def test_settings_from_env_and_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLMSERVICE_MAX_QUEUE", "7")
+    monkeypatch.setenv("LLMSERVICE_MAX_NUM_SEQS", "3")
+    settings = parse_settings(["--model", "/m", "--max-num-seqs", "5", "--trust-remote-code", "--dtype", "float16"])
+    assert (settings.model, settings.max_queue, settings.max_num_seqs) == ("/m", 7, 5)
+    assert settings.trust_remote_code and settings.dtype == "float16"
+    monkeypatch.delenv("LLMSERVICE_MAX_QUEUE")
+    monkeypatch.delenv("LLMSERVICE_MAX_NUM_SEQS")
+    for key, value in settings.to_env().items():
+        monkeypatch.setenv(key, value)
+    assert Settings() == settings
