@@ -89,6 +89,7 @@ DISABLED_CONTROLLERS = (
 )
 
 LOG_TAIL_LINES = 40
+PORT_CLASH_ATTEMPTS = 3
 
 T = TypeVar("T")
 
@@ -422,46 +423,54 @@ class ControlPlane:
     def start(self) -> Self:
         """Start every component and wait until the nodes are Ready; raise with logs if not."""
         began = time.monotonic()
-        self._prepare_state_dir()
-        bin_dir = self.bin_dir
-        try:
-            _generate_pki(self.pki_dir)
-            self._ports = _Ports.allocate()
-            self._write_kubeconfig()
-            self._save_state()
-            self._start_etcd(bin_dir)
-            self._start_apiserver(bin_dir)
-            self._spawn("kube-controller-manager", self._controller_manager_argv(bin_dir))
-            self._spawn("kube-scheduler", self._scheduler_argv(bin_dir))
-            self._spawn("kwok", self._kwok_argv(bin_dir))
-            for name in self.gpu_node_names:
-                self._create_node(gpu_node_manifest(name, self._gpus_per_node, product=self._gpu_product))
-            self._wait_healthy("kube-controller-manager", self._https_probe("controller_manager"))
-            self._wait_healthy("kube-scheduler", self._https_probe("scheduler"))
-            self._wait_healthy("kwok", self._http_probe(self._port("kwok"), "/healthz"))
-            self._wait_nodes_schedulable(self.gpu_node_names, component="kwok")
-            self._wait_healthy(
-                "kube-controller-manager",
-                lambda: self._api_exists("/api/v1/namespaces/default/serviceaccounts/default"),
-                what="the default ServiceAccount (service account controller)",
-            )
-        except ControlPlaneError:
-            self._terminate()
-            raise
-        except Exception as error:
-            self._terminate()
-            raise ControlPlaneError(f"starting the control plane in {self.state_dir} failed: {error}") from error
-        except BaseException:
-            self._terminate()
-            raise
+        for attempt in range(1, PORT_CLASH_ATTEMPTS + 1):
+            self._prepare_state_dir()
+            bin_dir = self.bin_dir
+            try:
+                self._launch(bin_dir)
+            except ComponentFailed as error:
+                self._terminate()
+                # A free port picked here can be taken (by anyone's outgoing connection) before
+                # the component binds it; that alone is worth another try with fresh ports.
+                if "address already in use" not in str(error) or attempt == PORT_CLASH_ATTEMPTS:
+                    raise
+                log.warning("port clash, starting again with other ports: %s", error)
+            except ControlPlaneError:
+                self._terminate()
+                raise
+            except Exception as error:
+                self._terminate()
+                raise ControlPlaneError(f"starting the control plane in {self.state_dir} failed: {error}") from error
+            except BaseException:
+                self._terminate()
+                raise
+            else:
+                break
         self.started_in = time.monotonic() - began
-        log.info(
-            "control plane ready at %s in %.1fs (state %s)",
-            self.server,
-            self.started_in,
-            self.state_dir,
-        )
+        log.info("control plane ready at %s in %.1fs (state %s)", self.server, self.started_in, self.state_dir)
         return self
+
+    def _launch(self, bin_dir: Path) -> None:
+        _generate_pki(self.pki_dir)
+        self._ports = _Ports.allocate()
+        self._write_kubeconfig()
+        self._save_state()
+        self._start_etcd(bin_dir)
+        self._start_apiserver(bin_dir)
+        self._spawn("kube-controller-manager", self._controller_manager_argv(bin_dir))
+        self._spawn("kube-scheduler", self._scheduler_argv(bin_dir))
+        self._spawn("kwok", self._kwok_argv(bin_dir))
+        for name in self.gpu_node_names:
+            self._create_node(gpu_node_manifest(name, self._gpus_per_node, product=self._gpu_product))
+        self._wait_healthy("kube-controller-manager", self._https_probe("controller_manager"))
+        self._wait_healthy("kube-scheduler", self._https_probe("scheduler"))
+        self._wait_healthy("kwok", self._http_probe(self._port("kwok"), "/healthz"))
+        self._wait_nodes_schedulable(self.gpu_node_names, component="kwok")
+        self._wait_healthy(
+            "kube-controller-manager",
+            lambda: self._api_exists("/api/v1/namespaces/default/serviceaccounts/default"),
+            what="the default ServiceAccount (service account controller)",
+        )
 
     def stop(self, *, keep_state: bool = False) -> None:
         """Kill the process groups this control plane started; remove a temporary state dir."""

@@ -72,3 +72,13 @@ def namespace(cluster: ControlPlane, request: pytest.FixtureRequest) -> Iterator
     )
     yield name
     cluster.kubectl("delete", "namespace", name, "--ignore-not-found", "--wait=false")
+
+
+@pytest.fixture(scope="session")
+def chart(cluster: ControlPlane) -> Iterator[None]:
+    """The operator chart installed once per session: it owns the CRD and the operator's RBAC."""
+    from tests.e2e.operator_harness import RELEASE, SYSTEM_NAMESPACE, helm_install
+
+    helm_install(cluster)
+    yield
+    cluster.helm("uninstall", RELEASE, "--namespace", SYSTEM_NAMESPACE, check=False)

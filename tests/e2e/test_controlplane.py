@@ -119,14 +119,13 @@ def test_gpu_pod_too_big_stays_pending_until_a_bigger_node_joins(cluster: Contro
     wait_for(failed_scheduling_events, 30, "a FailedScheduling event naming nvidia.com/gpu")
     assert get(cluster, "pod", "needs-8-gpus", "-n", namespace)["status"]["phase"] == "Pending"
 
+    def running_pod() -> dict[str, Any] | None:
+        pod: dict[str, Any] = get(cluster, "pod", "needs-8-gpus", "-n", namespace)
+        return pod if is_running_and_ready(pod) else None
+
     big_node = f"gpu-node-big-{secrets.token_hex(3)}"
     cluster.add_gpu_node(big_node, 8)
     try:
-
-        def running_pod() -> dict[str, Any] | None:
-            pod: dict[str, Any] = get(cluster, "pod", "needs-8-gpus", "-n", namespace)
-            return pod if is_running_and_ready(pod) else None
-
         pod = wait_for(running_pod, 90, f"pod needs-8-gpus to run on the new node {big_node}")
         assert pod is not None and pod["spec"]["nodeName"] == big_node
     finally:

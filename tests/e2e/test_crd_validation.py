@@ -69,9 +69,8 @@ def with_changes(*changes: tuple[str, Any]) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def crd(cluster: ControlPlane) -> ControlPlane:
-    """The cluster with the CRD applied and Established."""
-    cluster.kubectl("apply", "--server-side", "--field-manager=test", "-f", str(CRD_PATH))
+def crd(cluster: ControlPlane, chart: None) -> ControlPlane:
+    """The cluster with the CRD installed by the chart (a proven copy of crds/) and Established."""
     cluster.kubectl("wait", "--for=condition=Established", f"crd/{CRD_NAME}", "--timeout=60s")
     return cluster
 

@@ -28,13 +28,6 @@ READY_TIMEOUT = 90
 
 
 @pytest.fixture(scope="module")
-def chart(cluster: ControlPlane) -> Iterator[None]:
-    helm_install(cluster)
-    yield
-    cluster.helm("uninstall", "llmservice", "--namespace", SYSTEM_NAMESPACE, check=False)
-
-
-@pytest.fixture(scope="module")
 def operator(cluster: ControlPlane, chart: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
     workdir = tmp_path_factory.mktemp("operator")
     process = OperatorProcess(service_account_kubeconfig(cluster, workdir / "kubeconfig"), workdir / "operator.log")
@@ -224,7 +217,7 @@ def test_gitops_reapply_changes_nothing_and_spec_is_never_written(cluster: Contr
     generation = get_json(cluster, "llmsvc", "git", "-n", namespace)["metadata"]["generation"]
     apply_manifest(cluster, copy.deepcopy(manifest))
     time.sleep(5)
-    after = get_json(cluster, "llmsvc", "git", "-n", namespace)
+    after = get_json(cluster, "llmsvc", "git", "-n", namespace, "--show-managed-fields")
     assert after["metadata"]["generation"] == generation
     assert versions(cluster, namespace, "git") == before, "re-applying the same manifest must change nothing"
     managers = {entry["manager"]: entry for entry in after["metadata"]["managedFields"]}

@@ -70,14 +70,16 @@ def test_malformed_json_is_400(server: ServerProcess) -> None:
 
 
 def test_context_overflow_counts_the_chat_template(server: ServerProcess, tokenizer: Any) -> None:
-    messages = [{"role": "user", "content": "Hello"}]
+    # A prompt that nearly fills the 2048-token context, so the request that fits is quick.
+    messages = [{"role": "user", "content": "Hello " * 1000}]
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     prompt_tokens = len(tokenizer(text, add_special_tokens=False).input_ids)
-    context = 2048
-    body = {**CHAT, "messages": messages, "max_tokens": context - prompt_tokens}
-    fits = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)
+    room = 2048 - prompt_tokens
+    assert 0 < room < 100
+    fits = httpx.post(server.url + "/v1/chat/completions", json={**CHAT, "messages": messages, "max_tokens": room}, timeout=60)
     assert fits.status_code == 200, fits.text
-    over = httpx.post(server.url + "/v1/chat/completions", json={**CHAT, "messages": messages, "max_tokens": context - prompt_tokens + 1})
+    assert fits.json()["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": room, "total_tokens": 2048}
+    over = httpx.post(server.url + "/v1/chat/completions", json={**CHAT, "messages": messages, "max_tokens": room + 1})
     assert_openai_error(over, 400, code="context_length_exceeded", param="messages")
 
 
