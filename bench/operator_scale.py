@@ -185,12 +185,13 @@ class Watcher:
                 self._stopping.wait(0.5)
 
     def _record(self, line: str, now: float) -> None:
-        name, _, ready = line.rstrip("\n").partition("\t")
-        if not name:
+        fields = line.split()  # kubectl's tab writer pads the output: split on any whitespace
+        if not fields:
             return
+        name, ready = fields[0], fields[1] if len(fields) > 1 else ""
         with self._lock:
             self.seen.setdefault(name, now)
-            if ready.strip() == "True":
+            if ready == "True":
                 self.ready.setdefault(name, now)
 
     def stop(self) -> None:
@@ -405,7 +406,7 @@ def run_size(n: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
         watchers = [
             Watcher(cluster, ["llmservices", "-n", namespace],
-                    '{.metadata.name}{"\\t"}{.status.conditions[?(@.type=="Ready")].status}{"\\n"}', state_dir / "watch.err"),
+                    '{.metadata.name}{" "}{.status.conditions[?(@.type=="Ready")].status}{"\\n"}', state_dir / "watch.err"),
             Watcher(cluster, ["deployments", "-n", namespace, "-l", NAME_LABEL],
                     '{.metadata.labels.llmservice\\.io/name}{"\\n"}', state_dir / "watch.err"),
         ]
@@ -501,6 +502,8 @@ def run_size(n: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
         creation_requests = delta(settled_snapshot.requests, before.requests)
         creation_by_verb = delta(settled_snapshot.requests_by_verb(), before.requests_by_verb())
         writes = sum(creation_by_verb.get(verb, 0.0) for verb in WRITE_VERBS)
+        failed_writes = sum(value for key, value in creation_requests.items()
+                            if key.split("/", 1)[0] in WRITE_VERBS and not key.split("/", 1)[1].startswith("2"))
         child_applies = sum(creation_log["applied_by_kind"].values())
         idle_by_verb = delta(idle_end.requests_by_verb(), idle_began.requests_by_verb())
         peak_rss = max((sample[1] for sample in sampler.samples), default=settled_snapshot.rss_mb)
@@ -522,6 +525,7 @@ def run_size(n: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 "requests_by_verb": creation_by_verb,
                 "requests_per_llmservice": {verb: round(value / n, 2) for verb, value in creation_by_verb.items()},
                 "writes_per_llmservice": round(writes / n, 2),
+                "failed_writes_per_llmservice": round(failed_writes / n, 2),
                 "child_applies_per_llmservice": round(child_applies / n, 2),
                 "status_applies_per_llmservice": round((creation_by_verb.get("apply", 0.0) - child_applies) / n, 2),
                 "events_per_llmservice": round(creation_by_verb.get("create", 0.0) / n, 2),

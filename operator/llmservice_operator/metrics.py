@@ -25,8 +25,3 @@ class OperatorMetrics:
             ["verb", "code"],
             registry=registry,
         )
-        self.queue_depth = Counter(
-            "llmservice_operator_enqueued",
-            "LLMServices put on the work queue, after de-duplication.",
-            registry=registry,
-        )

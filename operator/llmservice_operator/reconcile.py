@@ -24,7 +24,6 @@ from llmservice_operator.workqueue import RetryLater
 log = logging.getLogger(__name__)
 
 CHILD_KINDS = ("Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget")
-MONITOR_KINDS = ("ServiceMonitor", "PodMonitor")
 CAPABILITY_TTL_SECONDS = 60.0
 
 
@@ -103,28 +102,23 @@ class Reconciler:
         capabilities = await self._capabilities.get()
         desired = render(service, RenderContext(self._default_image, capabilities))
         observed = await self._observe_children(service, capabilities)
-        wrote = False
         try:
-            deployment = await self._apply_changed(service, desired, observed)
+            deployment, applied = await self._apply_changed(service, desired, observed)
         except KubeError as error:
             if error.status not in (400, 422):
                 raise  # ours to retry: conflicts, throttling, missing permissions, server trouble
             # The API server rejected what we rendered from the user's spec (e.g. a bad toleration).
             await self._invalid(body, f"The API server rejected a child object: {error.message}")
             return "invalid"
-        wrote = deployment[1]
-        wrote = await self._prune(service, desired, observed) or wrote
+        pruned = await self._prune(service, desired, observed)
 
-        pods: tuple[Manifest, ...] = ()
-        observed_status = status.Observed(deployment=deployment[0], capabilities=capabilities)
-        settled = status.compute(service, observed_status, previous, self._now())
+        settled = status.compute(service, status.Observed(deployment, (), capabilities), previous, self._now())
         if not _ready(settled):
             # Only an unsettled service needs its pods read, to say why it is not Ready.
             pods = tuple(await self._kube.list("Pod", key.namespace, naming.selector_string(key.name)))
-            observed_status = status.Observed(deployment=deployment[0], pods=pods, capabilities=capabilities)
-            settled = status.compute(service, observed_status, previous, self._now())
-        wrote = await self._write_status(body, settled) or wrote
-        return "applied" if wrote else "unchanged"
+            settled = status.compute(service, status.Observed(deployment, pods, capabilities), previous, self._now())
+        wrote = await self._write_status(body, settled)
+        return "applied" if applied or pruned or wrote else "unchanged"
 
     async def _observe_children(self, service: LLMService, capabilities: Capabilities) -> dict[tuple[str, str], Manifest]:
         kinds = list(CHILD_KINDS)
@@ -218,5 +212,3 @@ def _micro(now: str) -> str:
     # events.k8s.io wants a MicroTime (RFC 3339 with microseconds).
     return now.replace("Z", ".000000Z")
 
-
-__all__ = ["CHILD_KINDS", "MONITOR_KINDS", "RESOURCES", "Key", "Reconciler"]

@@ -143,11 +143,16 @@ def _save_converted(model: Any, tokenizer: Any, target: Path) -> None:
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
+        # GGUF weights were dequantized to plain tensors on load; only the quantizer marker
+        # makes save_pretrained refuse, and the saved copy is an ordinary float checkpoint.
+        model.hf_quantizer = None
+        if getattr(model.config, "quantization_config", None) is not None:
+            del model.config.quantization_config
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         tmp.rename(target)
         log.info("Saved converted GGUF copy", extra={"path": str(target)})
-    except OSError as exc:  # a read-only cache only costs the next start the conversion again
+    except Exception as exc:  # a failed cache write only costs the next start the conversion again
         log.warning("Could not cache converted model", extra={"path": str(target), "error": str(exc)})
 
 
