@@ -104,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     logging.getLogger("tests.cluster.controlplane").setLevel(logging.WARNING)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     workdir = Path(tempfile.mkdtemp(prefix="llmservice-demo-"))
     namespace = "demo"
 
@@ -126,6 +127,12 @@ def main(argv: list[str] | None = None) -> int:
                     any(c["type"] == "Ready" and c["status"] == "True" for c in (i.get("status") or {}).get("conditions", []))
                     for i in items)
 
+            step("qwen-7b asks for an NVIDIA-L4 GPU; the cluster only has A100 nodes. Its status says so:")
+            wait_for(lambda: _ready_reason(plane, namespace, "qwen-7b") in ("Unschedulable", "InsufficientGPU"), 90,
+                     "qwen-7b to report why it cannot be scheduled")
+            log.info("    Ready=False: %s", _ready_message(plane, namespace, "qwen-7b"))
+            step("Adding an NVIDIA-L4 node, as a cluster autoscaler would for that pending pod")
+            plane.add_gpu_node("demo-l4-node", 1, product="NVIDIA-L4")
             wait_for(all_ready, 120, "every example LLMService to become Ready")
             sys.stdout.write(plane.kubectl("get", "llmsvc", "-n", namespace, "-o", "wide").stdout)
 
@@ -152,6 +159,19 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
     step("Done")
     return 0
+
+
+def _ready_condition(plane: ControlPlane, namespace: str, name: str) -> dict[str, Any]:
+    status = get_json(plane, "llmsvc", name, "-n", namespace).get("status") or {}
+    return next((c for c in status.get("conditions", []) if c["type"] == "Ready"), {})
+
+
+def _ready_reason(plane: ControlPlane, namespace: str, name: str) -> str:
+    return str(_ready_condition(plane, namespace, name).get("reason", ""))
+
+
+def _ready_message(plane: ControlPlane, namespace: str, name: str) -> str:
+    return str(_ready_condition(plane, namespace, name).get("message", ""))
 
 
 def _ready(port: int, server: subprocess.Popen[bytes], log_path: Path) -> bool:

@@ -301,12 +301,18 @@ class Engine:
                 abort, self._abort_message = self._abort_message, None
             if abort is not None:
                 self._fail_everything("shutdown", abort)
-            self._expire()
-            self._admit()
-            self._publish_queue()
-            if self._batch is not None:
-                self._decode_step()
+            try:
+                self._expire()
+                self._admit()
                 self._publish_queue()
+                if self._batch is not None:
+                    self._decode_step()
+                    self._publish_queue()
+            except Exception:
+                # One bad step (a kernel error, out of memory) fails the requests it involved,
+                # not the server: the engine thread goes on with an empty batch.
+                log.exception("Decode step failed: failing the running requests")
+                self._fail_running("internal", "internal error while generating")
 
     # --- scheduling ---
 
@@ -346,7 +352,14 @@ class Engine:
             room -= ticket.request.rows
             budget -= cost
         if chosen:
-            self._prefill(chosen)
+            running = self._batch
+            try:
+                self._prefill(chosen)
+            except Exception:
+                if self._batch is not running:
+                    raise  # the newcomers already joined the batch: the step handler fails it
+                log.exception("Prefill failed: failing the new requests", extra={"requests": len(chosen)})
+                self._fail(chosen, "internal", "internal error while reading the prompt")
 
     def _prefill(self, tickets: list[Ticket]) -> None:
         loaded = self.loaded
@@ -363,7 +376,8 @@ class Engine:
                 prompts.append(prompt)
                 for i in range(request.n):
                     index = p_index * request.n + i
-                    seed = None if request.params.seed is None else request.params.seed + index
+                    # torch takes seeds in [-2**63, 2**64); wrapping keeps seed + index in range.
+                    seed = None if request.params.seed is None else (request.params.seed + index) % 2**64
                     sampler = RowSampler.create(request.params, loaded.vocab_size, seed)
                     detok = IncrementalDetokenizer(loaded.tokenizer, prompt)
                     rows.append(_Row(active, index, len(prompt), request.max_tokens[p_index], sampler, detok, StopMatcher(request.stop)))
@@ -537,14 +551,22 @@ class Engine:
         with self._cond:
             self._waiting.extend(self._inbox)
             self._inbox.clear()
-        tickets = list(self._waiting)
+        waiting = list(self._waiting)
         self._waiting.clear()
+        self._fail(waiting, kind, message)
+        self._fail_running(kind, message)
+
+    def _fail_running(self, kind: FailureKind, message: str) -> None:
+        """Fail every request with a row in the batch (those not already done) and drop the batch."""
         if self._batch is not None:
-            tickets += list(dict.fromkeys(row.active.ticket for row in self._batch.rows))
+            unfinished = dict.fromkeys(row.active.ticket for row in self._batch.rows if row.active.rows_left > 0)
             self._batch = None
+            self._fail(list(unfinished), kind, message)
+        self._publish_queue()
+
+    def _fail(self, tickets: list[Ticket], kind: FailureKind, message: str) -> None:
         now = time.monotonic()
         for ticket in tickets:
             ticket.sink([Failed(kind, message)])
             if self._metrics is not None:
                 self._metrics.finished("abort", now - ticket.submitted)
-        self._publish_queue()

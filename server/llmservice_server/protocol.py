@@ -10,13 +10,39 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, GetJsonSchemaHandler, TypeAdapter, field_validator, model_validator
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema
 
 MAX_STOP_SEQUENCES = 4
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # a 64-bit seed, as vLLM accepts (torch refuses larger ones)
+
+
+def _valid_unicode(value: object) -> None:
+    """JSON can spell lone surrogates (`"\\ud800"`); no tokenizer or response encoder can handle them."""
+    if isinstance(value, str):
+        if not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError("text must be valid Unicode (lone surrogates are not allowed)") from None
+    elif isinstance(value, list):
+        for item in value:
+            _valid_unicode(item)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _valid_unicode(key)
+            _valid_unicode(item)
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    @field_validator("*")
+    @classmethod
+    def _no_lone_surrogates(cls, value: object) -> object:
+        _valid_unicode(value)
+        return value
 
 
 class StreamOptions(Strict):
@@ -51,7 +77,7 @@ class SamplingFields(Strict):
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=128)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     stream: bool = False
@@ -261,3 +287,38 @@ class ErrorBody(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorBody
+
+
+class Health(BaseModel):
+    """The body of /livez, /readyz and /startupz (200 when the probe passes, 503 otherwise)."""
+
+    status: Literal["alive", "dead", "ready", "not ready", "started", "starting"]
+    stage: str
+    error: str | None = None
+    uptime_seconds: float | None = None
+
+
+# --- server-sent events (documentation of the stream format in the OpenAPI document) -----------
+
+
+class _EventData:
+    """JSON schema of an SSE `data` field: `[DONE]`, or a JSON document of the `payload` type."""
+
+    def __init__(self, payload: Any) -> None:
+        self.payload = payload
+
+    def __get_pydantic_json_schema__(self, core_schema: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        content = handler(TypeAdapter(self.payload).core_schema)
+        return {"anyOf": [{"const": "[DONE]"}, {"type": "string", "contentMediaType": "application/json", "contentSchema": content}]}
+
+
+class ChatStreamEvent(BaseModel):
+    """One event of a streamed chat completion: a chunk, one error event, or the final `[DONE]`."""
+
+    data: Annotated[str, _EventData(ChatCompletionChunk | ErrorResponse)]
+
+
+class CompletionStreamEvent(BaseModel):
+    """One event of a streamed completion: a chunk, one error event, or the final `[DONE]`."""
+
+    data: Annotated[str, _EventData(Completion | ErrorResponse)]

@@ -13,6 +13,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+# Below this temperature sampling is greedy (vLLM's threshold): dividing logits by a subnormal
+# temperature overflows to inf, and softmax of inf is NaN, which `multinomial` refuses.
+GREEDY_TEMPERATURE = 1e-5
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -25,7 +29,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_TEMPERATURE
 
     @property
     def penalized(self) -> bool:
@@ -87,7 +91,8 @@ def choose_token(logits: torch.Tensor, sampler: RowSampler) -> int:
         logits = apply_penalties(logits, sampler.counts.to(logits.device), params)
     if params.greedy:
         return int(torch.argmax(logits).item())
-    probs = torch.softmax(logits / params.temperature, dim=-1)
+    # Shifted so the largest logit is 0: scaling can then only underflow (to -inf), never overflow.
+    probs = torch.softmax((logits - logits.max()) / params.temperature, dim=-1)
     probs = top_p_filter(probs, params.top_p)
     device_probs = probs.cpu()  # generators are CPU generators; the row is small
     return int(torch.multinomial(device_probs, 1, generator=sampler.generator).item())
