@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 CHILD_KINDS = ("Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget")
 CAPABILITY_TTL_SECONDS = 60.0
+ROUTINE_REASONS = frozenset({"Creating", "RollingOut"})
 
 
 @dataclass(frozen=True)
@@ -183,12 +184,17 @@ class Reconciler:
         return True
 
     async def _announce(self, body: Manifest, old: dict[str, Any], new: dict[str, Any]) -> None:
-        """An Event when readiness changes its reason, so `kubectl describe` tells the story."""
+        """An Event when readiness changes its reason, so `kubectl describe` tells the story.
+
+        Routine progress (Creating, RollingOut) is left to the conditions: an Event is a write, and
+        a new LLMService should cost its children, its status and one Event when it becomes Ready.
+        """
         before, after = _condition(old, "Ready"), _condition(new, "Ready")
         if after is None or (before is not None and before.get("reason") == after.get("reason")):
             return
-        kind = "Normal" if after.get("status") == "True" or after.get("reason") in ("RollingOut", "Creating") \
-            else "Warning"
+        if after.get("reason") in ROUTINE_REASONS:
+            return
+        kind = "Normal" if after.get("status") == "True" else "Warning"
         await self._kube.post_event(body, kind, str(after.get("reason")), str(after.get("message")), _micro(self._now()))
 
 

@@ -130,6 +130,12 @@ def test_llmservice_gets_its_children_and_becomes_ready(cluster: ControlPlane, o
     # No custom-metrics adapter in this cluster: the status must say the HPA cannot act.
     assert condition(obj, "Degraded")["reason"] == "MetricsAPIMissing"
 
+    def announced() -> bool:
+        events = get_json(cluster, "events.events.k8s.io", "-n", namespace)["items"]
+        return any(e["regarding"]["kind"] == "LLMService" and e["reason"] == "Available" for e in events)
+
+    wait_for(announced, 30, "a Normal Event saying the LLMService is Available")
+
     table = cluster.kubectl("get", "llmsvc", "-n", namespace, "-o", "wide").stdout
     header = table.splitlines()[0]
     for column in ("MODEL", "READY", "GPUS", "URL", "AGE"):

@@ -80,8 +80,8 @@ async def test_the_image_is_restored_and_the_rollout_reported(kmock: ApiServer, 
 
     assert stored(kmock, DEPLOYMENTS)["spec"]["template"]["spec"]["containers"][0]["image"] == IMAGE
     # The API server bumped the Deployment's generation; until its controller observes it, the
-    # LLMService is not Ready, and says so once.
+    # LLMService is not Ready, and says so once in its status.
     sent = writes(kmock, mark)
-    assert [r.url.path for r in sent] == [f"{COLLECTIONS['Deployment']}/{NAME}", STATUS_PATH, EVENTS_PATH]
+    assert [r.url.path for r in sent] == [f"{COLLECTIONS['Deployment']}/{NAME}", STATUS_PATH]
     ready = next(c for c in body_of(sent[1])["status"]["conditions"] if c["type"] == "Ready")
     assert (ready["status"], ready["reason"]) == ("False", "RollingOut")

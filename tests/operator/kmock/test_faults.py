@@ -78,7 +78,7 @@ async def test_a_retry_after_a_conflict_converges(kmock: ApiServer, controller: 
 
     assert (controller.reconciles("retry"), controller.reconciles("applied")) == (1, 1)
     assert [r.url.path for r in writes(kmock)] == [DEPLOYMENT_PATH, DEPLOYMENT_PATH, f"{COLLECTIONS['Service']}/{NAME}",
-                                                   STATUS_PATH, EVENTS_PATH]
+                                                   STATUS_PATH]
 
 
 async def test_a_rejected_child_becomes_an_invalid_spec_condition(kmock: ApiServer, controller: Controller) -> None:

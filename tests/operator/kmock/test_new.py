@@ -11,7 +11,6 @@ from tests.operator.kmock.conftest import (
     CHILDREN_SELECTOR,
     COLLECTIONS,
     DEPLOYMENTS,
-    EVENTS_PATH,
     FIELD_MANAGER,
     LLMSERVICE_PATH,
     LLMSERVICES,
@@ -69,16 +68,16 @@ async def test_each_child_is_applied_once_with_ssa(
         ]
 
 
-async def test_writes_are_the_children_then_one_status_and_one_event(kmock: ApiServer, controller: Controller) -> None:
+async def test_writes_are_the_children_then_one_status(kmock: ApiServer, controller: Controller) -> None:
     seed(kmock, body(AUTOSCALED))
 
     assert await controller.reconcile() == "applied"
 
     sent = writes(kmock)
-    # Four children (Deployment, Service, HPA, PDB), the status, the Event: the floor for a new
-    # autoscaled LLMService; a fixed-size one with a single replica costs four.
-    assert by_verb(sent) == {"PATCH": 5, "POST": 1}
-    status_apply, event = sent[-2], sent[-1]
+    # Four children (Deployment, Service, HPA, PDB) and the status: the floor for a new autoscaled
+    # LLMService. Routine progress (RollingOut) is in the conditions, not in an Event.
+    assert by_verb(sent) == {"PATCH": 5}
+    status_apply = sent[-1]
     assert (status_apply.method.value, status_apply.url.path) == ("PATCH", STATUS_PATH)
     assert header(status_apply, "Content-Type") == APPLY
     assert dict(status_apply.params) == {"fieldManager": FIELD_MANAGER, "force": "true"}
@@ -93,11 +92,6 @@ async def test_writes_are_the_children_then_one_status_and_one_event(kmock: ApiS
     assert all(c["observedGeneration"] == 1 and c["lastTransitionTime"] == "2026-11-29T10:00:00Z" for c in conditions.values())
     assert status["status"]["selector"] == "app.kubernetes.io/name=llmservice-server,llmservice.io/name=chat"
 
-    assert (event.method.value, event.url.path) == ("POST", EVENTS_PATH)
-    note = body_of(event)
-    assert (note["type"], note["reason"], note["reportingController"]) == ("Normal", "RollingOut", "llmservice.io/operator")
-    assert note["regarding"]["uid"] == UID and note["regarding"]["kind"] == "LLMService"
-    assert note["eventTime"] == "2026-11-29T10:00:00.000000Z"
 
     # What the API server now holds is what was applied.
     assert stored(kmock, LLMSERVICES)["status"] == status["status"]
