@@ -55,14 +55,15 @@ LAG_PROBE_INTERVAL_SECONDS = 0.01
 
 # Words for synthetic prompts. Deterministic given the seed; real-ish English so a real tokenizer
 # yields roughly one token per word and the tiny test tokenizer a few.
-_WORDS = (
-    "the operator turns one object into the workload that serves a language model a deployment runs "
-    "inference server service sits in front of it and horizontal autoscaler scales on queue depth "
-    "requests join running batch between decode steps leave when they are finished what is capital "
-    "of france paris city on seine hello how are you today fine thank tell me story about cat dog "
-    "once upon time there was small robot who liked to count numbers one two three four five "
-    "readiness true only after loaded warmed false again while draining please explain why"
-).split()
+_TEXT = """
+    the operator turns one object into the workload that serves a language model a deployment runs
+    inference server service sits in front of it and horizontal autoscaler scales on queue depth
+    requests join running batch between decode steps leave when they are finished what is capital
+    of france paris city on seine hello how are you today fine thank tell me story about cat dog
+    once upon time there was small robot who liked to count numbers one two three four five
+    readiness true only after loaded warmed false again while draining please explain why
+"""
+_WORDS = tuple(_TEXT.split())
 
 
 def check_loopback(url: str) -> None:

@@ -4,10 +4,15 @@ Nothing here is module-global: each call builds its own metrics, admission and e
 can run several apps in one process and uvicorn workers each build their own (`app_from_env`).
 The lifespan starts the engine thread, which loads the model in the background - the server
 answers health checks (503 with the loading stage) while that happens - and stops it on exit.
+
+With more than one worker, a worker's lifespan startup waits for its model instead: uvicorn starts
+accepting on the shared socket only after startup, so a loading worker takes no connection while
+its siblings serve, and no request (nor readiness probe) meets a worker that cannot answer it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
@@ -28,6 +33,7 @@ from .errors import install_error_handlers
 from .loader import resolve_source
 from .logs import configure_logging, request_id_var
 from .metrics import Metrics, multiprocess_dir
+from .openapi import DocumentedApp
 from .routes import build_router
 from .serving import Serving
 from .settings import BUNDLED, Settings
@@ -84,6 +90,24 @@ class RequestContext:
             request_id_var.reset(token)
 
 
+async def _until_loaded(engine: Engine, drainer: Drainer) -> None:
+    """Wait for the model (or a SIGTERM, which ends startup so uvicorn can exit); a failed load raises."""
+    loaded = asyncio.ensure_future(asyncio.to_thread(engine.wait_settled))
+    stopping = asyncio.ensure_future(drainer.requested.wait())
+    try:
+        await asyncio.wait({loaded, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+    if not loaded.done():
+        log.info("SIGTERM while loading the model: not serving")
+        engine.stop(timeout=0)  # let the waiting thread go; do not wait for the load
+        return
+    if not engine.ready:
+        # The worker exits as a startup failure and uvicorn stops the whole server: a pod that
+        # crashes with the reason in its log, instead of one that answers 503 forever.
+        raise RuntimeError(f"model failed to load: {engine.error}")
+
+
 def _read_api_key(path: Path | None) -> str | None:
     if path is None:
         return None
@@ -108,18 +132,20 @@ def create_app(settings: Settings, engine: Engine | None = None, registry: Colle
         drainer.install()
         if not engine.alive():
             engine.start()  # loads the model on the engine thread; readiness follows its stage
-        log.info("Server started", extra={"model": model_name, "pid": os.getpid()})
+        if settings.workers > 1:
+            await _until_loaded(engine, drainer)
+        log.info("Server started", extra={"model": model_name})
         try:
             yield
         finally:
             drainer.uninstall()
-            engine.stop()
+            await asyncio.to_thread(engine.stop)  # joins the engine thread: not on the event loop
             if multiprocess_dir() is not None:
                 # Drop this worker's live gauges (untyped in prometheus-client).
                 multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
             log.info("Server stopped")
 
-    app = FastAPI(title="LLMService inference server", version="0.1.0", lifespan=lifespan)
+    app = DocumentedApp(title="LLMService inference server", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
     app.include_router(build_router(serving, metrics, api_key, time.time()))
     app.add_middleware(RequestContext)

@@ -35,6 +35,7 @@ class Drainer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
         self._handed_over = False
+        self.requested = asyncio.Event()  # set by the first SIGTERM
 
     def install(self) -> None:
         """Take over SIGTERM (main thread only; elsewhere, e.g. in tests, do nothing)."""
@@ -62,6 +63,7 @@ class Drainer:
             return
         log.info("SIGTERM: draining", extra={"in_flight": self._admission.requests, "drain_seconds": self._drain_seconds})
         self._admission.start_draining()
+        self.requested.set()
         assert self._loop is not None
         self._task = self._loop.create_task(self._drain())
 

@@ -188,6 +188,7 @@ class Engine:
         self.stage = "starting"
         self.error: str | None = None
         self.load_seconds: float | None = None
+        self._settled = threading.Event()  # the model loaded, failed to load, or the engine stopped
         self._thread = threading.Thread(target=self._run, name="llmservice-engine", daemon=True)
 
     # --- public API (any thread) ---
@@ -208,6 +209,10 @@ class Engine:
     def start(self) -> None:
         self._thread.start()
 
+    def wait_settled(self, timeout: float | None = None) -> bool:
+        """Block until loading is over (ready or failed) or the engine stopped; never on the event loop."""
+        return self._settled.wait(timeout)
+
     def submit(self, request: GenerationRequest, sink: Sink) -> Ticket:
         ticket = Ticket(request, sink, self._wake)
         with self._cond:
@@ -225,6 +230,7 @@ class Engine:
         with self._cond:
             self._stopping = True
             self._cond.notify()
+        self._settled.set()
         if self._thread.is_alive():
             self._thread.join(timeout)
 
@@ -243,6 +249,8 @@ class Engine:
             self.stage = "failed"
             self._fail_everything("internal", f"model failed to load: {self.error}")
             return
+        finally:
+            self._settled.set()
         try:
             self._serve()
         except Exception as exc:

@@ -2,6 +2,7 @@
 
 The request id comes from the `X-Request-Id` header (or is generated) in the middleware and is
 kept in a context variable, so every log line written while serving that request carries it.
+Every line also carries the process id: uvicorn workers (`--workers` > 1) share one log stream.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
+            "pid": record.process,  # with --workers > 1 several processes share one log stream
         }
         request_id = request_id_var.get()
         if request_id is not None:

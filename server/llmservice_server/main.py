@@ -8,6 +8,7 @@ LLMSERVICE_* env vars, and Prometheus multiprocess mode gets a fresh directory.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -47,10 +48,15 @@ def _config(settings: Settings, app: object) -> uvicorn.Config:
 def run(settings: Settings) -> None:
     configure_logging(settings.log_level)
     if settings.workers > 1:
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="llmservice-metrics-")
+        metrics_dir = tempfile.mkdtemp(prefix="llmservice-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
         os.environ.update(settings.to_env())
         config = _config(settings, "llmservice_server.app:app_from_env")
-        Multiprocess(config, sockets=[config.bind_socket()]).run()
+        try:
+            # SIGTERM: the supervisor passes it to every worker (each drains) and joins them.
+            Multiprocess(config, sockets=[config.bind_socket()]).run()
+        finally:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
         return
     from .app import create_app  # noqa: PLC0415  # torch/transformers: only where a model is served
 

@@ -10,11 +10,28 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, GetJsonSchemaHandler, TypeAdapter, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, GetJsonSchemaHandler, TypeAdapter, WithJsonSchema, field_validator, model_validator
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema
 
 MAX_STOP_SEQUENCES = 4
+
+# The documented shape of `stop` and `prompt` (the OpenAPI document): the limits the validators
+# below enforce, so a request that fits the document is one the server can take. Validation itself
+# stays in the validators, which name the field in their 400.
+_TEXT = {"type": "string", "minLength": 1}
+_TOKEN_IDS = {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}}
+STOP_SCHEMA = WithJsonSchema({"anyOf": [_TEXT, {"type": "array", "maxItems": MAX_STOP_SEQUENCES, "items": _TEXT}, {"type": "null"}]})
+PROMPT_SCHEMA = WithJsonSchema(
+    {
+        "anyOf": [
+            _TEXT,
+            {"type": "array", "minItems": 1, "items": _TEXT},
+            _TOKEN_IDS,
+            {"type": "array", "minItems": 1, "items": _TOKEN_IDS},
+        ]
+    }
+)
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # a 64-bit seed, as vLLM accepts (torch refuses larger ones)
 
 
@@ -76,7 +93,7 @@ class SamplingFields(Strict):
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=128)
-    stop: str | list[str] | None = None
+    stop: Annotated[str | list[str] | None, STOP_SCHEMA] = None
     seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
@@ -147,7 +164,7 @@ Prompt = str | list[str] | list[int] | list[list[int]]
 
 
 class CompletionRequest(SamplingFields):
-    prompt: Prompt
+    prompt: Annotated[Prompt, PROMPT_SCHEMA]
     max_tokens: int | None = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False

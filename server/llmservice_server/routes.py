@@ -7,14 +7,30 @@ import hmac
 import time
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from .errors import APIError
 from .metrics import Metrics
-from .protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from .openapi import Responses, errors, generation
+from .protocol import (
+    ChatCompletion,
+    ChatCompletionRequest,
+    ChatStreamEvent,
+    Completion,
+    CompletionRequest,
+    CompletionStreamEvent,
+    Health,
+    ModelCard,
+    ModelList,
+)
 from .serving import Serving
 
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+PROBE: Responses = {200: {"model": Health, "description": "The probe passes."}, 503: {"model": Health, "description": "The probe fails."}}
+
+
+def probe(health: Health, passed: bool) -> JSONResponse:
+    return JSONResponse(health.model_dump(exclude_none=True), status_code=200 if passed else 503)
 
 
 def build_router(serving: Serving, metrics: Metrics, api_key: str | None, started_at: float) -> APIRouter:
@@ -31,40 +47,37 @@ def build_router(serving: Serving, metrics: Metrics, api_key: str | None, starte
     engine = serving.engine
     admission = serving.admission
 
-    @api.post("/chat/completions")
+    @api.post("/chat/completions", responses=generation(ChatCompletion, ChatStreamEvent))
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return await serving.chat(body, request)
 
-    @api.post("/completions")
+    @api.post("/completions", responses=generation(Completion, CompletionStreamEvent))
     async def completions(body: CompletionRequest, request: Request) -> Response:
         return await serving.completion(body, request)
 
-    @api.get("/models")
+    @api.get("/models", responses=errors(401))
     async def models() -> ModelList:
         context = engine.loaded.max_model_len if engine.ready else 0
         return ModelList(data=[ModelCard(id=serving.model_name, created=int(started_at), max_model_len=context)])
 
-    @health.get("/livez")
+    @health.get("/livez", responses=PROBE)
     async def livez() -> JSONResponse:
         alive = engine.alive()
-        return JSONResponse({"status": "alive" if alive else "dead", "stage": engine.stage}, status_code=200 if alive else 503)
+        return probe(Health(status="alive" if alive else "dead", stage=engine.stage), alive)
 
-    @health.get("/readyz")
+    @health.get("/readyz", responses=PROBE)
     async def readyz() -> JSONResponse:
         ready = engine.ready and not admission.draining
         stage = "draining" if admission.draining else engine.stage
-        body: dict[str, object] = {"status": "ready" if ready else "not ready", "stage": stage}
-        if engine.error:
-            body["error"] = engine.error
-        return JSONResponse(body, status_code=200 if ready else 503)
+        return probe(Health(status="ready" if ready else "not ready", stage=stage, error=engine.error or None), ready)
 
-    @health.get("/startupz")
+    @health.get("/startupz", responses=PROBE)
     async def startupz() -> JSONResponse:
         started = engine.load_seconds is not None
-        body = {"status": "started" if started else "starting", "stage": engine.stage, "uptime_seconds": round(time.time() - started_at, 3)}
-        return JSONResponse(body, status_code=200 if started else 503)
+        uptime = round(time.time() - started_at, 3)
+        return probe(Health(status="started" if started else "starting", stage=engine.stage, uptime_seconds=uptime), started)
 
-    @health.get("/metrics")
+    @health.get("/metrics", response_class=PlainTextResponse)
     async def prometheus() -> Response:
         # Multiprocess mode reads files: keep that off the event loop.
         return Response(await asyncio.to_thread(metrics.exposition), media_type=PROMETHEUS_CONTENT_TYPE)

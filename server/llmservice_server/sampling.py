@@ -80,7 +80,9 @@ def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
         return probs
     sorted_probs, order = torch.sort(probs, descending=True)
     mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
-    sorted_probs[mass_before >= top_p] = 0.0
+    tail = mass_before >= top_p
+    tail[..., 0] = False  # a top_p that rounds to 0 in the tensor's dtype (5e-324) must not empty the set
+    sorted_probs[tail] = 0.0
     return torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
 
 

@@ -33,18 +33,19 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, model: Path, log_path: Path, **settings: object) -> None:
+    def __init__(self, model: Path, log_path: Path, *, env: dict[str, str] | None = None, **settings: object) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
-        env = {k: v for k, v in os.environ.items() if not k.startswith("LLMSERVICE_")}
-        env.update({"HF_HUB_OFFLINE": "1", "LLMSERVICE_CACHE_DIR": str(log_path.parent / "cache")})
+        environment = {k: v for k, v in os.environ.items() if not k.startswith("LLMSERVICE_")}
+        environment.update({"HF_HUB_OFFLINE": "1", "LLMSERVICE_CACHE_DIR": str(log_path.parent / "cache")})
+        environment.update(env or {})
         args = [sys.executable, "-m", "llmservice_server.main", "--model", str(model)]
         args += ["--host", "127.0.0.1", "--port", str(self.port), "--served-model-name", "tiny"]
         for key, value in settings.items():
             args += [f"--{key.replace('_', '-')}", str(value)]
         self._log = log_path.open("wb")
-        self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, env=environment)
 
     def get(self, path: str, **kwargs: object) -> httpx.Response:
         return httpx.get(self.url + path, timeout=10, **kwargs)  # type: ignore[arg-type]

@@ -145,3 +145,70 @@ def test_seeded_sampling_is_reproducible_in_a_batch(engine: Engine) -> None:
     crowd = [GenerationRequest(prompts=[[9, 10]], max_tokens=[30], params=SamplingParams(temperature=1.0)) for _ in range(3)]
     together = run(engine, [*crowd, GenerationRequest(prompts=[[5, 6, 7]], max_tokens=[20], params=sampled)])
     assert together[-1].text() == alone
+
+
+POISON = 7  # a token id whose prefill the faulty model refuses
+
+
+class FaultyModel:
+    """The real model, except: a prompt holding POISON fails its prefill; `fail_decode` fails one decode step."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.fail_decode = threading.Event()
+
+    def __call__(self, **kwargs: Any) -> Any:
+        ids = kwargs["input_ids"]
+        if ids.shape[1] > 1 and bool((ids == POISON).any()):
+            raise RuntimeError("poisoned prompt")
+        if ids.shape[1] == 1 and self.fail_decode.is_set():
+            self.fail_decode.clear()
+            raise RuntimeError("decode step failed")
+        return self.model(**kwargs)
+
+
+@pytest.fixture
+def faulty(tiny_model_dir: Path) -> Any:
+    models: list[FaultyModel] = []
+
+    def loader(settings: Settings, stage: Callable[[str], None]) -> LoadedModel:
+        loaded = load(settings, stage)
+        models.append(FaultyModel(loaded.model))
+        return dataclasses.replace(loaded, model=models[-1])
+
+    engine = start_engine(tiny_model_dir, loader=loader)
+    yield engine, models[0]
+    engine.stop()
+
+
+def started(engine: Engine, request: GenerationRequest) -> Collector:
+    sink = Collector()
+    engine.submit(request, sink)
+    deadline = time.monotonic() + 30
+    while not sink.events:
+        assert time.monotonic() < deadline, "the request never started"
+        time.sleep(0.01)
+    return sink
+
+
+def test_a_failing_prefill_fails_only_its_own_request(faulty: Any) -> None:
+    engine, _ = faulty
+    running = started(engine, GenerationRequest(prompts=[[5, 6]], max_tokens=[300], params=GREEDY))
+    (bad,) = run(engine, [GenerationRequest(prompts=[[5, POISON, 6]], max_tokens=[5], params=GREEDY)])
+    assert bad.events == [Failed("internal", "internal error while reading the prompt")]
+    assert not running.done.is_set()  # it was in the batch while the newcomer failed
+    assert running.done.wait(60)
+    assert running.finish().completion_tokens == 300
+    assert not any(isinstance(e, Failed) for e in running.events)
+
+
+def test_a_failing_decode_step_fails_the_batch_and_the_engine_goes_on(faulty: Any) -> None:
+    engine, model = faulty
+    victims = [started(engine, GenerationRequest(prompts=[[5, 8 + i]], max_tokens=[1000], params=GREEDY)) for i in range(2)]
+    model.fail_decode.set()
+    for victim in victims:
+        assert victim.done.wait(30)
+        assert victim.events[-1] == Failed("internal", "internal error while generating")
+    assert engine.ready and engine.alive()
+    (after,) = run(engine, [GenerationRequest(prompts=[[5, 6]], max_tokens=[3], params=GREEDY)])
+    assert after.finish().completion_tokens == 3

@@ -37,6 +37,7 @@ def assert_openai_error(response: httpx.Response, status: int, code: str | None 
         ({"top_logprobs": 3}, None),  # without logprobs
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ({"messages": [{"role": "robot", "content": "x"}]}, None),
+        ({"seed": 2**64}, "seed"),
     ],
 )
 def test_validation_errors_are_400(server: ServerProcess, patch: dict[str, Any], param: str | None) -> None:
@@ -57,6 +58,30 @@ def test_validation_errors_are_400(server: ServerProcess, patch: dict[str, Any],
 def test_fields_we_cannot_honour_are_400(server: ServerProcess, patch: dict[str, Any], param: str) -> None:
     response = httpx.post(server.url + "/v1/chat/completions", json={**CHAT, **patch})
     assert_openai_error(response, 400, code="unsupported_parameter", param=param)
+
+
+def test_lone_surrogates_are_400_not_500(server: ServerProcess) -> None:
+    # Valid JSON escapes, invalid Unicode: the tokenizer raised on them (a 500).
+    body = b'{"model": "tiny", "messages": [{"role": "user", "content": "a\\ud800"}]}'
+    response = httpx.post(server.url + "/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    assert_openai_error(response, 400, param="messages.0.content")
+    body = b'{"model": "tiny", "prompt": "x", "stop": ["\\udfff"]}'
+    response = httpx.post(server.url + "/v1/completions", content=body, headers={"content-type": "application/json"})
+    assert_openai_error(response, 400, param="stop")
+
+
+@pytest.mark.parametrize(
+    "patch",
+    [
+        {"temperature": 5e-324},  # logits / t overflowed: NaN probabilities on the engine thread
+        {"top_p": 5e-324},  # rounded to 0 in float32: an empty nucleus
+        {"seed": 2**63 - 1, "n": 2, "temperature": 1.0},  # seed + row index beyond 64 bits
+    ],
+)
+def test_extreme_sampling_values_are_served(server: ServerProcess, patch: dict[str, Any]) -> None:
+    response = httpx.post(server.url + "/v1/chat/completions", json={**CHAT, **patch}, timeout=60)
+    assert response.status_code == 200, response.text
+    assert all(choice["finish_reason"] for choice in response.json()["choices"])
 
 
 def test_completion_echo_is_refused(server: ServerProcess) -> None:

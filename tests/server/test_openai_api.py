@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import httpx
@@ -178,3 +179,31 @@ def test_request_id_is_echoed(server: ServerProcess) -> None:
     assert response.headers["x-request-id"] == "abc-123"
     generated = httpx.get(server.url + "/v1/models").headers["x-request-id"]
     assert len(generated) == 32
+
+
+def test_chat_stream_with_two_choices_indexes_each_and_ends_with_one_usage(server: ServerProcess, client: openai.OpenAI) -> None:
+    ask: dict[str, Any] = {"model": "tiny", "messages": MESSAGES, "max_tokens": 12, "temperature": 1.0, "seed": 5, "n": 2}
+    full = client.chat.completions.create(**ask)
+    expected = [c.message.content for c in full.choices]
+    assert expected[0] != expected[1]  # seeded per row: a swapped or mixed index shows in the text
+
+    body = {**ask, "stream": True, "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as response:
+        events = [line.removeprefix("data: ") for line in response.iter_lines() if line]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(event) for event in events[:-1]]
+
+    *choice_chunks, last = chunks
+    assert full.usage is not None
+    assert last["choices"] == []
+    assert last["usage"] == full.usage.model_dump(include={"prompt_tokens", "completion_tokens", "total_tokens"})
+    assert all(chunk.get("usage") is None for chunk in choice_chunks)  # exactly one usage chunk, the last
+    assert all(len(chunk["choices"]) == 1 for chunk in choice_chunks)
+    for index in (0, 1):
+        mine = [chunk["choices"][0] for chunk in choice_chunks if chunk["choices"][0]["index"] == index]
+        assert mine[0]["delta"] == {"role": "assistant", "content": ""}
+        assert "".join(c["delta"].get("content", "") for c in mine) == expected[index]
+        finishes = [c["finish_reason"] for c in mine if c["finish_reason"] is not None]
+        assert finishes == [full.choices[index].finish_reason]
+        assert mine[-1]["finish_reason"] is not None  # nothing for a choice after its finish
+    assert {chunk["choices"][0]["index"] for chunk in choice_chunks} == {0, 1}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from hypothesis import given
@@ -55,6 +57,28 @@ def test_seeded_sampling_is_reproducible_and_seed_sensitive() -> None:
 
 
 # --- admission ---
+
+
+@pytest.mark.parametrize("temperature", [5e-324, 1e-30, 1e-6])
+def test_a_vanishing_temperature_is_greedy(temperature: float) -> None:
+    # 5e-324 once made logits / t overflow to inf, softmax NaN, and multinomial raise on the engine thread.
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.9]])
+    sampler = RowSampler.create(SamplingParams(temperature=temperature), 4, seed=1)
+    assert [c.token for c in select_tokens(logits, [sampler])] == [1]
+
+
+def test_a_small_temperature_samples_without_overflow() -> None:
+    logits = torch.tensor([[0.0, 300.0, 1.0, 299.99]])
+    sampler = RowSampler.create(SamplingParams(temperature=1e-4), 4, seed=1)
+    assert select_tokens(logits, [sampler])[0].token == 1  # (logits - max) / t: no inf, no NaN
+
+
+def test_a_vanishing_top_p_keeps_the_top_token() -> None:
+    # 5e-324 rounds to 0.0 in float32: the old filter then removed every token.
+    probs = torch.tensor([0.2, 0.5, 0.3])
+    assert top_p_filter(probs.clone(), 5e-324).tolist() == pytest.approx([0.0, 0.5, 0.0])
+    sampler = RowSampler.create(SamplingParams(temperature=1.0, top_p=5e-324), 3, seed=3)
+    assert select_tokens(torch.log(probs)[None], [sampler])[0].token == 1
 
 
 def test_admission_bounds_running_plus_waiting() -> None:
@@ -124,6 +148,24 @@ def test_chat_request_rejects_unknown_and_inconsistent_fields() -> None:
     assert request.unsupported_field() is None
     assert ChatCompletionRequest.model_validate({**base, "tool_choice": "auto"}).unsupported_field() == "tool_choice"
     assert ChatCompletionRequest.model_validate({**base, "max_tokens": 5, "max_completion_tokens": 7}).token_limit() == 7
+
+
+def test_requests_refuse_what_the_engine_or_encoder_cannot_take() -> None:
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    ChatCompletionRequest.model_validate({**chat, "seed": 2**63 - 1})
+    ChatCompletionRequest.model_validate({**chat, "seed": -(2**63)})
+    for seed in (2**63, -(2**63) - 1, 2**70):  # torch.Generator.manual_seed raises beyond 64 bits
+        with pytest.raises(ValidationError, match="seed"):
+            ChatCompletionRequest.model_validate({**chat, "seed": seed})
+    # JSON can carry lone surrogates; neither the tokenizer nor a UTF-8 response can.
+    lone = json.loads('"a\\ud800b"')
+    with pytest.raises(ValidationError, match="lone surrogates"):
+        ChatCompletionRequest.model_validate({**chat, "messages": [{"role": "user", "content": [{"type": "text", "text": lone}]}]})
+    for field in ({"prompt": lone}, {"prompt": ["ok", lone]}, {"prompt": "x", "stop": [lone]}, {"prompt": "x", "user": lone}):
+        with pytest.raises(ValidationError, match="lone surrogates"):
+            CompletionRequest.model_validate({"model": "m", **field})
+    paired = json.loads('"\\ud83d\\ude00"')  # a surrogate pair is one real character
+    assert ChatCompletionRequest.model_validate({**chat, "messages": [{"role": "user", "content": paired}]}).messages[0].text() == "😀"
 
 
 def test_completion_request_prompt_shapes() -> None:
