@@ -149,7 +149,7 @@ def test_burst_beyond_limits_gets_429_and_no_5xx(tight_server: ServerProcess) ->
     headers = {"Authorization": "Bearer s3cret"}
 
     async def burst() -> list[httpx.Response]:
-        async with httpx.AsyncClient(base_url=tight_server.url, headers=headers, timeout=60) as client:
+        async with httpx.AsyncClient(base_url=tight_server.url, headers=headers, timeout=180) as client:
             body = {**CHAT, "max_tokens": 200, "temperature": 0}
             return await asyncio.gather(*(client.post("/v1/chat/completions", json=body) for _ in range(20)))
 

@@ -21,7 +21,7 @@ from schemathesis.specs.openapi.checks import content_type_conformance, response
 
 from .conftest import ServerProcess
 
-MAX_EXAMPLES = 1000  # per operation
+MAX_EXAMPLES = 30  # per operation
 MAX_TOKENS = 16  # the tiny model is fast, but a request without a limit may fill the 2048-token context
 CONTEXT = 2048
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
