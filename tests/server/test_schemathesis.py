@@ -64,15 +64,31 @@ def servable(case: schemathesis.Case, model: str, vocab: int) -> schemathesis.Ca
     return case
 
 
+def as_token_count(value: object) -> int | None:
+    """The integer the server reads from `value` (JSON validation is lax: "2000" and 2000.0 count)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            return None
+    return None
+
+
 def bound_generation(case: schemathesis.Case) -> None:
-    """Clamp token counts that would be accepted to MAX_TOKENS; larger ones stay (a fast 400)."""
+    """Clamp token counts the server would accept to MAX_TOKENS; larger ones stay (a fast 400)."""
     body = case.body
     if not isinstance(body, dict) or case.path not in GENERATING:
         return
     limits = [key for key in ("max_tokens", "max_completion_tokens") if key in body]
     for key in limits:
-        value = body[key]
-        if isinstance(value, int) and not isinstance(value, bool) and MAX_TOKENS < value <= CONTEXT:
+        count = as_token_count(body[key])
+        if count is not None and MAX_TOKENS < count <= CONTEXT:
             body[key] = MAX_TOKENS
     if not limits or all(body[key] is None for key in limits):
         body["max_tokens"] = MAX_TOKENS
