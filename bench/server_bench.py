@@ -43,7 +43,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -456,6 +456,10 @@ def run_inprocess(model_dir: Path, args: argparse.Namespace, profile: ModelProfi
         "model_dir": str(model_dir),
         "bare": _items(level_workload(profile, 1, args.seed, None)[: profile.bare_requests]),
         "static": {str(c): _items(level_workload(profile, c, args.seed, args.num_prompts)[:c]) for c in args.concurrency if c > 1},
+        "engine": {str(c): _items(level_workload(profile, c, args.seed, args.num_prompts)) for c in args.concurrency}
+        if args.engine
+        else {},
+        "max_num_seqs": args.max_num_seqs,
     }
     results: dict[str, Any] = {}
     for label, env in (("default", {}), ("omp1", {"OMP_NUM_THREADS": "1"})):
@@ -560,9 +564,71 @@ def inprocess_worker(spec_path: Path, out_path: Path) -> None:
         static[key] |= {f"tok_s_{k[:-2]}": len(prompts) * new_tokens / v for k, v in where.items()}
     result["static"] = static
     result["static_tok_s"] = {k: round(v["tok_s"], 1) for k, v in static.items()}
+    if spec["engine"]:
+        result["engine"] = engine_alone(spec, encode)
+        result["engine_tok_s"] = {k: round(v["tok_s"], 1) for k, v in result["engine"].items()}
     if spec.get("roofline"):
         result["roofline"] = roofline(model, torch)
     out_path.write_text(json.dumps(result, indent=2))
+
+
+class _Tally:
+    """Counts finished engine requests from the engine thread; frees a concurrency slot per request."""
+
+    def __init__(self, requests: int, concurrency: int) -> None:
+        self.left = requests
+        self.tokens = 0
+        self.failed = 0
+        self.slots = threading.Semaphore(concurrency)
+        self.done = threading.Event()
+        self._lock = threading.Lock()
+
+    def sink(self, events: list[Any]) -> None:
+        from llmservice_server.engine import Done, Failed
+
+        for event in events:
+            if isinstance(event, Done | Failed):
+                with self._lock:
+                    self.tokens += event.completion_tokens if isinstance(event, Done) else 0
+                    self.failed += isinstance(event, Failed)
+                    self.left -= 1
+                    if self.left == 0:
+                        self.done.set()
+                self.slots.release()
+
+
+def engine_alone(spec: dict[str, Any], encode: Callable[[str], list[int]]) -> dict[str, Any]:
+    """The server's own engine (llmservice_server.engine.Engine), driven in-process without HTTP:
+    each level's whole workload at that many concurrent requests. Separates the engine from the
+    HTTP/SSE path: server throughput / this = what the web layer costs."""
+    from llmservice_server.engine import Engine, GenerationRequest
+    from llmservice_server.sampling import SamplingParams
+    from llmservice_server.settings import Settings
+
+    engine = Engine(Settings(model=spec["model_dir"], max_num_seqs=spec["max_num_seqs"]))
+    engine.start()
+    deadline = time.monotonic() + 600
+    while not engine.ready and engine.stage != "failed" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if not engine.ready:
+        raise RuntimeError(f"engine did not become ready: {engine.stage} {engine.error}")
+    out: dict[str, Any] = {}
+    try:
+        for key, items in spec["engine"].items():
+            prompts = [encode(item["prompt"]) for item in items]
+            tally = _Tally(len(items), int(key))
+            started = time.perf_counter()
+            for prompt, item in zip(prompts, items, strict=True):
+                tally.slots.acquire()
+                request = GenerationRequest(prompts=[prompt], max_tokens=[item["max_tokens"]], params=SamplingParams(temperature=0.0))
+                engine.submit(request, tally.sink)
+            tally.done.wait(timeout=900)
+            seconds = time.perf_counter() - started
+            out[key] = {"requests": len(items), "tokens": tally.tokens, "failed": tally.failed, "seconds": seconds}
+            out[key]["tok_s"] = tally.tokens / seconds
+    finally:
+        engine.stop()
+    return out
 
 
 def roofline(model: Any, torch: Any) -> dict[str, Any]:
@@ -833,6 +899,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--slo-ttft-ms", type=float, default=None)
     parser.add_argument("--slo-tpot-ms", type=float, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-engine", dest="engine", action="store_false", help="skip the engine-without-HTTP measurement")
     parser.add_argument("--repeat", type=int, default=1, help="run every level this many times per system (median reported)")
     parser.add_argument("--startup-timeout", type=float, default=300.0)
     parser.add_argument("--inprocess-timeout", type=float, default=900.0)
