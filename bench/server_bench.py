@@ -762,6 +762,8 @@ def analyse(results: dict[str, Any]) -> dict[str, Any]:
             if value is not None:
                 ceilings.append(float(value))
         ceiling = max(ceilings) if ceilings else None
+        engines = [float(v) for label in ("default", "omp1") if (v := _get(inproc, label, "engine", key, "tok_s")) is not None]
+        engine = max(engines) if engines else None
         ours = tput("ours")
         roof_c = roofline_at(roof, c)
         row: dict[str, Any] = {
@@ -769,6 +771,9 @@ def analyse(results: dict[str, Any]) -> dict[str, Any]:
             "tok_s": {s: tput(s) for s in SERVER_SYSTEMS},
             "best_tok_s": {base: best(base) for base in ("ours", "seed", "tserve")},
             "inprocess_ceiling_tok_s": ceiling,
+            "engine_tok_s": engine,
+            "engine_fraction_of_inprocess": _ratio(engine, ceiling),
+            "best_ours_fraction_of_engine": _ratio(best("ours"), engine),
             "ours_over_seed": _ratio(ours, tput("seed")),
             "ours_over_tserve": _ratio(ours, tput("tserve")),
             "best_ours_over_best_seed": _ratio(best("ours"), best("seed")),
@@ -793,15 +798,15 @@ def markdown(results: dict[str, Any]) -> str:
     rows = results["analysis"]["rows"]
     present = [s for s in SERVER_SYSTEMS if s in results["systems"]]
     lines = ["Output-token throughput (tok/s):", ""]
-    head = ["streams", *present, "in-process ceiling", "roofline"]
+    head = ["streams", *present, "in-process ceiling", "engine (no HTTP)", "roofline"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [str(r["concurrency"]), *[_fmt(r["tok_s"][s], ".1f") for s in present]]
-        cells += [_fmt(r["inprocess_ceiling_tok_s"], ".1f"), _fmt(r["roofline_tok_s"], ".0f")]
+        cells += [_fmt(r["inprocess_ceiling_tok_s"], ".1f"), _fmt(r.get("engine_tok_s"), ".1f"), _fmt(r["roofline_tok_s"], ".0f")]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Ratios - as shipped (default threads) | each at its better thread setting (best of X, X-omp1):", ""]
     head = ["streams", "ours/seed", "ours/tserve", "ours / ceiling", "ours % roofline"]
-    head += ["best ours / best seed", "best ours / best tserve", "best ours / ceiling", "best ours % roofline"]
+    head += ["best ours / best seed", "best ours / best tserve", "best ours / ceiling", "best ours % roofline", "best ours / engine"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [str(r["concurrency"]), _fmt(r["ours_over_seed"], ".2f", "x"), _fmt(r["ours_over_tserve"], ".2f", "x")]
@@ -810,6 +815,7 @@ def markdown(results: dict[str, Any]) -> str:
         cells += [
             _fmt(_pct(r["best_ours_fraction_of_inprocess"]), ".0f", " %"),
             _fmt(_pct(r["best_ours_fraction_of_roofline"]), ".1f", " %"),
+            _fmt(_pct(r.get("best_ours_fraction_of_engine")), ".0f", " %"),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Latency (TTFT p50 / p99, TPOT p50: ms), goodput, /livez p99 (ms), CPU used by other processes (cores):", ""]
@@ -854,6 +860,8 @@ def plot(results: dict[str, Any], path: Path) -> bool:
     for s in present:
         ax.plot(xs, [r["tok_s"][s] for r in rows], marker="o", label=s)
     ax.plot(xs, [r["inprocess_ceiling_tok_s"] for r in rows], "k--", marker="x", label="in-process (bare / static batch)")
+    if any(r.get("engine_tok_s") for r in rows):
+        ax.plot(xs, [r.get("engine_tok_s") for r in rows], "k:", marker="+", label="our engine, no HTTP")
     ax.set(yscale="log", xlabel="concurrent streams", ylabel="output tokens/s", title="Throughput")
     _x_axis(ax, xs)
     ax.legend(fontsize=8)

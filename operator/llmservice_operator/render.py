@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llmservice_operator import naming
-from llmservice_operator.spec import LLMService, LLMServiceSpec
+from llmservice_operator.spec import LLMService, LLMServiceSpec, quantity_value
 
 Manifest = dict[str, Any]
 
@@ -229,6 +229,9 @@ def server_env(service: LLMService) -> list[Manifest]:
         values["LLMSERVICE_MAX_MODEL_LEN"] = str(model.max_context_length)
     values["LLMSERVICE_TRUST_REMOTE_CODE"] = "true" if model.trust_remote_code else "false"
     values["LLMSERVICE_DEVICE"] = "cuda" if spec.resources.gpu.count else "cpu"
+    threads = _torch_threads(spec)
+    if threads is not None:
+        values["LLMSERVICE_TORCH_THREADS"] = str(threads)
     values["LLMSERVICE_HOST"] = "0.0.0.0"
     values["LLMSERVICE_PORT"] = str(naming.SERVER_PORT)
     values["LLMSERVICE_WORKERS"] = str(spec.server.workers)
@@ -250,6 +253,15 @@ def server_env(service: LLMService) -> list[Manifest]:
         # Server-side apply keys env by name; a duplicate would fail the apply, so replace.
         env[str(extra["name"])] = dict(extra)
     return list(env.values())
+
+
+def _torch_threads(spec: LLMServiceSpec) -> int | None:
+    """On CPU, size torch's threads to the pod's CPU, not the node's: a container sees every core
+    of the node, and threads beyond its quota only wait on each other."""
+    cpu = spec.resources.cpu.limit or spec.resources.cpu.request
+    if spec.resources.gpu.count or cpu is None:
+        return None
+    return max(1, int(quantity_value(cpu)) // spec.server.workers - 1)
 
 
 def _resources(spec: LLMServiceSpec) -> Manifest:

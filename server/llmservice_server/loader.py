@@ -81,6 +81,14 @@ def pick_device(settings: Settings) -> torch.device:
     return torch.device("cpu")
 
 
+def cpu_threads(settings: Settings) -> int:
+    """Torch's intra-op threads: leave a core to the event loop, or the two fight for it."""
+    if settings.torch_threads:
+        return settings.torch_threads
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // settings.workers - 1)
+
+
 def pick_dtype(settings: Settings, device: torch.device) -> torch.dtype:
     if settings.dtype != "auto":
         return _DTYPES[settings.dtype]
@@ -120,6 +128,8 @@ def load(settings: Settings, on_stage: Callable[[str], None]) -> LoadedModel:
     source = resolve_source(settings)
     device = pick_device(settings)
     dtype = pick_dtype(settings, device)
+    if device.type == "cpu":
+        torch.set_num_threads(cpu_threads(settings))
     location, gguf_file = source.location, source.gguf_file
     converted = _converted_dir(settings, source) if gguf_file else None
     if converted is not None and (converted / "config.json").is_file():

@@ -155,3 +155,13 @@ def test_user_env_replaces_ours_by_name() -> None:
 def test_specs_we_cannot_serve_are_refused_with_a_readable_message(spec: dict[str, Any], message: str) -> None:
     with pytest.raises(SpecError, match=message):
         service(spec)
+
+
+def test_cpu_servers_size_torch_threads_to_the_pod_not_the_node() -> None:
+    cpu = {"gpu": {"count": 0}, "cpu": {"request": "2", "limit": "8"}, "memory": {"limit": "4Gi"}}
+    assert env_of(by_kind(render(service({**MINIMAL, "resources": cpu}), CONTEXT))["Deployment"])[
+        "LLMSERVICE_TORCH_THREADS"] == "7"
+    two_workers = {**MINIMAL, "resources": cpu, "server": {"workers": 2}}
+    assert env_of(by_kind(render(service(two_workers), CONTEXT))["Deployment"])["LLMSERVICE_TORCH_THREADS"] == "3"
+    gpu = {"model": {"source": {"bundled": {}}}, "resources": {"gpu": {"count": 1}}}
+    assert "LLMSERVICE_TORCH_THREADS" not in env_of(by_kind(render(service(gpu), CONTEXT))["Deployment"])
