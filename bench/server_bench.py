@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import importlib.metadata
 import json
 import logging
@@ -134,7 +135,12 @@ def source_state() -> dict[str, Any]:
             return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10, check=False).stdout.strip()
         return ""
 
-    return {"commit": git("rev-parse", "HEAD"), "server_uncommitted": git("status", "--short", "server", "bench").splitlines()}
+    diff = git("diff", "HEAD", "--", "server")
+    return {
+        "commit": git("rev-parse", "HEAD"),
+        "server_uncommitted": git("status", "--short", "server", "bench").splitlines(),
+        "server_diff_sha256": hashlib.sha256(diff.encode()).hexdigest()[:16] if diff else None,
+    }
 
 
 def _top_processes(limit: int = 8) -> list[str]:
@@ -836,11 +842,14 @@ def _pct(value: float | None) -> float | None:
 
 
 def _x_axis(ax: Any, xs: list[int]) -> None:
-    from matplotlib.ticker import NullFormatter
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
     ax.set_xscale("log", base=2)
     ax.set_xticks(xs, [str(x) for x in xs])
     ax.xaxis.set_minor_formatter(NullFormatter())
+    if ax.get_yscale() == "log":
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
 
 
 def plot(results: dict[str, Any], path: Path) -> bool:
@@ -887,6 +896,15 @@ def plot(results: dict[str, Any], path: Path) -> bool:
     return True
 
 
+def replot(saved: Path) -> None:
+    results = json.loads(saved.read_text())
+    results["analysis"] = analyse(results)
+    results["markdown"] = markdown(results)
+    saved.write_text(json.dumps(results, indent=2) + "\n")
+    plot(results, saved.with_suffix(".png"))
+    print(results["markdown"])
+
+
 # --- main ------------------------------------------------------------------------------------------
 
 
@@ -894,6 +912,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--inprocess-worker"]:
         inprocess_worker(Path(argv[1]), Path(argv[2]))
+        return 0
+    if argv[:1] == ["--replot"]:  # re-derive tables and plot from a results JSON: --replot bench/results/server-tiny.json
+        replot(Path(argv[1]))
         return 0
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny", help="'tiny' (random test model), 'smollm2' (bundled, real weights) or a model dir")
