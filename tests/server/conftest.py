@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -75,6 +76,25 @@ class ServerProcess:
                 self.proc.kill()
                 self.proc.wait(timeout=15)
         self._log.close()
+
+
+class BackgroundStream:
+    """A streaming completion read on its own thread, so a test can act while it is in flight."""
+
+    def __init__(self, url: str, max_tokens: int, timeout: float) -> None:
+        self.events: list[str] = []
+        self.first = threading.Event()
+        body = {"model": "tiny", "prompt": "Hello", "max_tokens": max_tokens, "temperature": 0, "stream": True,
+                "stream_options": {"include_usage": True}}
+        self.thread = threading.Thread(target=self._read, args=(url + "/v1/completions", body, timeout))
+        self.thread.start()
+
+    def _read(self, url: str, body: dict[str, object], timeout: float) -> None:
+        with httpx.stream("POST", url, json=body, timeout=timeout) as response:
+            for line in response.iter_lines():
+                if line:
+                    self.events.append(line)
+                    self.first.set()
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 
-from .conftest import ServerProcess
+from .conftest import BackgroundStream, ServerProcess
 
 
 def metric(server: ServerProcess, name: str) -> float:
@@ -99,28 +99,16 @@ def test_loading_then_sigterm_drain(tiny_model_dir: Path, tmp_path: Path) -> Non
         assert proc.get("/startupz").status_code == 200
 
         # A long stream is in flight when SIGTERM arrives.
-        events: list[str] = []
-        first_event = threading.Event()
-
-        def stream() -> None:
-            body = {"model": "tiny", "prompt": "Hello", "max_tokens": 1500, "temperature": 0, "stream": True}
-            body["stream_options"] = {"include_usage": True}
-            with httpx.stream("POST", proc.url + "/v1/completions", json=body, timeout=240) as response:
-                for line in response.iter_lines():
-                    if line:
-                        events.append(line)
-                        first_event.set()
-
-        reader = threading.Thread(target=stream)
-        reader.start()
-        assert first_event.wait(30)
+        reader = BackgroundStream(proc.url, max_tokens=1500, timeout=240)
+        assert reader.first.wait(30)
         proc.proc.send_signal(signal.SIGTERM)
         wait_for(lambda: proc.get("/readyz").status_code == 503, 10, "readiness to drop")
         assert proc.get("/readyz").json()["stage"] == "draining"
         refused = httpx.post(proc.url + "/v1/completions", json={"model": "tiny", "prompt": "x"})
         assert refused.status_code == 503 and refused.json()["error"]["code"] == "draining"
-        assert reader.is_alive(), "the stream should still be running during the drain"
-        reader.join(240)
+        assert reader.thread.is_alive(), "the stream should still be running during the drain"
+        reader.thread.join(240)
+        events = reader.events
         assert events[-1] == "data: [DONE]"
         usage = json.loads(events[-2].removeprefix("data: ")).get("usage")
         assert usage is not None, f"the stream did not finish within the drain: {events[-2]}"

@@ -6,13 +6,12 @@ import asyncio
 import json
 import signal
 import socket
-import threading
 import time
 from pathlib import Path
 
 import httpx
 
-from .conftest import STARTUP_DEADLINE, ServerProcess
+from .conftest import STARTUP_DEADLINE, BackgroundStream, ServerProcess
 from .test_lifecycle import metric, wait_for
 
 WORKERS = 2
@@ -104,24 +103,12 @@ def test_two_workers_share_metrics_and_shut_down_cleanly(tiny_model_dir: Path, t
         assert metric(proc, "vllm:num_requests_running") == 0
 
         # A stream is in flight when the parent gets SIGTERM: it completes, then everything exits.
-        events: list[str] = []
-        first = threading.Event()
-
-        def stream() -> None:
-            body = {"model": "tiny", "prompt": "Hello", "max_tokens": 400, "temperature": 0, "stream": True}
-            body["stream_options"] = {"include_usage": True}
-            with httpx.stream("POST", proc.url + "/v1/completions", json=body, timeout=120) as response:
-                for line in response.iter_lines():
-                    if line:
-                        events.append(line)
-                        first.set()
-
-        reader = threading.Thread(target=stream)
-        reader.start()
-        assert first.wait(30)
+        reader = BackgroundStream(proc.url, max_tokens=400, timeout=120)
+        assert reader.first.wait(30)
         started = time.monotonic()
         proc.proc.send_signal(signal.SIGTERM)
-        reader.join(EXIT_BUDGET)
+        reader.thread.join(EXIT_BUDGET)
+        events = reader.events
         assert events[-1] == "data: [DONE]"
         assert json.loads(events[-2].removeprefix("data: "))["usage"]["completion_tokens"] == 400
         assert proc.proc.wait(timeout=EXIT_BUDGET) == 0, proc.logs()
