@@ -144,13 +144,13 @@ class Kube:
             return
         self._raise_for(response)
 
-    async def serves(self, group_version: str, plural: str) -> bool:
-        """Whether the cluster serves a resource (discovery), e.g. servicemonitors."""
+    async def served_resources(self, group_version: str) -> frozenset[str]:
+        """The resources a group version serves (discovery), e.g. servicemonitors and podmonitors."""
         response = await self._request("discover", "GET", f"/apis/{group_version}")
         if response.status_code in (404, 503):
-            return False
+            return frozenset()
         self._raise_for(response)
-        return any(r.get("name") == plural for r in response.json().get("resources", []))
+        return frozenset(str(r.get("name")) for r in response.json().get("resources", []))
 
     async def serves_group(self, group: str) -> bool:
         """Whether any version of an API group is served, e.g. custom.metrics.k8s.io."""

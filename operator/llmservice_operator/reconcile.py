@@ -52,9 +52,10 @@ class CapabilityCache:
 
     async def get(self) -> Capabilities:
         if self._value is None or self._clock() - self._at > CAPABILITY_TTL_SECONDS:
+            monitors = await self._kube.served_resources("monitoring.coreos.com/v1")
             self._value = Capabilities(
-                service_monitor=await self._kube.serves("monitoring.coreos.com/v1", "servicemonitors"),
-                pod_monitor=await self._kube.serves("monitoring.coreos.com/v1", "podmonitors"),
+                service_monitor="servicemonitors" in monitors,
+                pod_monitor="podmonitors" in monitors,
                 custom_metrics=await self._kube.serves_group("custom.metrics.k8s.io"),
             )
             self._at = self._clock()
