@@ -1,4 +1,4 @@
-"""kopf wiring only: watch events in, keys onto the work queue.
+"""kopf wiring only: watch events into the object store, the LLMServices they concern onto the work queue.
 
 Every handler is a `kopf.on.event` handler. Those carry no state in the object (no
 last-handled-configuration annotation, no progress in status, no finalizer), so the operator
@@ -8,46 +8,44 @@ Retries and de-duplication live in the work queue instead of kopf's handler stat
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Mapping
 from typing import Any
 
 import kopf
 
 from llmservice_operator import naming
+from llmservice_operator.kube import RESOURCES
 from llmservice_operator.reconcile import Key
-from llmservice_operator.spec import GROUP, PLURAL, VERSION
+from llmservice_operator.resync import WATCHED_KINDS
+from llmservice_operator.spec import KIND
+from llmservice_operator.store import ObjectStore
 from llmservice_operator.workqueue import WorkQueue
 
-log = logging.getLogger(__name__)
-
-# Children whose changes must wake their LLMService: drift repair, rollout progress, pod failures.
-WATCHED_CHILDREN = (
-    ("apps", "v1", "deployments"),
-    ("", "v1", "services"),
-    ("autoscaling", "v2", "horizontalpodautoscalers"),
-    ("policy", "v1", "poddisruptionbudgets"),
-    ("", "v1", "pods"),
-)
+# The same objects the resync lists with naming.managed_selector().
+CHILD_LABELS: dict[str, Any] = {naming.MANAGED_BY_LABEL: naming.MANAGED_BY, naming.NAME_LABEL: kopf.PRESENT}
 
 
-def register(registry: kopf.OperatorRegistry, queue: WorkQueue[Key]) -> None:
-    @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
-    def llmservice_changed(namespace: str | None, name: str, **_: Any) -> None:
-        if namespace is not None:
+def register(registry: kopf.OperatorRegistry, queue: WorkQueue[Key], store: ObjectStore) -> None:
+    """Watch LLMServices and, by our labels, everything made for them: drift, rollouts, pod failures."""
+    for kind in WATCHED_KINDS:
+        resource = RESOURCES[kind]
+        group, _, version = resource.api_version.rpartition("/")
+        kopf.on.event(
+            group, version, resource.plural,
+            labels=None if kind == KIND else CHILD_LABELS,
+            registry=registry, id=f"watch-{resource.plural}",
+        )(_observer(kind, queue, store))
+
+
+def _observer(kind: str, queue: WorkQueue[Key], store: ObjectStore) -> Any:
+    def observe(event: kopf.RawEvent, **_: Any) -> None:
+        body = event["object"]
+        if event["type"] == "DELETED":
+            metadata = body.get("metadata") or {}
+            changed = store.remove(kind, metadata.get("namespace") or "", metadata.get("name") or "", uid=metadata.get("uid"))
+        else:  # None (kopf's initial or renewed listing), ADDED, MODIFIED
+            changed = store.upsert(kind, body)
+        # Only what changed the store wakes a reconcile: the echo of our own write does not.
+        for namespace, name in changed:
             queue.add(Key(namespace, name))
 
-    for group, version, plural in WATCHED_CHILDREN:
-        kopf.on.event(
-            group, version, plural,
-            labels={naming.MANAGED_BY_LABEL: naming.MANAGED_BY, naming.NAME_LABEL: kopf.PRESENT},
-            registry=registry, id=f"child-{plural}",
-        )(_child_changed(queue))
-
-
-def _child_changed(queue: WorkQueue[Key]) -> Any:
-    def child_changed(namespace: str | None, labels: Mapping[str, str], **_: Any) -> None:
-        if namespace is not None:
-            queue.add(Key(namespace, labels[naming.NAME_LABEL]))
-
-    return child_changed
+    return observe

@@ -24,6 +24,8 @@ from llmservice_operator.render import Manifest
 log = logging.getLogger(__name__)
 
 APPLY_CONTENT_TYPE = "application/apply-patch+yaml"
+# Pages keep one LIST of every pod in the cluster from being one huge response in either process.
+LIST_PAGE_SIZE = 500
 
 
 @dataclass(frozen=True)
@@ -31,9 +33,10 @@ class Resource:
     api_version: str
     plural: str
 
-    def path(self, namespace: str, name: str | None = None, subresource: str | None = None) -> str:
+    def path(self, namespace: str | None, name: str | None = None, subresource: str | None = None) -> str:
+        """The URL path; namespace None addresses the collection across all namespaces."""
         prefix = "/api/v1" if self.api_version == "v1" else f"/apis/{self.api_version}"
-        path = f"{prefix}/namespaces/{namespace}/{self.plural}"
+        path = f"{prefix}/{self.plural}" if namespace is None else f"{prefix}/namespaces/{namespace}/{self.plural}"
         if name is not None:
             path += f"/{name}"
         if subresource is not None:
@@ -52,6 +55,14 @@ RESOURCES: dict[str, Resource] = {
     "Pod": Resource("v1", "pods"),
     "Event": Resource("events.k8s.io/v1", "events"),
 }
+
+
+@dataclass(frozen=True)
+class Listing:
+    """The items of a LIST and the resourceVersion the API server took it at (None if it gave none)."""
+
+    items: list[Manifest]
+    resource_version: str | None
 
 
 class KubeError(Exception):
@@ -99,23 +110,27 @@ class Kube:
             message = response.text
         raise KubeError(response.status_code, message)
 
-    async def get(self, kind: str, namespace: str, name: str) -> Manifest | None:
-        response = await self._request("get", "GET", RESOURCES[kind].path(namespace, name))
-        if response.status_code == 404:
-            return None
-        self._raise_for(response)
-        body: Manifest = response.json()
-        return body
-
-    async def list(self, kind: str, namespace: str, selector: str) -> list[Manifest]:
-        response = await self._request(
-            "list", "GET", RESOURCES[kind].path(namespace), params={"labelSelector": selector}
-        )
-        if response.status_code == 404 and kind in ("ServiceMonitor", "PodMonitor"):
-            return []  # the prometheus-operator CRDs are not installed: nothing of ours can exist
-        self._raise_for(response)
-        items: list[Manifest] = response.json().get("items", [])
-        return items
+    async def list(self, kind: str, namespace: str | None, selector: str | None = None) -> Listing:
+        """Every object of a kind in one namespace (or all, for None), page by page."""
+        params = {"limit": str(LIST_PAGE_SIZE)}
+        if selector:
+            params["labelSelector"] = selector
+        items: list[Manifest] = []
+        version: str | None = None
+        while True:
+            response = await self._request("list", "GET", RESOURCES[kind].path(namespace), params=params)
+            if response.status_code == 404 and kind in ("ServiceMonitor", "PodMonitor"):
+                return Listing([], None)  # the prometheus-operator CRDs are not installed: nothing of ours can exist
+            self._raise_for(response)
+            page = response.json()
+            items.extend(page.get("items") or [])
+            metadata = page.get("metadata") or {}
+            # Every page of one LIST is served from the snapshot the first page was taken at.
+            version = version or metadata.get("resourceVersion") or None
+            token = metadata.get("continue")
+            if not token:
+                return Listing(items, version)
+            params["continue"] = token
 
     async def apply(self, manifest: Manifest, *, subresource: str | None = None) -> Manifest:
         """Server-side apply under our field manager; force, since we own what we render."""

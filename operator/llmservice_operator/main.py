@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import functools
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -13,11 +15,13 @@ import kopf
 from prometheus_client import CollectorRegistry, start_http_server
 
 from llmservice_operator import handlers
-from llmservice_operator.kube import Kube, http_client, load_credentials
+from llmservice_operator.kube import Kube, KubeError, http_client, load_credentials
 from llmservice_operator.logs import configure_logging
 from llmservice_operator.metrics import OperatorMetrics
 from llmservice_operator.reconcile import Key, Reconciler
+from llmservice_operator.resync import WATCHED_KINDS, Resync
 from llmservice_operator.settings import OperatorSettings
+from llmservice_operator.store import ObjectStore
 from llmservice_operator.workqueue import WorkQueue
 
 log = logging.getLogger(__name__)
@@ -45,7 +49,7 @@ def build_settings(args: argparse.Namespace) -> OperatorSettings:
 
 
 class Operator:
-    """The process: a kopf registry feeding a work queue drained by the reconciler."""
+    """The process: kopf's watches feeding an object store and a work queue drained by the reconciler."""
 
     def __init__(self, settings: OperatorSettings, metrics: OperatorMetrics, kubeconfig: str | None) -> None:
         self.settings = settings
@@ -56,12 +60,16 @@ class Operator:
             self._reconcile, workers=settings.workers,
             base_delay=settings.retry_base_seconds, max_delay=settings.retry_max_seconds,
         )
+        self.store = ObjectStore()
+        for kind in WATCHED_KINDS:
+            metrics.stored_objects.labels(kind=kind).set_function(functools.partial(self.store.count, kind))
         self._http: httpx.AsyncClient | None = None
         self._reconciler: Reconciler | None = None
+        self._resync_task: asyncio.Task[None] | None = None
         kopf.on.login(registry=self.registry)(self._login)
         kopf.on.startup(registry=self.registry)(self._startup)
         kopf.on.cleanup(registry=self.registry)(self._cleanup)
-        handlers.register(self.registry, self.queue)
+        handlers.register(self.registry, self.queue, self.store)
 
     def _login(self, **_: Any) -> kopf.ConnectionInfo:
         # A private registry has none of kopf's default login handlers; kopf's watches use the
@@ -83,14 +91,30 @@ class Operator:
         if self.settings.watch_timeout_seconds is not None:
             settings.watching.server_timeout = self.settings.watch_timeout_seconds
             settings.watching.client_timeout = self.settings.watch_timeout_seconds + 10
-        self._http = http_client(load_credentials(self.kubeconfig))
+        if self._http is None:  # kopf runs this handler again after a TemporaryError
+            self._http = http_client(load_credentials(self.kubeconfig))
         kube = Kube(self._http, self.settings.field_manager, self.metrics)
-        self._reconciler = Reconciler(kube, self.metrics, self.settings.server_image)
+        resync = Resync(kube, self.store, self.settings.namespaces, self.queue.add)
+        # kopf starts its watches only after the startup handlers, so the store is filled here, by
+        # LIST, before any reconcile runs: a reconcile on an empty store would apply every child
+        # again. kopf's own initial listing then finds the store current and wakes nothing; the
+        # fill has already queued every LLMService once.
+        try:
+            queued = await resync.once()
+        except KubeError as error:
+            raise kopf.TemporaryError(f"Could not list the watched objects: {error}", delay=5) from error
+        self._reconciler = Reconciler(kube, self.store, self.metrics, self.settings.server_image)
         self.queue.start()
-        log.info("Operator started: namespaces=%s, default server image %s",
-                 ",".join(self.settings.namespaces) or "all", self.settings.server_image)
+        if self.settings.resync_seconds:
+            self._resync_task = asyncio.create_task(resync.run(self.settings.resync_seconds), name="resync")
+        log.info("Operator started: namespaces=%s, %d LLMServices queued, default server image %s",
+                 ",".join(self.settings.namespaces) or "all", len(queued), self.settings.server_image)
 
     async def _cleanup(self, **_: Any) -> None:
+        if self._resync_task is not None:
+            self._resync_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._resync_task
         await self.queue.stop()
         if self._http is not None:
             await self._http.aclose()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 
 class OperatorMetrics:
@@ -23,5 +23,11 @@ class OperatorMetrics:
             "llmservice_operator_api_requests",
             "Requests to the Kubernetes API server by verb and HTTP status code.",
             ["verb", "code"],
+            registry=registry,
+        )
+        self.stored_objects = Gauge(
+            "llmservice_operator_stored_objects",
+            "Objects held in the operator's in-memory store, by kind.",
+            ["kind"],
             registry=registry,
         )

@@ -31,9 +31,9 @@ def selector_string(name: str) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted(selector_labels(name).items()))
 
 
-def children_selector(name: str) -> str:
-    """Selects every child of one LLMService, whatever its kind."""
-    return f"{NAME_LABEL}={name},{MANAGED_BY_LABEL}={MANAGED_BY}"
+def managed_selector() -> str:
+    """Selects everything this operator made for any LLMService: what its watches and resync follow."""
+    return f"{MANAGED_BY_LABEL}={MANAGED_BY},{NAME_LABEL}"
 
 
 def owner_reference(service: LLMService) -> dict[str, object]:

@@ -2,6 +2,8 @@
 
 Level-triggered: it reads the whole current state every time and never depends on what event
 woke it, so a restart, a missed event or a duplicate event all converge to the same result.
+The state is read from the object store the watches keep current, not from the API server; the
+API server sees only writes, and a settled LLMService costs no request at all.
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ from typing import Any
 
 from llmservice_operator import naming, status
 from llmservice_operator.diff import contains
-from llmservice_operator.kube import RESOURCES, Kube, KubeError
+from llmservice_operator.kube import Kube, KubeError
 from llmservice_operator.metrics import OperatorMetrics
 from llmservice_operator.render import Capabilities, Manifest, RenderContext, render
 from llmservice_operator.spec import API_VERSION, KIND, LLMService, SpecError, parse
+from llmservice_operator.store import ObjectStore
 from llmservice_operator.workqueue import RetryLater
 
 log = logging.getLogger(__name__)
@@ -64,10 +67,11 @@ class CapabilityCache:
 
 class Reconciler:
     def __init__(
-        self, kube: Kube, metrics: OperatorMetrics, default_image: str,
+        self, kube: Kube, store: ObjectStore, metrics: OperatorMetrics, default_image: str,
         clock: Callable[[], str] = utc_now,
     ) -> None:
         self._kube = kube
+        self._store = store
         self._metrics = metrics
         self._default_image = default_image
         self._capabilities = CapabilityCache(kube)
@@ -89,7 +93,7 @@ class Reconciler:
         self._metrics.reconciles.labels(result=result).inc()
 
     async def reconcile(self, key: Key) -> str:
-        body = await self._kube.get(KIND, key.namespace, key.name)
+        body = self._store.get(KIND, key.namespace, key.name)
         if body is None:
             return "gone"
         if body["metadata"].get("deletionTimestamp"):
@@ -103,7 +107,7 @@ class Reconciler:
 
         capabilities = await self._capabilities.get()
         desired = render(service, RenderContext(self._default_image, capabilities))
-        observed = await self._observe_children(service, capabilities)
+        observed = self._observe_children(service, capabilities)
         try:
             deployment, applied = await self._apply_changed(service, desired, observed)
         except KubeError as error:
@@ -116,25 +120,25 @@ class Reconciler:
 
         settled = status.compute(service, status.Observed(deployment, (), capabilities), previous, self._now())
         if not _ready(settled):
-            # Only an unsettled service needs its pods read, to say why it is not Ready.
-            pods = tuple(await self._kube.list("Pod", key.namespace, naming.selector_string(key.name)))
+            # Only an unsettled service looks at its pods, to say why it is not Ready.
+            selector = naming.selector_labels(key.name).items()
+            pods = tuple(pod for pod in self._store.pods(key.namespace, key.name)
+                         if selector <= ((pod["metadata"].get("labels") or {}).items()))
             settled = status.compute(service, status.Observed(deployment, pods, capabilities), previous, self._now())
         wrote = await self._write_status(body, settled)
         return "applied" if applied or pruned or wrote else "unchanged"
 
-    async def _observe_children(self, service: LLMService, capabilities: Capabilities) -> dict[tuple[str, str], Manifest]:
+    def _observe_children(self, service: LLMService, capabilities: Capabilities) -> dict[tuple[str, str], Manifest]:
         kinds = list(CHILD_KINDS)
         if capabilities.service_monitor:
             kinds.append("ServiceMonitor")
         if capabilities.pod_monitor:
             kinds.append("PodMonitor")
-        found: dict[tuple[str, str], Manifest] = {}
-        selector = naming.children_selector(service.ref.name)
-        for kind in kinds:
-            for item in await self._kube.list(kind, service.ref.namespace, selector):
-                if _controlled_by(item, service.ref.uid):
-                    found[(kind, item["metadata"]["name"])] = {**item, "apiVersion": RESOURCES[kind].api_version, "kind": kind}
-        return found
+        return {
+            (kind, item["metadata"]["name"]): item
+            for kind, item in self._store.children(service.ref.namespace, service.ref.name, kinds)
+            if _controlled_by(item, service.ref.uid)
+        }
 
     async def _apply_changed(
         self, service: LLMService, desired: list[Manifest], observed: dict[tuple[str, str], Manifest]
@@ -145,6 +149,7 @@ class Reconciler:
             current = observed.get((manifest["kind"], manifest["metadata"]["name"]))
             if current is None or not contains(current, manifest):
                 current = await self._kube.apply(manifest)
+                self._store.upsert(manifest["kind"], current)
                 wrote = True
                 log.info("Applied %s %s/%s", manifest["kind"], service.ref.namespace, manifest["metadata"]["name"])
             if manifest["kind"] == "Deployment":
@@ -159,6 +164,7 @@ class Reconciler:
         for (kind, name), item in sorted(observed.items()):
             if (kind, name) not in wanted:
                 await self._kube.delete(kind, service.ref.namespace, name, item["metadata"]["uid"])
+                self._store.remove(kind, service.ref.namespace, name, uid=item["metadata"]["uid"])
                 wrote = True
                 log.info("Pruned %s %s/%s, no longer in the spec", kind, service.ref.namespace, name)
         return wrote
@@ -176,11 +182,12 @@ class Reconciler:
         if current == new:
             return False
         metadata = body["metadata"]
-        await self._kube.apply(
+        written = await self._kube.apply(
             {"apiVersion": API_VERSION, "kind": KIND,
              "metadata": {"name": metadata["name"], "namespace": metadata["namespace"]}, "status": new},
             subresource="status",
         )
+        self._store.upsert(KIND, written)
         await self._announce(body, current, new)
         return True
 

@@ -26,6 +26,10 @@ class OperatorSettings(BaseSettings):
     workers: int = Field(default=8, ge=1, description="LLMServices reconciled concurrently.")
     retry_base_seconds: float = Field(default=1.0, gt=0, description="First delay before retrying a failed reconcile.")
     retry_max_seconds: float = Field(default=300.0, gt=0, description="Longest delay between retries.")
+    resync_seconds: float = Field(
+        default=600.0, ge=0,
+        description="Re-list every watched kind this often, to repair deletions a watch missed; 0 disables.",
+    )
     watch_timeout_seconds: int | None = Field(
         default=None, ge=1, description="Ask the API server to end each watch after this long (kopf then re-lists)."
     )

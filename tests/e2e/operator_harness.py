@@ -62,10 +62,11 @@ def service_account_kubeconfig(cluster: ControlPlane, path: Path) -> Path:
 class OperatorProcess:
     """`llmservice-operator` as a child process, with its log kept for failure messages."""
 
-    def __init__(self, kubeconfig: Path, log_path: Path, *, watch_timeout: int = 20) -> None:
+    def __init__(self, kubeconfig: Path, log_path: Path, *, watch_timeout: int = 20, resync_seconds: float | None = None) -> None:
         self.kubeconfig = kubeconfig
         self.log_path = log_path
         self.watch_timeout = watch_timeout
+        self.resync_seconds = resync_seconds  # None: the operator's default
         self.health_port = free_port()
         self.metrics_port = free_port()
         self._process: subprocess.Popen[bytes] | None = None
@@ -86,6 +87,8 @@ class OperatorProcess:
             "LLMSERVICE_OPERATOR_WATCH_TIMEOUT_SECONDS": str(self.watch_timeout),
             "LLMSERVICE_OPERATOR_LOG_LEVEL": "INFO",
         }
+        if self.resync_seconds is not None:
+            env["LLMSERVICE_OPERATOR_RESYNC_SECONDS"] = str(self.resync_seconds)
         with self.log_path.open("ab") as log:
             self._process = subprocess.Popen(
                 [sys.executable, "-m", "llmservice_operator.main", "--kubeconfig", str(self.kubeconfig)],

@@ -25,12 +25,16 @@ from tests.e2e.operator_harness import (
 
 CHILD_KINDS = ("deployment", "service", "horizontalpodautoscaler", "poddisruptionbudget")
 READY_TIMEOUT = 90
+# Far shorter than the default, so every test runs with resyncs going on and the idle one sees several.
+RESYNC_SECONDS = 5
+LISTS_OK = 'llmservice_operator_api_requests_total{code="200",verb="list"}'
 
 
 @pytest.fixture(scope="module")
 def operator(cluster: ControlPlane, chart: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
     workdir = tmp_path_factory.mktemp("operator")
-    process = OperatorProcess(service_account_kubeconfig(cluster, workdir / "kubeconfig"), workdir / "operator.log")
+    process = OperatorProcess(service_account_kubeconfig(cluster, workdir / "kubeconfig"), workdir / "operator.log",
+                              resync_seconds=RESYNC_SECONDS)
     process.start()
     yield process
     process.stop()
@@ -239,7 +243,9 @@ def test_settled_llmservice_sees_no_writes_across_resyncs(cluster: ControlPlane,
     time.sleep(5)
     before = versions(cluster, namespace, "quiet")
     reconciles_before = operator.metric("llmservice_operator_reconciles_total")
+    lists_before = operator.metric(LISTS_OK)
     window = float(os.environ.get("LLMSERVICE_E2E_IDLE_SECONDS", "75"))
-    time.sleep(window)  # several watch timeouts (20 s each) re-list everything meanwhile
+    time.sleep(window)  # watch timeouts (20 s each) and resyncs (every 5 s) happen meanwhile
     assert versions(cluster, namespace, "quiet") == before, "a settled LLMService must cost zero writes"
     assert operator.metric("llmservice_operator_reconciles_total") >= reconciles_before
+    assert operator.metric(LISTS_OK) > lists_before, "no resync ran"

@@ -11,14 +11,21 @@ correctness rests on, and nothing else:
 - the server fills in defaults (Deployment replicas, container terminationMessagePath, Service
   clusterIP, HPA behavior, ...) and stores quantities in canonical form (4096Mi -> 4Gi), so the
   "observed already holds desired" check meets more than an echo of what was applied;
-- LIST honours an equality-based labelSelector and, like the real server, leaves apiVersion and
-  kind out of the items of built-in types (kubernetes/kubernetes#3030);
+- LIST honours an equality- and existence-based labelSelector, serves one namespace or all, says
+  the resourceVersion it was taken at and, like the real server, leaves apiVersion and kind out of
+  the items of built-in types (kubernetes/kubernetes#3030);
 - DELETE honours preconditions.uid (409 Conflict when the object was replaced);
 - POST honours metadata.generateName;
 - a write the server refuses (an error injected by a test included) changes nothing.
 
 Faults are injected with kmock's DSL on the test side, e.g.
 ``kmock['patch /apis/apps/v1/namespaces/team-a/deployments/chat'] << KubernetesError(409, ...)``.
+
+The operator reads from an object store its watches keep current. Here no watch runs: before each
+reconcile the `controller` fixture fills the store by the same LISTs the operator's startup fill
+makes (`Resync.once`), which is what the watches would have delivered by then. Tests that change a
+stored object as another writer would (`modify`) get a new resourceVersion for it, as from the API
+server, since the store takes an unchanged resourceVersion to mean an unchanged object.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ import secrets
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import aiohttp.web
@@ -43,7 +50,9 @@ from llmservice_operator.kube import Kube
 from llmservice_operator.metrics import OperatorMetrics
 from llmservice_operator.reconcile import Key, Reconciler
 from llmservice_operator.render import Capabilities, Manifest, RenderContext, render
+from llmservice_operator.resync import Resync
 from llmservice_operator.spec import parse
+from llmservice_operator.store import ObjectStore
 
 APPLY = "application/apply-patch+yaml"
 FIELD_MANAGER = "llmservice-operator"
@@ -51,7 +60,6 @@ IMAGE = "img:test"
 NOW = "2026-11-29T10:00:00Z"
 NAMESPACE, NAME = "team-a", "chat"
 KEY = Key(NAMESPACE, NAME)
-CHILDREN_SELECTOR = "llmservice.io/name=chat,app.kubernetes.io/managed-by=llmservice-operator"
 
 # Resource keys for kmock.objects, written out rather than taken from the operator's RESOURCES.
 LLMSERVICES = "llmservice.io/v1alpha1/llmservices"
@@ -146,8 +154,7 @@ class ApiServer(KubernetesEmulator):
                 self.objects[key] = {"metadata": self._server_metadata()}  # apply creates; the patch then fills it
         elif request.action == action.UPDATE and stored is not None:
             metadata = dict(stored.raw["metadata"])
-            self._version += 1
-            metadata["resourceVersion"] = str(self._version)
+            metadata["resourceVersion"] = self.next_version()
             spec = request.data.get("spec")
             if request.subresource is None and spec is not None and not _holds(stored.raw.get("spec"), spec):
                 metadata["generation"] = int(metadata.get("generation", 1)) + 1
@@ -164,8 +171,12 @@ class ApiServer(KubernetesEmulator):
         return None
 
     def _server_metadata(self) -> dict[str, Any]:
+        return {"uid": str(uuid.uuid4()), "generation": 1, "resourceVersion": self.next_version(), "creationTimestamp": NOW}
+
+    def next_version(self) -> str:
+        """A resourceVersion newer than every one given out so far."""
         self._version += 1
-        return {"uid": str(uuid.uuid4()), "generation": 1, "resourceVersion": str(self._version), "creationTimestamp": NOW}
+        return str(self._version)
 
     async def _serve_update(self, request: Request) -> Any:
         # Runs after the emulator merged the patch: fill in what the API server would default.
@@ -182,7 +193,7 @@ class ApiServer(KubernetesEmulator):
         items = [item for item in listing["items"] if _selected(item, selector)]
         if request.resource is not None and request.resource.group in _BUILTIN_GROUPS:
             items = [{k: v for k, v in item.items() if k not in ("apiVersion", "kind")} for item in items]
-        return {**listing, "items": items}
+        return {**listing, "metadata": {"resourceVersion": str(self._version)}, "items": items}
 
 
 def _object_key(request: Request) -> tuple[resource, str | None, str] | None:
@@ -208,13 +219,22 @@ def _parse_selector(selector: str) -> list[tuple[str, str, str]]:
                 terms.append((key.strip(), "!=" if op == "!=" else "=", value.strip()))
                 break
         else:
-            raise KubernetesError(status=400, reason="BadRequest", message=f"unsupported selector term {term!r}")
+            if " " in term or "(" in term:  # set-based: in, notin
+                raise KubernetesError(status=400, reason="BadRequest", message=f"unsupported selector term {term!r}")
+            terms.append((term.lstrip("!"), "absent" if term.startswith("!") else "exists", ""))
     return terms
 
 
 def _selected(item: Mapping[str, Any], terms: list[tuple[str, str, str]]) -> bool:
     labels = (item.get("metadata") or {}).get("labels") or {}
-    return all((labels.get(key) == value) == (op == "=") for key, op, value in terms)
+    for key, op, value in terms:
+        if op == "exists" and key not in labels:
+            return False
+        if op == "absent" and key in labels:
+            return False
+        if op in ("=", "!=") and (labels.get(key) == value) != (op == "="):
+            return False
+    return True
 
 
 def _canonical(quantity: Any) -> Any:
@@ -277,20 +297,39 @@ def kmock_options(kmock_options: dict[str, Any]) -> dict[str, Any]:
     return {**kmock_options, "cls": ApiServer}
 
 
-@dataclass(frozen=True)
+@dataclass
 class Controller:
-    """The reconciler as the operator builds it, over a real HTTP client pointed at kmock."""
+    """The reconciler as the operator builds it, over a real HTTP client pointed at kmock, with its store."""
 
+    kmock: ApiServer
     reconciler: Reconciler
+    resync: Resync
+    store: ObjectStore
     registry: CollectorRegistry
+    queued: list[Key] = field(default_factory=list)  # what every resync so far put on the work queue
+    mark: int = 0  # requests made before the last reconcile began
 
-    async def reconcile(self, key: Key = KEY) -> str:
-        """One reconcile, for its result."""
+    async def sync(self) -> list[Key]:
+        """Fill the store by the startup fill's LISTs, as the watches would have; the LLMServices queued."""
+        return await self.resync.once()
+
+    async def reconcile(self, key: Key = KEY, *, sync: bool = True) -> str:
+        """One reconcile, for its result; first the store learns what the API server holds."""
+        if sync:
+            await self.sync()
+        self.mark = len(list(self.kmock))
         return await self.reconciler.reconcile(key)
 
-    async def run(self, key: Key = KEY) -> None:
+    async def run(self, key: Key = KEY, *, sync: bool = True) -> None:
         """One reconcile as the work queue runs it: counted in the metrics, errors as RetryLater."""
+        if sync:
+            await self.sync()
+        self.mark = len(list(self.kmock))
         await self.reconciler(key)
+
+    def requests(self) -> list[Request]:
+        """The requests of the last reconcile (the store's fill before it excluded)."""
+        return list(self.kmock)[self.mark:]
 
     def reconciles(self, result: str) -> float:
         value = self.registry.get_sample_value("llmservice_operator_reconciles_total", {"result": result})
@@ -305,9 +344,14 @@ class Controller:
 async def controller(kmock: ApiServer) -> AsyncIterator[Controller]:
     registry = CollectorRegistry()
     metrics = OperatorMetrics(registry)
+    store = ObjectStore()
+    queued: list[Key] = []
     async with httpx.AsyncClient(base_url=str(kmock.url), timeout=10.0) as http:
         kube = Kube(http, FIELD_MANAGER, metrics)
-        yield Controller(Reconciler(kube, metrics, IMAGE, clock=lambda: NOW), registry)
+        # Cluster-wide, as the operator runs by default.
+        resync = Resync(kube, store, (), queued.append)
+        reconciler = Reconciler(kube, store, metrics, IMAGE, clock=lambda: NOW)
+        yield Controller(kmock, reconciler, resync, store, registry, queued)
 
 
 def seed(kmock: ApiServer, llmservice: Manifest) -> None:
@@ -344,6 +388,18 @@ def body_of(request: Request) -> Manifest:
     return document
 
 
+def modify(kmock: ApiServer, resource: str, name: str = NAME, **fields: Any) -> None:
+    """Another writer (kubectl, a controller) replaces top-level fields of a stored object.
+
+    The API server gives the object a new resourceVersion, whatever metadata the writer sent.
+    """
+    obj = kmock.objects[resource, NAMESPACE, name]
+    metadata = dict(fields.pop("metadata", obj.raw["metadata"]))
+    for key, value in fields.items():
+        obj[key] = value
+    obj["metadata"] = {**metadata, "resourceVersion": kmock.next_version()}
+
+
 def stored(kmock: ApiServer, resource: str, name: str = NAME) -> Manifest:
     raw: Manifest = kmock.objects[resource, NAMESPACE, name].raw
     return raw
@@ -361,19 +417,17 @@ def roll_out(kmock: ApiServer, name: str = NAME, replicas: int | None = None) ->
 
     `replicas` plays the HPA, which owns spec.replicas of an autoscaled Deployment.
     """
-    deployment = kmock.objects[DEPLOYMENTS, NAMESPACE, name]
-    if replicas is not None:
-        deployment["spec"] = {**deployment.raw["spec"], "replicas": replicas}
-    raw = deployment.raw
-    want = int(raw["spec"].get("replicas", 1))
-    deployment.patch({"status": {
+    raw = kmock.objects[DEPLOYMENTS, NAMESPACE, name].raw
+    spec = raw["spec"] if replicas is None else {**raw["spec"], "replicas": replicas}
+    want = int(spec.get("replicas", 1))
+    modify(kmock, DEPLOYMENTS, name, spec=spec, status={
         "observedGeneration": raw["metadata"]["generation"],
         "replicas": want, "updatedReplicas": want, "readyReplicas": want, "availableReplicas": want,
         "conditions": [
             {"type": "Available", "status": "True", "reason": "MinimumReplicasAvailable"},
             {"type": "Progressing", "status": "True", "reason": "NewReplicaSetAvailable"},
         ],
-    }})
+    })
 
 
 async def settle(kmock: ApiServer, controller: Controller, replicas: int | None = None) -> int:

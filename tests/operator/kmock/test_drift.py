@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -20,6 +21,7 @@ from tests.operator.kmock.conftest import (
     Controller,
     body_of,
     child_writes,
+    modify,
     seed,
     settle,
     stored,
@@ -32,10 +34,9 @@ pytestmark = pytest.mark.asyncio
 
 def edit(kmock: ApiServer, resource: str, change: Callable[[dict[str, Any]], None]) -> None:
     """Another writer (kubectl edit, a mutating webhook) changes a stored child."""
-    obj = kmock.objects[resource, NAMESPACE, NAME]
-    spec = obj.raw["spec"]
+    spec = copy.deepcopy(kmock.objects[resource, NAMESPACE, NAME].raw["spec"])
     change(spec)
-    obj["spec"] = spec
+    modify(kmock, resource, spec=spec)
 
 
 def set_image(spec: dict[str, Any]) -> None:

@@ -8,11 +8,10 @@ import pytest
 
 from tests.operator.kmock.conftest import (
     APPLY,
-    CHILDREN_SELECTOR,
     COLLECTIONS,
     DEPLOYMENTS,
+    EVENTS_PATH,
     FIELD_MANAGER,
-    LLMSERVICE_PATH,
     LLMSERVICES,
     NAME,
     NAMESPACE,
@@ -24,7 +23,7 @@ from tests.operator.kmock.conftest import (
     child_writes,
     header,
     rendered,
-    requests,
+    roll_out,
     seed,
     stored,
     writes,
@@ -99,21 +98,40 @@ async def test_writes_are_the_children_then_one_status(kmock: ApiServer, control
     assert stored(kmock, DEPLOYMENTS)["spec"]["replicas"] == 1  # the server's default, not ours
 
 
-async def test_reads_are_the_llmservice_discovery_and_labelled_lists(kmock: ApiServer, controller: Controller) -> None:
+async def test_a_new_llmservice_costs_five_writes_and_reads_only_discovery(kmock: ApiServer, controller: Controller) -> None:
     seed(kmock, body(MINIMAL))
 
-    await controller.reconcile()
+    assert await controller.reconcile() == "applied"
+    first = [(r.method.value, r.url.path) for r in controller.requests()]
+    roll_out(kmock)
+    assert await controller.reconcile() == "applied"
+    second = [(r.method.value, r.url.path) for r in controller.requests()]
 
-    reads = [r for r in requests(kmock) if r.method.value == "GET"]
-    assert reads[0].url.path == LLMSERVICE_PATH
-    lists = {r.url.path: r.params.get("labelSelector") for r in reads if r.url.path in COLLECTIONS.values()}
-    assert lists == {
-        COLLECTIONS["Deployment"]: CHILDREN_SELECTOR,
-        COLLECTIONS["Service"]: CHILDREN_SELECTOR,
-        COLLECTIONS["HorizontalPodAutoscaler"]: CHILDREN_SELECTOR,
-        COLLECTIONS["PodDisruptionBudget"]: CHILDREN_SELECTOR,
-        # Not Ready yet, so the pods are read to say why.
-        COLLECTIONS["Pod"]: "app.kubernetes.io/name=llmservice-server,llmservice.io/name=chat",
+    # Everything else it needs comes from the store the watches feed; discovery is cached for a minute.
+    assert first == [
+        ("GET", "/apis/monitoring.coreos.com/v1"), ("GET", "/apis/custom.metrics.k8s.io"),
+        ("PATCH", f"{COLLECTIONS['Deployment']}/{NAME}"), ("PATCH", f"{COLLECTIONS['Service']}/{NAME}"),
+        ("PATCH", STATUS_PATH),
+    ]
+    # Ready: the status says so, and one Event announces it.
+    assert second == [("PATCH", STATUS_PATH), ("POST", EVENTS_PATH)]
+
+
+async def test_not_ready_says_why_from_the_pods_in_the_store(kmock: ApiServer, controller: Controller) -> None:
+    seed(kmock, body({**MINIMAL, "resources": {"gpu": {"count": 2}}}))
+    assert await controller.reconcile() == "applied"
+    pod_labels = stored(kmock, DEPLOYMENTS)["spec"]["template"]["metadata"]["labels"]
+    kmock.objects["v1/pods", NAMESPACE, "chat-5d8f-abcde"] = {
+        "metadata": {"name": "chat-5d8f-abcde", "namespace": NAMESPACE, "labels": pod_labels, "resourceVersion": kmock.next_version()},
+        "status": {"phase": "Pending", "conditions": [{
+            "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+            "message": "0/2 nodes are available: 2 Insufficient nvidia.com/gpu.",
+        }]},
     }
-    discovery = {r.url.path for r in reads} - {LLMSERVICE_PATH, *COLLECTIONS.values()}
-    assert discovery == {"/apis/monitoring.coreos.com/v1", "/apis/custom.metrics.k8s.io"}
+
+    assert await controller.reconcile() == "applied"
+
+    assert [(r.method.value, r.url.path) for r in controller.requests()] == [("PATCH", STATUS_PATH), ("POST", EVENTS_PATH)]
+    ready = next(c for c in stored(kmock, LLMSERVICES)["status"]["conditions"] if c["type"] == "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "InsufficientGPU")
+    assert "chat-5d8f-abcde" in ready["message"]

@@ -18,6 +18,7 @@ from tests.operator.kmock.conftest import (
     Controller,
     body_of,
     header,
+    modify,
     rendered,
     seed,
     settle,
@@ -46,10 +47,9 @@ def foreign_hpa(name: str, owner_uid: str | None) -> dict[str, Any]:
 
 def turn_autoscaling_off(kmock: ApiServer, replicas: int) -> None:
     """What `kubectl apply` of the edited manifest does: a new spec, a new generation."""
-    llmservice = kmock.objects[LLMSERVICES, NAMESPACE, NAME]
-    spec = {k: v for k, v in llmservice.raw["spec"].items() if k != "autoscaling"}
-    llmservice["spec"] = {**spec, "replicas": replicas}
-    llmservice["metadata"] = {**llmservice.raw["metadata"], "generation": 2}
+    llmservice = stored(kmock, LLMSERVICES)
+    spec = {k: v for k, v in llmservice["spec"].items() if k != "autoscaling"}
+    modify(kmock, LLMSERVICES, spec={**spec, "replicas": replicas}, metadata={**llmservice["metadata"], "generation": 2})
 
 
 async def test_turning_autoscaling_off_deletes_our_hpa_by_uid(kmock: ApiServer, controller: Controller) -> None:
@@ -96,15 +96,12 @@ async def test_a_replaced_child_is_left_to_its_new_owner(kmock: ApiServer, contr
     mark = await settle(kmock, controller, replicas=2)
     turn_autoscaling_off(kmock, replicas=2)
 
-    def replace_the_hpa() -> None:
-        hpa = kmock.objects[HPAS, NAMESPACE, NAME]
-        hpa["metadata"] = {**hpa.raw["metadata"], "uid": "uid-of-the-replacement"}
+    await controller.sync()
+    # After the store saw the HPA and before our DELETE, someone deletes and recreates it: a new
+    # uid, whose watch event has not reached the store yet.
+    modify(kmock, HPAS, metadata={**stored(kmock, HPAS)["metadata"], "uid": "uid-of-the-replacement"})
 
-    # After our LIST of HPAs and before our DELETE, someone deletes and recreates the HPA: a new
-    # uid. (The PDBs are listed after the HPAs, and pruning comes after all the lists.)
-    kmock[f"get {COLLECTIONS['PodDisruptionBudget']}"] >> replace_the_hpa
-
-    assert await controller.reconcile() == "applied"
+    assert await controller.reconcile(sync=False) == "applied"
 
     deletes = [r for r in writes(kmock, mark) if r.method.value == "DELETE"]
     assert len(deletes) == 1 and body_of(deletes[0])["preconditions"]["uid"] != "uid-of-the-replacement"

@@ -1,4 +1,4 @@
-"""A settled LLMService costs reads only: zero writes on resync."""
+"""A settled LLMService costs nothing: no write and, reading from the store, no request at all."""
 
 from __future__ import annotations
 
@@ -7,16 +7,12 @@ from typing import Any
 import pytest
 
 from tests.operator.kmock.conftest import (
-    CHILDREN_SELECTOR,
-    COLLECTIONS,
     DEPLOYMENTS,
     HPAS,
-    LLMSERVICE_PATH,
     LLMSERVICES,
     SERVICES,
     ApiServer,
     Controller,
-    requests,
     seed,
     settle,
     stored,
@@ -54,17 +50,11 @@ async def test_a_settled_llmservice_costs_zero_writes(
     assert await controller.reconcile() == "unchanged"
 
     assert writes(kmock, mark) == []
-    # The whole cost of a resync: one GET and one LIST per child kind (discovery is cached, and a
-    # Ready service has no pods to read).
-    assert [(r.method.value, r.url.path, r.params.get("labelSelector")) for r in requests(kmock, mark)] == [
-        ("GET", LLMSERVICE_PATH, None),
-        ("GET", COLLECTIONS["Deployment"], CHILDREN_SELECTOR),
-        ("GET", COLLECTIONS["Service"], CHILDREN_SELECTOR),
-        ("GET", COLLECTIONS["HorizontalPodAutoscaler"], CHILDREN_SELECTOR),
-        ("GET", COLLECTIONS["PodDisruptionBudget"], CHILDREN_SELECTOR),
-    ]
+    # Everything it compares comes from the store, and discovery is cached.
+    assert controller.requests() == []
 
     await controller.run()
+    assert controller.requests() == []
     assert writes(kmock, mark) == []
     assert controller.reconciles("unchanged") == 1
 
@@ -80,3 +70,13 @@ async def test_the_hpa_keeps_the_replicas_it_chose(kmock: ApiServer, controller:
     assert stored(kmock, DEPLOYMENTS)["spec"]["replicas"] == 4
     conditions = stored(kmock, LLMSERVICES)["status"]["conditions"]
     assert {c["type"]: c["status"] for c in conditions} == {"Ready": "True", "Progressing": "False", "Degraded": "False"}
+
+
+async def test_a_reconcile_right_after_our_writes_writes_nothing_again(kmock: ApiServer, controller: Controller) -> None:
+    """The store learns our writes from their responses, before any watch event could tell it."""
+    seed(kmock, body({**MINIMAL, "replicas": 3}))
+    assert await controller.reconcile() == "applied"
+
+    assert await controller.reconcile(sync=False) == "unchanged"
+
+    assert controller.requests() == []
