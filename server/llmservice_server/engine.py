@@ -185,6 +185,7 @@ class Engine:
         self._stopping = False
         self._abort_message: str | None = None
         self._model: LoadedModel | None = None
+        self._sdpa = False
         self.stage = "starting"
         self.error: str | None = None
         self.load_seconds: float | None = None
@@ -270,6 +271,8 @@ class Engine:
                 self._cond.wait_for(lambda: self._stopping, timeout=self._settings.load_delay_seconds)
         self.stage = "loading"
         self._model = self._loader(self._settings, self._set_stage)
+        config = getattr(self._model.model, "config", None)
+        self._sdpa = getattr(config, "_attn_implementation", None) == "sdpa"
         self.stage = "warming"
         self._warm_up()
         self.load_seconds = time.monotonic() - started
@@ -462,10 +465,16 @@ class Engine:
         batch = self._batch
         assert batch is not None
         batch.mask = torch.cat([batch.mask, batch.mask.new_ones((batch.mask.shape[0], 1))], dim=1)
+        attention_mask = batch.mask
+        if self._sdpa:
+            # One query per row attends to every real token before it: the padding mask is the
+            # whole mask. Handing it over as SDPA's 4-D boolean mask skips transformers' mask
+            # construction, a tenth of a small model's decode step.
+            attention_mask = batch.mask[:, None, None, :].bool()
         with torch.inference_mode():
             out = self.loaded.model(
                 input_ids=batch.next_tokens[:, None],
-                attention_mask=batch.mask,
+                attention_mask=attention_mask,
                 position_ids=batch.positions[:, None],
                 past_key_values=batch.cache,
                 use_cache=True,
@@ -479,7 +488,11 @@ class Engine:
         assert batch is not None
         rows = [batch.rows[i] for i in row_ids]
         choices = select_tokens(logits, [row.sampler for row in rows])
-        batch.next_tokens[row_ids] = torch.tensor([c.token for c in choices], dtype=torch.long, device=batch.next_tokens.device)
+        tokens = torch.tensor([c.token for c in choices], dtype=torch.long, device=batch.next_tokens.device)
+        if len(row_ids) == len(batch.rows):  # a decode step: every row, in order
+            batch.next_tokens = tokens
+        else:
+            batch.next_tokens[row_ids] = tokens
         now = time.monotonic()
         events: dict[Ticket, list[Event]] = {}
         finished: set[int] = set()
@@ -487,6 +500,8 @@ class Engine:
             out = events.setdefault(row.active.ticket, [])
             if self._emit(row, choice, now, out):
                 finished.add(row_id)
+        if self._metrics is not None:
+            self._metrics.generation_tokens.inc(len(rows))
         for ticket, ticket_events in events.items():
             if ticket_events:
                 ticket.sink(ticket_events)
@@ -531,7 +546,6 @@ class Engine:
                 metrics.time_to_first_token.observe(now - row.active.ticket.submitted)
             elif row.generated > 1:
                 metrics.inter_token_latency.observe(now - row.last_token_at)
-            metrics.generation_tokens.inc()
         if row.active.first_token_at is None:
             row.active.first_token_at = now
         row.last_token_at = now

@@ -10,8 +10,6 @@ disconnects puts a marker on the same queue, which cancels the request and frees
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import logging
 import time
 import uuid
@@ -24,25 +22,21 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from .admission import Admission, Admitted, Rejected
+from .chunks import StreamChunks, chat_logprobs, completion_logprobs, sse, usage_of
 from .engine import Delta, Done, Engine, Event, Failed, Finished, GenerationRequest, Ticket, TokenInfo
 from .errors import APIError, bad_request
+from .handoff import Handoff
 from .metrics import Metrics
 from .protocol import (
     AssistantMessage,
     ChatChoice,
-    ChatChunkChoice,
     ChatCompletion,
-    ChatCompletionChunk,
     ChatCompletionRequest,
-    ChatDelta,
-    ChatLogprobs,
     Completion,
     CompletionChoice,
-    CompletionLogprobs,
     CompletionRequest,
     ErrorResponse,
-    TokenLogprob,
-    TopLogprob,
+    FinishReason,
     Usage,
 )
 from .sampling import SamplingParams
@@ -110,10 +104,6 @@ class Collected:
     finish_reason: str | None = None
 
 
-def sse(payload: dict[str, Any] | str) -> str:
-    return f"data: {payload if isinstance(payload, str) else json.dumps(payload, separators=(',', ':'))}\n\n"
-
-
 class Serving:
     def __init__(self, settings: Settings, engine: Engine, admission: Admission, metrics: Metrics, model_name: str) -> None:
         self.settings = settings
@@ -123,6 +113,8 @@ class Serving:
         self.model_name = model_name
         self.idle = asyncio.Event()
         self.idle.set()
+        self._handoff: Handoff[object] | None = None
+        self._handoff_loop: asyncio.AbstractEventLoop | None = None
 
     # --- entry points ---
 
@@ -232,6 +224,11 @@ class Serving:
 
     # --- running ---
 
+    def _handoff_for(self, loop: asyncio.AbstractEventLoop) -> Handoff[object]:
+        if self._handoff is None or self._handoff_loop is not loop:
+            self._handoff, self._handoff_loop = Handoff(loop), loop
+        return self._handoff
+
     async def _run(self, prepared: Prepared, http: Request, *, chat: bool) -> Response:
         rows = len(prepared.prompts) * prepared.n
         admitted = self._reject(self.admission.try_acquire(rows, ready=self.engine.ready))
@@ -239,12 +236,10 @@ class Serving:
         lease = Lease(self.admission, admitted, self._released)
         try:
             queue: asyncio.Queue[object] = asyncio.Queue()
-            loop = asyncio.get_running_loop()
+            handoff = self._handoff_for(asyncio.get_running_loop())
 
             def sink(events: list[Event]) -> None:
-                # A closed loop (shutdown) means nobody is listening any more.
-                with contextlib.suppress(RuntimeError):
-                    loop.call_soon_threadsafe(queue.put_nowait, events)
+                handoff.post(queue, events)
 
             request = GenerationRequest(
                 prompts=prepared.prompts,
@@ -258,7 +253,8 @@ class Serving:
             lease.ticket = self.engine.submit(request, sink)
             created, rid = int(time.time()), ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
             if prepared.stream:
-                body = self._stream(queue, lease, prepared, chat, rid, created)
+                chunks = StreamChunks(rid=rid, created=created, model=self.model_name, chat=chat, logprobs=prepared.logprobs)
+                body = self._stream(queue, lease, prepared, chunks)
                 return LeasedStream(body, lease, {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
             watcher = asyncio.ensure_future(_watch_disconnect(http, queue))
             try:
@@ -273,48 +269,54 @@ class Serving:
         if self.admission.idle:
             self.idle.set()
 
-    async def _events(self, queue: asyncio.Queue[object], lease: Lease) -> AsyncIterator[Event | None]:
-        """Engine events until Done/Failed; None when the client went away."""
+    async def _batches(self, queue: asyncio.Queue[object], lease: Lease) -> AsyncIterator[list[Event] | None]:
+        """Engine events as they arrive, all that are waiting at once, up to Done/Failed; None when the client went away.
+
+        Taking every waiting batch together is what lets a loop that fell behind catch up with one
+        write per request instead of one per token.
+        """
         while True:
-            item = await queue.get()
-            if item is _DISCONNECTED:
-                yield None
-                return
-            assert isinstance(item, list)
-            for event in item:
-                if isinstance(event, Done | Failed):
-                    lease.finished = True
-                yield event
-                if isinstance(event, Done | Failed):
+            items = [await queue.get()]
+            while not queue.empty():
+                items.append(queue.get_nowait())
+            events: list[Event] = []
+            for item in items:
+                if item is _DISCONNECTED:
+                    yield None
                     return
+                assert isinstance(item, list)
+                for event in item:
+                    events.append(event)
+                    if isinstance(event, Done | Failed):
+                        lease.finished = True
+                        yield events
+                        return
+            yield events
 
     async def _collect(
         self, queue: asyncio.Queue[object], lease: Lease, prepared: Prepared, chat: bool, rid: str, created: int
     ) -> Response:
         try:
             choices = [Collected() for _ in range(len(prepared.prompts) * prepared.n)]
-            async for event in self._events(queue, lease):
-                if event is None:
+            async for events in self._batches(queue, lease):
+                if events is None:
                     return Response(status_code=499)  # nobody to answer; the ticket is cancelled on close
-                if isinstance(event, Failed):
-                    raise APIError(_FAILURE_STATUS[event.kind], event.message, code=event.kind)
-                if isinstance(event, Delta):
-                    choices[event.index].text.append(event.text)
-                    choices[event.index].logprobs.extend(event.logprobs)
-                elif isinstance(event, Finished):
-                    choices[event.index].finish_reason = event.reason
-                elif isinstance(event, Done):
-                    usage = Usage(
-                        prompt_tokens=event.prompt_tokens,
-                        completion_tokens=event.completion_tokens,
-                        total_tokens=event.prompt_tokens + event.completion_tokens,
-                    )
-                    return JSONResponse(self._final(choices, prepared, chat, rid, created, usage))
+                for event in events:
+                    if isinstance(event, Failed):
+                        raise APIError(_FAILURE_STATUS[event.kind], event.message, code=event.kind)
+                    if isinstance(event, Delta):
+                        choices[event.index].text.append(event.text)
+                        choices[event.index].logprobs.extend(event.logprobs)
+                    elif isinstance(event, Finished):
+                        choices[event.index].finish_reason = event.reason
+                    elif isinstance(event, Done):
+                        return JSONResponse(self._final(choices, prepared, chat, rid, created, usage_of(event)))
             raise APIError(500, "generation ended without a result")
         finally:
             lease.close()
 
     def _final(self, choices: list[Collected], prepared: Prepared, chat: bool, rid: str, created: int, usage: Usage) -> dict[str, Any]:
+        reasons: list[FinishReason] = ["length" if c.finish_reason == "length" else "stop" for c in choices]
         if chat:
             return ChatCompletion(
                 id=rid,
@@ -325,8 +327,8 @@ class Serving:
                     ChatChoice(
                         index=i,
                         message=AssistantMessage(content="".join(c.text)),
-                        finish_reason="length" if c.finish_reason == "length" else "stop",
-                        logprobs=_chat_logprobs(c.logprobs) if prepared.logprobs else None,
+                        finish_reason=reasons[i],
+                        logprobs=chat_logprobs(c.logprobs) if prepared.logprobs else None,
                     )
                     for i, c in enumerate(choices)
                 ],
@@ -340,50 +342,32 @@ class Serving:
                 CompletionChoice(
                     index=i,
                     text="".join(c.text),
-                    finish_reason="length" if c.finish_reason == "length" else "stop",
-                    logprobs=_completion_logprobs(c.logprobs, 0) if prepared.logprobs else None,
+                    finish_reason=reasons[i],
+                    logprobs=completion_logprobs(c.logprobs, 0) if prepared.logprobs else None,
                 )
                 for i, c in enumerate(choices)
             ],
         ).model_dump(mode="json")
 
-    async def _stream(
-        self, queue: asyncio.Queue[object], lease: Lease, prepared: Prepared, chat: bool, rid: str, created: int
-    ) -> AsyncIterator[str]:
-        offsets = [0] * (len(prepared.prompts) * prepared.n)
+    async def _stream(self, queue: asyncio.Queue[object], lease: Lease, prepared: Prepared, chunks: StreamChunks) -> AsyncIterator[str]:
         try:
-            if chat:
-                for index in range(len(offsets)):
-                    role = ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content=""))
-                    yield sse(self._chat_chunk(rid, created, role))
-            async for event in self._events(queue, lease):
-                if event is None:
+            if chunks.chat:
+                yield "".join(chunks.role(index) for index in range(len(prepared.prompts) * prepared.n))
+            async for events in self._batches(queue, lease):
+                if events is None:
                     return
-                if isinstance(event, Failed):
-                    error = APIError(_FAILURE_STATUS[event.kind], event.message, code=event.kind).body()
-                    yield sse(error.model_dump(mode="json"))
-                    break
-                if isinstance(event, Delta):
-                    yield sse(self._delta_chunk(event, prepared, chat, rid, created, offsets))
-                elif isinstance(event, Finished):
-                    if chat:
-                        end = ChatChunkChoice(index=event.index, delta=ChatDelta(), finish_reason=event.reason)
-                        yield sse(self._chat_chunk(rid, created, end))
-                    else:
-                        choice = CompletionChoice(index=event.index, text="", finish_reason=event.reason)
-                        yield sse(Completion(id=rid, created=created, model=self.model_name, choices=[choice]).model_dump(mode="json"))
-                elif isinstance(event, Done) and prepared.include_usage:
-                    usage = Usage(
-                        prompt_tokens=event.prompt_tokens,
-                        completion_tokens=event.completion_tokens,
-                        total_tokens=event.prompt_tokens + event.completion_tokens,
-                    )
-                    last: ChatCompletionChunk | Completion
-                    if chat:
-                        last = ChatCompletionChunk(id=rid, created=created, model=self.model_name, choices=[], usage=usage)
-                    else:
-                        last = Completion(id=rid, created=created, model=self.model_name, choices=[], usage=usage)
-                    yield sse(last.model_dump(mode="json"))
+                parts: list[str] = []
+                for event in events:
+                    if isinstance(event, Failed):
+                        error = APIError(_FAILURE_STATUS[event.kind], event.message, code=event.kind).body()
+                        parts.append(sse(error.model_dump(mode="json")))
+                    elif isinstance(event, Delta):
+                        parts.append(chunks.delta(event))
+                    elif isinstance(event, Finished):
+                        parts.append(chunks.finished(event))
+                    elif isinstance(event, Done) and prepared.include_usage:
+                        parts.append(chunks.usage(event))
+                yield "".join(parts)
             yield sse("[DONE]")
         except Exception as exc:  # after the stream started the status is sent: one error event, then [DONE]
             log.exception("Stream failed")
@@ -393,51 +377,9 @@ class Serving:
         finally:
             lease.close()
 
-    def _chat_chunk(self, rid: str, created: int, choice: ChatChunkChoice) -> dict[str, Any]:
-        data = ChatCompletionChunk(id=rid, created=created, model=self.model_name, choices=[choice]).model_dump(mode="json")
-        # OpenAI omits unset delta fields rather than sending nulls.
-        data["choices"][0]["delta"] = {k: v for k, v in data["choices"][0]["delta"].items() if v is not None}
-        return data
-
-    def _delta_chunk(self, event: Delta, prepared: Prepared, chat: bool, rid: str, created: int, offsets: list[int]) -> dict[str, Any]:
-        if chat:
-            logprobs = _chat_logprobs(event.logprobs) if prepared.logprobs else None
-            choice = ChatChunkChoice(index=event.index, delta=ChatDelta(content=event.text), logprobs=logprobs)
-            return self._chat_chunk(rid, created, choice)
-        completion_logprobs = _completion_logprobs(event.logprobs, offsets[event.index]) if prepared.logprobs else None
-        offsets[event.index] += sum(len(info.token) for info in event.logprobs)
-        text_choice = CompletionChoice(index=event.index, text=event.text, finish_reason=None, logprobs=completion_logprobs)
-        return Completion(id=rid, created=created, model=self.model_name, choices=[text_choice]).model_dump(mode="json")
-
 
 async def _watch_disconnect(http: Request, queue: asyncio.Queue[object]) -> None:
     # The body has been read, so the next ASGI message can only be the disconnect.
     while (await http.receive())["type"] != "http.disconnect":
         pass
     queue.put_nowait(_DISCONNECTED)
-
-
-def _chat_logprobs(infos: list[TokenInfo]) -> ChatLogprobs:
-    return ChatLogprobs(
-        content=[
-            TokenLogprob(
-                token=info.token,
-                logprob=info.logprob,
-                bytes=list(info.token.encode()),
-                top_logprobs=[TopLogprob(token=t, logprob=lp, bytes=list(t.encode())) for t, lp in info.top],
-            )
-            for info in infos
-        ]
-    )
-
-
-def _completion_logprobs(infos: list[TokenInfo], start: int) -> CompletionLogprobs:
-    result = CompletionLogprobs()
-    offset = start
-    for info in infos:
-        result.tokens.append(info.token)
-        result.token_logprobs.append(info.logprob)
-        result.top_logprobs.append({t: lp for t, lp in info.top})
-        result.text_offset.append(offset)
-        offset += len(info.token)
-    return result

@@ -79,6 +79,8 @@ def engine(tiny_model_dir: Path) -> Any:
 
 def test_batched_greedy_equals_sequential_greedy(engine: Engine, tiny_model_dir: Path) -> None:
     tokenizer = engine.loaded.tokenizer
+    # SDPA: decode steps hand the model a prepared 4-D padding mask, so that path is under test.
+    assert engine.loaded.model.config._attn_implementation == "sdpa"
     prompts = [list(tokenizer(t, add_special_tokens=False).input_ids) for t in TEXTS]
     assert len({len(p) for p in prompts}) == len(prompts)  # all different lengths: real padding
     requests = [GenerationRequest(prompts=[p], max_tokens=[48], params=GREEDY) for p in prompts]
