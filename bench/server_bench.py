@@ -6,7 +6,9 @@ Systems (``--systems``):
 - ``ours-omp1`` (and optionally ``seed-omp1``, ``tserve-omp1``): the same server started with
   ``OMP_NUM_THREADS=1`` (one intra-op thread) - on a small, shared CPU the thread setting decides
   more than the design does (docs/benchmarks.md, "## Server");
-- ``seed``: the seed article's design, ``bench/baselines/seed_server.py`` (one locked
+- ``seed``: the seed article's design as written, ``bench/baselines/seed_server.py`` (one
+  ``model.generate`` thread per request streaming through a ``TextIteratorStreamer`` that the
+  event loop waits on); ``seed-locked``: the same server with ``--design locked`` (one locked
   ``model.generate`` per request in the default threadpool, nothing streamed);
 - ``tserve``: ``transformers serve --continuous-batching`` on the same model directory;
 - ``inprocess``: no HTTP at all - bare ``model.generate`` at batch 1 and a static left-padded batch
@@ -63,9 +65,9 @@ log = logging.getLogger("bench.server")
 RESULTS_DIR = REPO / "bench" / "results"
 VENV_BIN = Path(sys.executable).parent
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-SERVER_SYSTEMS = ("ours", "ours-omp1", "seed", "seed-omp1", "tserve", "tserve-omp1")
+SERVER_SYSTEMS = ("ours", "ours-omp1", "seed", "seed-omp1", "seed-locked", "tserve", "tserve-omp1")
 ALL_SYSTEMS = (*SERVER_SYSTEMS, "inprocess")
-DEFAULT_SYSTEMS = ("ours", "ours-omp1", "seed", "tserve", "inprocess")
+DEFAULT_SYSTEMS = ("ours", "ours-omp1", "seed", "seed-locked", "tserve", "inprocess")
 TARGETS = {
     "ours_over_seed_at_16": 15.0,
     "ours_over_tserve_at_16": 1.4,
@@ -241,6 +243,7 @@ def server_spec(system: str, model_dir: Path, max_num_seqs: int) -> ServerSpec:
         return ServerSpec(system, argv, port, "/readyz", "/livez", env)
     if base == "seed":
         argv = [python, str(REPO / "bench" / "baselines" / "seed_server.py"), "--model", str(model_dir), "--port", str(port)]
+        argv += ["--design", "locked"] if variant == "locked" else []
         return ServerSpec(system, argv, port, "/livez", "/livez", env)
     if base == "tserve":
         # Its paged KV cache is sized from free RAM by default (60-90 % of it: ~14 GiB here, OOM-killed
@@ -781,6 +784,7 @@ def analyse(results: dict[str, Any]) -> dict[str, Any]:
             "engine_fraction_of_inprocess": _ratio(engine, ceiling),
             "best_ours_fraction_of_engine": _ratio(best("ours"), engine),
             "ours_over_seed": _ratio(ours, tput("seed")),
+            "ours_over_seed_locked": _ratio(ours, tput("seed-locked")),
             "ours_over_tserve": _ratio(ours, tput("tserve")),
             "best_ours_over_best_seed": _ratio(best("ours"), best("seed")),
             "best_ours_over_best_tserve": _ratio(best("ours"), best("tserve")),
@@ -811,11 +815,12 @@ def markdown(results: dict[str, Any]) -> str:
         cells += [_fmt(r["inprocess_ceiling_tok_s"], ".1f"), _fmt(r.get("engine_tok_s"), ".1f"), _fmt(r["roofline_tok_s"], ".0f")]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Ratios - as shipped (default threads) | each at its better thread setting (best of X, X-omp1):", ""]
-    head = ["streams", "ours/seed", "ours/tserve", "ours / ceiling", "ours % roofline"]
+    head = ["streams", "ours/seed", "ours/seed-locked", "ours/tserve", "ours / ceiling", "ours % roofline"]
     head += ["best ours / best seed", "best ours / best tserve", "best ours / ceiling", "best ours % roofline", "best ours / engine"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [str(r["concurrency"]), _fmt(r["ours_over_seed"], ".2f", "x"), _fmt(r["ours_over_tserve"], ".2f", "x")]
+        cells = [str(r["concurrency"]), _fmt(r["ours_over_seed"], ".2f", "x"), _fmt(r.get("ours_over_seed_locked"), ".2f", "x")]
+        cells += [_fmt(r["ours_over_tserve"], ".2f", "x")]
         cells += [_fmt(_pct(r["ours_fraction_of_inprocess"]), ".0f", " %"), _fmt(_pct(r["ours_fraction_of_roofline"]), ".1f", " %")]
         cells += [_fmt(r["best_ours_over_best_seed"], ".2f", "x"), _fmt(r["best_ours_over_best_tserve"], ".2f", "x")]
         cells += [
