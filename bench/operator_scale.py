@@ -678,7 +678,6 @@ def machine() -> dict[str, Any]:
         "kernel": platform.release(),
         "python": platform.python_version(),
         "loadavg_at_start": Path("/proc/loadavg").read_text().split()[:3],
-        "shared": "2 cores shared with other work (builds, tests of other engineers) during the run",
     }
 
 
@@ -754,7 +753,7 @@ def plot(results: dict[str, Any], path: Path) -> bool:
     )
     cost.set(xscale="log", xlabel="N LLMServices", title="Cost per LLMService", ylim=(0, None))
     cost.legend()
-    figure.suptitle(f"llmservice operator at scale ({results['machine']['nproc']} cores, shared; kwok nodes)")
+    figure.suptitle(f"llmservice operator at scale ({results['machine']['nproc']} cores; kwok nodes)")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
