@@ -7,11 +7,12 @@ stopped, cancelled or timed out. Results go back through each request's `sink`, 
 side points at `loop.call_soon_threadsafe` - the engine never touches the event loop itself.
 
 The batch is one left-padded KV cache (transformers `DynamicCache`, one `[rows, heads, len, dim]`
-tensor pair per layer). Newcomers are prefilled together on their own, then their cache rows are
-spliced in (both sides padded on the left to a common length); finished rows are dropped by index
-and fully padded leading columns trimmed. Padding lives in the attention mask and every row has
-its own position ids, so a row computes what it would compute alone: batched greedy output is
-the sequential greedy output.
+tensor pair per layer). Newcomers are prefilled together on their own, a chunk of their prompts
+per engine step between decode steps (so a long prompt never stalls the running streams for more
+than one chunk's forward), then their cache rows are spliced in (both sides padded on the left
+to a common length); finished rows are dropped by index and fully padded leading columns trimmed.
+Padding lives in the attention mask and every row has its own position ids, so a row computes
+what it would compute alone: batched greedy output is the sequential greedy output.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from .textstream import IncrementalDetokenizer, StopMatcher
 
 log = logging.getLogger(__name__)
 
-PREFILL_TOKEN_BUDGET = 8192  # padded prompt tokens prefilled in one forward (bounds memory)
+PREFILL_TOKEN_BUDGET = 8192  # padded prompt tokens of one newcomer group (bounds its KV cache)
 FinishReason = Literal["stop", "length"]
 FailureKind = Literal["timeout", "shutdown", "internal"]
 
@@ -138,6 +139,20 @@ class _Row:
     last_token_at: float = 0.0
 
 
+@dataclass(eq=False)
+class _Prefill:
+    """Newcomers whose prompts are read a chunk per engine step, before they join the batch."""
+
+    tickets: list[Ticket]
+    rows: list[_Row]
+    group_of_row: list[int]  # prompt index of each row (n > 1: rows share their prompt's cache)
+    ids: torch.Tensor  # [prompts, longest] left-padded
+    mask: torch.Tensor  # [prompts, longest] 1 = real token
+    positions: torch.Tensor  # [prompts, longest]
+    cache: DynamicCache
+    read: int = 0  # columns already through the model
+
+
 @dataclass
 class _Batch:
     cache: DynamicCache
@@ -182,6 +197,7 @@ class Engine:
         self._inbox: deque[Ticket] = deque()
         self._waiting: deque[Ticket] = deque()
         self._batch: _Batch | None = None
+        self._prefilling: _Prefill | None = None
         self._stopping = False
         self._abort_message: str | None = None
         self._model: LoadedModel | None = None
@@ -293,7 +309,7 @@ class Engine:
         self._waiting.append(Ticket(warm, lambda events: None, self._wake))
         metrics, self._metrics = self._metrics, None  # warm-up traffic is not user traffic
         try:
-            while self._waiting or self._batch is not None:
+            while self._waiting or self._prefilling is not None or self._batch is not None:
                 self._admit()
                 if self._batch is not None:
                     self._decode_step()
@@ -303,7 +319,7 @@ class Engine:
     def _serve(self) -> None:
         while True:
             with self._cond:
-                if self._batch is None and not self._waiting:
+                if self._batch is None and self._prefilling is None and not self._waiting:
                     self._cond.wait_for(lambda: self._inbox or self._stopping or self._abort_message, timeout=1.0)
                 if self._stopping:
                     return
@@ -350,29 +366,35 @@ class Engine:
             self._metrics.finished("abort", now - ticket.submitted)
 
     def _admit(self) -> None:
-        room = self._settings.max_num_seqs - self._running_rows()
-        budget = PREFILL_TOKEN_BUDGET
-        chosen: list[Ticket] = []
-        while self._waiting and self._waiting[0].request.rows <= room:
-            ticket = self._waiting[0]
-            cost = max(len(p) for p in ticket.request.prompts) * len(ticket.request.prompts)
-            if chosen and cost > budget:
-                break
-            self._waiting.popleft()
-            chosen.append(ticket)
-            room -= ticket.request.rows
-            budget -= cost
-        if chosen:
-            running = self._batch
-            try:
-                self._prefill(chosen)
-            except Exception:
-                if self._batch is not running:
-                    raise  # the newcomers already joined the batch: the step handler fails it
-                log.exception("Prefill failed: failing the new requests", extra={"requests": len(chosen)})
-                self._fail(chosen, "internal", "internal error while reading the prompt")
+        """Read the next prompt chunk of the newcomers, choosing them first if there are none."""
+        if self._prefilling is None:
+            room = self._settings.max_num_seqs - self._running_rows()
+            budget = PREFILL_TOKEN_BUDGET
+            chosen: list[Ticket] = []
+            while self._waiting and self._waiting[0].request.rows <= room:
+                ticket = self._waiting[0]
+                cost = max(len(p) for p in ticket.request.prompts) * len(ticket.request.prompts)
+                if chosen and cost > budget:
+                    break
+                self._waiting.popleft()
+                chosen.append(ticket)
+                room -= ticket.request.rows
+                budget -= cost
+            if not chosen:
+                return
+            self._prefilling = self._start_prefill(chosen)
+        group = self._prefilling
+        running = self._batch
+        try:
+            self._prefill_chunk(group)
+        except Exception:
+            if self._batch is not running:
+                raise  # the newcomers already joined the batch: the step handler fails it
+            self._prefilling = None
+            log.exception("Prefill failed: failing the new requests", extra={"requests": len(group.tickets)})
+            self._fail(group.tickets, "internal", "internal error while reading the prompt")
 
-    def _prefill(self, tickets: list[Ticket]) -> None:
+    def _start_prefill(self, tickets: list[Ticket]) -> _Prefill:
         loaded = self.loaded
         now = time.monotonic()
         prompts: list[list[int]] = []
@@ -400,32 +422,42 @@ class Engine:
             ids[g, longest - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
             mask[g, longest - len(prompt) :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache()
+        return _Prefill(tickets, rows, group_of_row, ids, mask, positions, DynamicCache())
+
+    def _prefill_chunk(self, group: _Prefill) -> None:
+        """One forward over the next columns of the group's prompts; the last one joins the batch."""
+        loaded = self.loaded
         device = loaded.device
+        prompts, longest = group.ids.shape
+        end = min(longest, group.read + max(1, self._settings.prefill_chunk_tokens // prompts))
         with torch.inference_mode():
             out = loaded.model(
-                input_ids=ids.to(device),
-                attention_mask=mask.to(device),
-                position_ids=positions.to(device),
-                past_key_values=cache,
+                input_ids=group.ids[:, group.read : end].to(device),
+                attention_mask=group.mask[:, :end].to(device),
+                position_ids=group.positions[:, group.read : end].to(device),
+                past_key_values=group.cache,
                 use_cache=True,
                 logits_to_keep=1,
             )
-        layers = _layers(cache)
-        expand = torch.tensor(group_of_row, dtype=torch.long)
-        if group_of_row != list(range(len(prompts))):  # n > 1: rows share their prompt's cache
+        group.read = end
+        if end < longest:
+            return
+        self._prefilling = None
+        layers = _layers(group.cache)
+        expand = torch.tensor(group.group_of_row, dtype=torch.long)
+        if group.group_of_row != list(range(prompts)):  # n > 1: rows share their prompt's cache
             for layer in layers:
                 layer.batch_select_indices(expand.to(device))
         logits = out.logits[:, -1, :][expand.to(device)]
         newcomer = _Batch(
-            cache=cache,
-            mask=mask[expand].to(device),
-            positions=mask[expand].sum(-1).to(device),
-            next_tokens=torch.zeros(len(rows), dtype=torch.long, device=device),
-            rows=rows,
+            cache=group.cache,
+            mask=group.mask[expand].to(device),
+            positions=group.mask[expand].sum(-1).to(device),
+            next_tokens=torch.zeros(len(group.rows), dtype=torch.long, device=device),
+            rows=group.rows,
         )
         self._batch = newcomer if self._batch is None else self._merge(self._batch, newcomer)
-        start = len(self._batch.rows) - len(rows)
+        start = len(self._batch.rows) - len(group.rows)
         self._advance(logits, list(range(start, len(self._batch.rows))))
 
     @staticmethod
@@ -567,6 +599,7 @@ class Engine:
     def _publish_queue(self) -> None:
         if self._metrics is not None:
             running = len({row.active for row in self._batch.rows}) if self._batch is not None else 0
+            running += len(self._prefilling.tickets) if self._prefilling is not None else 0
             self._metrics.set_queue(running=running, waiting=len(self._waiting) + len(self._inbox))
 
     def _fail_everything(self, kind: FailureKind, message: str) -> None:
@@ -575,6 +608,9 @@ class Engine:
             self._inbox.clear()
         waiting = list(self._waiting)
         self._waiting.clear()
+        if self._prefilling is not None:
+            waiting += self._prefilling.tickets
+            self._prefilling = None
         self._fail(waiting, kind, message)
         self._fail_running(kind, message)
 

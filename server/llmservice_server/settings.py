@@ -55,6 +55,12 @@ class Settings(BaseSettings):
     workers: int = Field(default=1, ge=1, description="uvicorn worker processes, each with its own model.")
     max_num_seqs: int = Field(default=16, ge=1, description="Sequences decoded together (running batch).")
     max_queue: int = Field(default=64, ge=0, description="Sequences admitted but waiting for a batch slot.")
+    prefill_chunk_tokens: int = Field(
+        default=512,
+        ge=1,
+        description="Prompt tokens (summed over newcomers, padding included) read per engine step between decode steps: "
+        "bounds how long running streams wait while new prompts are read.",
+    )
     request_timeout_seconds: float = Field(default=600.0, gt=0)
     drain_seconds: float = Field(default=30.0, ge=0, description="How long SIGTERM waits for streams.")
     api_key_file: Path | None = Field(default=None, description="File with the bearer token; auth is off if unset.")

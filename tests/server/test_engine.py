@@ -70,9 +70,10 @@ def run(engine: Engine, requests: list[GenerationRequest], stagger: float = 0.0)
     return sinks
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_model_dir: Path) -> Any:
-    engine = start_engine(tiny_model_dir, max_num_seqs=8)
+# 512: every prompt here is read in one forward; 8: in chunks of 8 padded tokens between decode steps.
+@pytest.fixture(scope="module", params=[512, 8], ids=["whole-prompts", "8-token-prefill-chunks"])
+def engine(tiny_model_dir: Path, request: pytest.FixtureRequest) -> Any:
+    engine = start_engine(tiny_model_dir, max_num_seqs=8, prefill_chunk_tokens=request.param)
     yield engine
     engine.stop()
 
@@ -214,3 +215,34 @@ def test_a_failing_decode_step_fails_the_batch_and_the_engine_goes_on(faulty: An
     assert engine.ready and engine.alive()
     (after,) = run(engine, [GenerationRequest(prompts=[[5, 6]], max_tokens=[3], params=GREEDY)])
     assert after.finish().completion_tokens == 3
+
+
+@pytest.mark.parametrize(("chunk", "interleaved"), [(16, True), (4096, False)])
+def test_running_streams_keep_decoding_while_a_long_prompt_is_read(tiny_model_dir: Path, chunk: int, interleaved: bool) -> None:
+    engine = start_engine(tiny_model_dir, max_num_seqs=4, prefill_chunk_tokens=chunk)
+    try:
+        timeline: list[tuple[str, Event]] = []  # appended by the engine thread, in the order it emits
+
+        def sink(name: str, collector: Collector) -> Callable[[list[Event]], None]:
+            def record(events: list[Event]) -> None:
+                timeline.extend((name, e) for e in events)
+                collector(events)
+
+            return record
+
+        running, newcomer = Collector(), Collector()
+        engine.submit(GenerationRequest(prompts=[[5, 6, 7]], max_tokens=[300], params=GREEDY), sink("running", running))
+        deadline = time.monotonic() + 30
+        while not any(isinstance(e, Finished | Delta) for e in running.events):
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        long_prompt = [10 + i % 400 for i in range(800)]  # 800 tokens: 50 chunks of 16
+        engine.submit(GenerationRequest(prompts=[long_prompt], max_tokens=[1], params=GREEDY), sink("newcomer", newcomer))
+        assert newcomer.done.wait(60) and running.done.wait(60)
+        first_newcomer = next(i for i, (name, _) in enumerate(timeline) if name == "newcomer")
+        running_before = sum(1 for name, _ in timeline[:first_newcomer] if name == "running")
+        # Read in one forward, the prompt stalls the running stream (it had emitted a token or two
+        # when the newcomer arrived); read in 50 chunks, about 50 decode steps go on in between.
+        assert (running_before > 30) is interleaved, running_before
+    finally:
+        engine.stop()
