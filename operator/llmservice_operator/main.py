@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import httpx
@@ -46,6 +46,21 @@ def build_settings(args: argparse.Namespace) -> OperatorSettings:
     if args.log_level:
         overrides["log_level"] = args.log_level
     return OperatorSettings(**overrides)
+
+
+class NoDiffBase(kopf.DiffBaseStorage):
+    """kopf builds a deep-copied "essence" of every object on every watch event, for change-detecting
+    handlers (on.create/update) to diff against. This operator has only event handlers, which never
+    read it, and at 1000 LLMServices building it was a fifth of the operator's CPU."""
+
+    def build(self, *, body: kopf.Body, extra_fields: Iterable[Any] | None = None) -> kopf.BodyEssence:
+        return kopf.BodyEssence()
+
+    def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
+        return None
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
+        raise AssertionError("no change-detecting handler is registered: nothing may store a diff-base")
 
 
 class Operator:
@@ -88,6 +103,7 @@ class Operator:
     async def _startup(self, settings: kopf.OperatorSettings, **_: Any) -> None:
         # Our handlers leave no state in objects; kopf's own event posting is off, we post ours.
         settings.posting.enabled = False
+        settings.persistence.diffbase_storage = NoDiffBase()
         if self.settings.watch_timeout_seconds is not None:
             settings.watching.server_timeout = self.settings.watch_timeout_seconds
             settings.watching.client_timeout = self.settings.watch_timeout_seconds + 10
