@@ -53,7 +53,9 @@ def _valid_unicode(value: object) -> None:
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: "max_tokens": "20" or "stream": "yes" is a 400, as OpenAI answers, not a silent
+    # conversion (a JSON integer still fills a float field).
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     @field_validator("*")
     @classmethod

@@ -34,6 +34,11 @@ def assert_openai_error(response: httpx.Response, status: int, code: str | None 
         ({"n": 0}, "n"),
         ({"messages": []}, "messages"),
         ({"max_tokens": "many"}, "max_tokens"),
+        # Strict types: a number or flag given as a string is refused, not converted.
+        ({"max_tokens": "4"}, "max_tokens"),
+        ({"temperature": "0.5"}, "temperature"),
+        ({"stream": "true"}, "stream"),
+        ({"n": 1.0}, "n"),
         ({"top_logprobs": 3}, None),  # without logprobs
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ({"messages": [{"role": "robot", "content": "x"}]}, None),
