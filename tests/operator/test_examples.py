@@ -145,13 +145,6 @@ def test_core_objects_in_examples_are_valid(name: str, doc: Document) -> None:
     kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
 
 
-def test_argocd_health_check_is_keyed_to_the_llmservice_kind() -> None:
-    (config,) = [doc for _, doc in DOCUMENTS if doc.get("kind") == "ConfigMap" and doc["metadata"]["name"] == "argocd-cm"]
-    script = config["data"][f"resource.customizations.health.{api.GROUP}_{api.KIND}"]
-    for needle in ("observedGeneration", "generation", '"Ready"', '"Degraded"', '"Healthy"', '"Progressing"'):
-        assert needle in script
-
-
 def test_argocd_application_points_at_an_existing_example() -> None:
     (app,) = [doc for _, doc in DOCUMENTS if doc.get("kind") == "Application"]
     source = app["spec"]["source"]
