@@ -62,7 +62,8 @@ def test_deployment_carries_gpu_memory_env_probes_and_security() -> None:
     svc = service({
         "model": {"source": {"huggingFace": {"repo": "org/model", "revision": "v1"}}, "tokenSecretRef": {"name": "hf", "key": "token"}},
         "resources": {"gpu": {"count": 2, "type": "NVIDIA-L4"}, "memory": {"request": "24Gi", "limit": "32Gi"}, "shmSize": "8Gi"},
-        "server": {"maxNumSeqs": 32, "maxQueue": 100, "drainSeconds": 45, "workers": 2, "requestTimeoutSeconds": 120},
+        "server": {"maxNumSeqs": 32, "maxQueue": 100, "prefillChunkTokens": 256, "drainSeconds": 45, "workers": 2,
+                   "requestTimeoutSeconds": 120},
     })
     deployment = by_kind(render(svc, CONTEXT))["Deployment"]
     pod = deployment["spec"]["template"]["spec"]
@@ -73,7 +74,8 @@ def test_deployment_carries_gpu_memory_env_probes_and_security() -> None:
     }
     expected_env = {
         "LLMSERVICE_MODEL": "org/model", "LLMSERVICE_REVISION": "v1", "LLMSERVICE_MAX_NUM_SEQS": "32",
-        "LLMSERVICE_MAX_QUEUE": "100", "LLMSERVICE_DRAIN_SECONDS": "45", "LLMSERVICE_WORKERS": "2",
+        "LLMSERVICE_MAX_QUEUE": "100", "LLMSERVICE_PREFILL_CHUNK_TOKENS": "256", "LLMSERVICE_DRAIN_SECONDS": "45",
+        "LLMSERVICE_WORKERS": "2",
         "LLMSERVICE_REQUEST_TIMEOUT_SECONDS": "120", "LLMSERVICE_SERVED_MODEL_NAME": "org/model",
         "LLMSERVICE_DEVICE": "cuda",
         "HF_TOKEN": {"secretKeyRef": {"name": "hf", "key": "token"}},
