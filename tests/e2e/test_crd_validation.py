@@ -186,6 +186,7 @@ def test_minimal_llmservice_is_accepted_and_defaulted(crd: ControlPlane, namespa
         "workers": 1,
         "maxNumSeqs": 16,
         "maxQueue": 64,
+        "prefillChunkTokens": 512,
         "requestTimeoutSeconds": 600,
         "drainSeconds": 30,
     }
