@@ -51,6 +51,8 @@ from tests.cluster import ControlPlane, WaitTimeout, wait_for  # noqa: E402
 from tests.cluster.controlplane import gpu_node_manifest  # noqa: E402
 from tests.e2e.operator_harness import OperatorProcess, helm_install, service_account_kubeconfig  # noqa: E402
 
+from bench.plots import pyplot  # noqa: E402
+
 log = logging.getLogger("bench.operator_scale")
 
 RESULTS_DIR = REPO / "bench" / "results"
@@ -723,13 +725,8 @@ def table(runs: dict[str, dict[str, Any]]) -> str:
 
 
 def plot(results: dict[str, Any], path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.warning("matplotlib is not installed (pip install -e '.[bench]'); no plot")
+    plt = pyplot()
+    if plt is None:
         return False
     runs = {int(key): run for key, run in results["runs"].items() if "error" not in run}
     if not runs:

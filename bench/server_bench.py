@@ -59,6 +59,7 @@ if str(REPO) not in sys.path:  # run as a script: make `bench` and `tests` impor
     sys.path.insert(0, str(REPO))
 
 from bench.loadgen import SLO, LoadConfig, RequestSpec, make_workload, run_benchmark  # noqa: E402
+from bench.plots import pyplot  # noqa: E402
 
 log = logging.getLogger("bench.server")
 
@@ -858,13 +859,8 @@ def _x_axis(ax: Any, xs: list[int]) -> None:
 
 
 def plot(results: dict[str, Any], path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.warning("matplotlib is not installed (pip install -e '.[bench]'): no plot")
+    plt = pyplot()
+    if plt is None:
         return False
     rows = results["analysis"]["rows"]
     xs = [r["concurrency"] for r in rows]

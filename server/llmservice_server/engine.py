@@ -4,7 +4,7 @@ Why one thread: torch and the KV cache are not shared between threads, and one o
 step-level batching simple. Requests arrive through `submit` (any thread), wait in a bounded
 deque (admission bounds it), join the batch between decode steps and leave it when finished,
 stopped, cancelled or timed out. Results go back through each request's `sink`, which the async
-side points at `loop.call_soon_threadsafe` - the engine never touches the event loop itself.
+side points at its `Handoff` (one loop wakeup per step) - the engine never touches the event loop.
 
 The batch is one left-padded KV cache (transformers `DynamicCache`, one `[rows, heads, len, dim]`
 tensor pair per layer). Newcomers are prefilled together on their own, a chunk of their prompts
@@ -422,7 +422,8 @@ class Engine:
             ids[g, longest - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
             mask[g, longest - len(prompt) :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        return _Prefill(tickets, rows, group_of_row, ids, mask, positions, DynamicCache())
+        device = loaded.device  # moved once: every chunk slices these
+        return _Prefill(tickets, rows, group_of_row, ids.to(device), mask.to(device), positions.to(device), DynamicCache())
 
     def _prefill_chunk(self, group: _Prefill) -> None:
         """One forward over the next columns of the group's prompts; the last one joins the batch."""
@@ -432,9 +433,9 @@ class Engine:
         end = min(longest, group.read + max(1, self._settings.prefill_chunk_tokens // prompts))
         with torch.inference_mode():
             out = loaded.model(
-                input_ids=group.ids[:, group.read : end].to(device),
-                attention_mask=group.mask[:, :end].to(device),
-                position_ids=group.positions[:, group.read : end].to(device),
+                input_ids=group.ids[:, group.read : end],
+                attention_mask=group.mask[:, :end],
+                position_ids=group.positions[:, group.read : end],
                 past_key_values=group.cache,
                 use_cache=True,
                 logits_to_keep=1,
@@ -444,15 +445,15 @@ class Engine:
             return
         self._prefilling = None
         layers = _layers(group.cache)
-        expand = torch.tensor(group.group_of_row, dtype=torch.long)
+        expand = torch.tensor(group.group_of_row, dtype=torch.long, device=device)
         if group.group_of_row != list(range(prompts)):  # n > 1: rows share their prompt's cache
             for layer in layers:
-                layer.batch_select_indices(expand.to(device))
-        logits = out.logits[:, -1, :][expand.to(device)]
+                layer.batch_select_indices(expand)
+        logits = out.logits[:, -1, :][expand]
         newcomer = _Batch(
             cache=group.cache,
-            mask=group.mask[expand].to(device),
-            positions=group.mask[expand].sum(-1).to(device),
+            mask=group.mask[expand],
+            positions=group.mask[expand].sum(-1),
             next_tokens=torch.zeros(len(group.rows), dtype=torch.long, device=device),
             rows=group.rows,
         )

@@ -19,7 +19,7 @@ T = TypeVar("T")
 
 class Handoff(Generic[T]):
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
+        self.loop = loop
         self._lock = threading.Lock()
         self._pending: list[tuple[asyncio.Queue[T], T]] = []
 
@@ -30,7 +30,7 @@ class Handoff(Generic[T]):
             if len(self._pending) > 1:
                 return  # the flush scheduled for the first item takes this one too
         with contextlib.suppress(RuntimeError):  # a closed loop (shutdown): nobody is listening any more
-            self._loop.call_soon_threadsafe(self._flush)
+            self.loop.call_soon_threadsafe(self._flush)
 
     def _flush(self) -> None:
         with self._lock:

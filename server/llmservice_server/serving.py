@@ -113,8 +113,7 @@ class Serving:
         self.model_name = model_name
         self.idle = asyncio.Event()
         self.idle.set()
-        self._handoff: Handoff[object] | None = None
-        self._handoff_loop: asyncio.AbstractEventLoop | None = None
+        self._handoff: Handoff[object] | None = None  # made on the serving loop, at the first request
 
     # --- entry points ---
 
@@ -225,8 +224,8 @@ class Serving:
     # --- running ---
 
     def _handoff_for(self, loop: asyncio.AbstractEventLoop) -> Handoff[object]:
-        if self._handoff is None or self._handoff_loop is not loop:
-            self._handoff, self._handoff_loop = Handoff(loop), loop
+        if self._handoff is None or self._handoff.loop is not loop:
+            self._handoff = Handoff(loop)
         return self._handoff
 
     async def _run(self, prepared: Prepared, http: Request, *, chat: bool) -> Response:
