@@ -2,7 +2,9 @@
 
 Systems (``--systems``):
 
-- ``ours``: ``python -m llmservice_server.main --model <dir> --max-num-seqs 32`` (streaming SSE);
+- ``ours``: ``python -m llmservice_server.main --model <dir> --max-num-seqs 32`` (streaming SSE),
+  its engine in a child process; ``ours-thread``: the engine on a thread of the server process
+  (``LLMSERVICE_ENGINE_PROCESS=false``, the design before the split);
 - ``ours-omp1`` (and optionally ``seed-omp1``, ``tserve-omp1``): the same server started with
   ``OMP_NUM_THREADS=1`` (one intra-op thread) - on a small, shared CPU the thread setting decides
   more than the design does (docs/benchmarks.md, "## Server");
@@ -18,9 +20,10 @@ Systems (``--systems``):
 Every server is started on a free loopback port, warmed up, and driven by bench/loadgen.py at each
 concurrency (``--concurrency``) with the same seeded mixed-length workload; /livez (or /health)
 is polled every 50 ms from a separate thread during each run. The CPU used by other processes on
-the machine is measured per run (from /proc/stat minus this process and the server), because the
-machine is shared. Results: bench/results/server-<model>.json and server-<model>.png, and
-markdown tables on stdout. Nothing here fails on a missed target.
+the machine is measured per run (from /proc/stat minus this process and the server, a server
+being its whole session: server and engine process), because the machine is shared. Results:
+bench/results/server-<model>.json and server-<model>.png, and markdown tables on stdout.
+Nothing here fails on a missed target.
 
     .venv/bin/python bench/server_bench.py                      # tiny random model, all systems
     .venv/bin/python bench/server_bench.py --model smollm2      # SmolLM2-135M (fewer requests)
@@ -66,7 +69,7 @@ log = logging.getLogger("bench.server")
 RESULTS_DIR = REPO / "bench" / "results"
 VENV_BIN = Path(sys.executable).parent
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-SERVER_SYSTEMS = ("ours", "ours-omp1", "seed", "seed-omp1", "seed-locked", "tserve", "tserve-omp1")
+SERVER_SYSTEMS = ("ours", "ours-omp1", "ours-thread", "seed", "seed-omp1", "seed-locked", "tserve", "tserve-omp1")
 ALL_SYSTEMS = (*SERVER_SYSTEMS, "inprocess")
 DEFAULT_SYSTEMS = ("ours", "ours-omp1", "seed", "seed-locked", "tserve", "inprocess")
 TARGETS = {
@@ -161,12 +164,21 @@ def _machine_ticks() -> tuple[int, int]:
     return total - idle, total
 
 
-def _proc_ticks(pid: int) -> int:
-    with contextlib.suppress(OSError):
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        fields = stat[stat.rindex(")") + 2 :].split()
-        return int(fields[11]) + int(fields[12])  # utime + stime
-    return 0
+def _proc_ticks(session: int) -> int:
+    """CPU ticks of every process in a server's session: the server and any processes it started.
+
+    Servers start in a session of their own (`start_new_session`), so a server whose engine runs
+    in a child process (ours by default) is counted whole; exited children count through their
+    parent's cutime/cstime once reaped.
+    """
+    ticks = 0
+    for stat_path in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            stat = stat_path.read_text()
+            fields = stat[stat.rindex(")") + 2 :].split()
+            if int(fields[3]) == session:  # state ppid pgrp session ...
+                ticks += sum(int(v) for v in fields[11:15])  # utime stime cutime cstime
+    return ticks
 
 
 @dataclass
@@ -238,6 +250,8 @@ def server_spec(system: str, model_dir: Path, max_num_seqs: int) -> ServerSpec:
     python = sys.executable
     base, _, variant = system.partition("-")
     env = {"OMP_NUM_THREADS": "1"} if variant == "omp1" else {}
+    if variant == "thread":
+        env = {"LLMSERVICE_ENGINE_PROCESS": "false"}  # the engine on a thread of the server process
     if base == "ours":
         argv = [python, "-m", "llmservice_server.main", "--model", str(model_dir), "--max-num-seqs", str(max_num_seqs)]
         argv += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", "--drain-seconds", "1", "--max-queue", "512"]
@@ -273,11 +287,11 @@ class Server:
     def pause(self) -> None:
         """SIGSTOP: a paused server takes no CPU while another system is measured."""
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGSTOP)
+            os.killpg(self.proc.pid, signal.SIGSTOP)  # its whole session: an engine process too
 
     def resume(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)
+            os.killpg(self.proc.pid, signal.SIGCONT)
             time.sleep(0.2)
 
     def start(self, timeout: float) -> float:
@@ -306,7 +320,7 @@ class Server:
         proc = self.proc
         if proc is None or proc.poll() is not None:
             return
-        proc.send_signal(signal.SIGCONT)
+        os.killpg(proc.pid, signal.SIGCONT)
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(timeout=30)

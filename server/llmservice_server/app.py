@@ -2,8 +2,9 @@
 
 Nothing here is module-global: each call builds its own metrics, admission and engine, so tests
 can run several apps in one process and uvicorn workers each build their own (`app_from_env`).
-The lifespan starts the engine thread, which loads the model in the background - the server
-answers health checks (503 with the loading stage) while that happens - and stops it on exit.
+The lifespan starts the engine (a child process, or a thread with `--no-engine-process`), which
+loads the model in the background - the server answers health checks (503 with the loading stage)
+while that happens - and stops it on exit.
 
 With more than one worker, a worker's lifespan startup waits for its model instead: uvicorn starts
 accepting on the shared socket only after startup, so a loading worker takes no connection while
@@ -27,8 +28,10 @@ from prometheus_client import CollectorRegistry, multiprocess
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .admission import Admission
+from .backend import Backend
 from .drain import Drainer
 from .engine import Engine
+from .engine_process import EngineProcess
 from .errors import install_error_handlers
 from .loader import resolve_source
 from .logs import configure_logging, request_id_var
@@ -90,7 +93,7 @@ class RequestContext:
             request_id_var.reset(token)
 
 
-async def _until_loaded(engine: Engine, drainer: Drainer) -> None:
+async def _until_loaded(engine: Backend, drainer: Drainer) -> None:
     """Wait for the model (or a SIGTERM, which ends startup so uvicorn can exit); a failed load raises."""
     loaded = asyncio.ensure_future(asyncio.to_thread(engine.wait_settled))
     stopping = asyncio.ensure_future(drainer.requested.wait())
@@ -117,11 +120,11 @@ def _read_api_key(path: Path | None) -> str | None:
     return key
 
 
-def create_app(settings: Settings, engine: Engine | None = None, registry: CollectorRegistry | None = None) -> FastAPI:
+def create_app(settings: Settings, engine: Backend | None = None, registry: CollectorRegistry | None = None) -> FastAPI:
     model_name = served_model_name(settings)
     metrics = Metrics(registry if registry is not None else CollectorRegistry(), model_name)
     if engine is None:
-        engine = Engine(settings, metrics)
+        engine = EngineProcess(settings, model_name) if settings.engine_process else Engine(settings, metrics)
     admission = Admission(settings.max_num_seqs, settings.max_queue)
     serving = Serving(settings, engine, admission, metrics, model_name)
     drainer = Drainer(admission, serving.idle, settings.drain_seconds, engine.abort_all)
@@ -139,7 +142,7 @@ def create_app(settings: Settings, engine: Engine | None = None, registry: Colle
             yield
         finally:
             drainer.uninstall()
-            await asyncio.to_thread(engine.stop)  # joins the engine thread: not on the event loop
+            await asyncio.to_thread(engine.stop)  # joins the engine: not on the event loop
             if multiprocess_dir() is not None:
                 # Drop this worker's live gauges (untyped in prometheus-client).
                 multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]

@@ -189,8 +189,10 @@ class Engine:
         settings: Settings,
         metrics: Metrics | None = None,
         loader: Callable[[Settings, Callable[[str], None]], LoadedModel] = load,
+        on_stage: Callable[[str], None] | None = None,
     ) -> None:
         self._settings = settings
+        self._on_stage = on_stage  # told every stage change, after `error` / `load_seconds` are set
         self._metrics = metrics
         self._loader = loader
         self._cond = threading.Condition()
@@ -263,7 +265,7 @@ class Engine:
         except Exception as exc:
             log.exception("Model load failed")
             self.error = f"{type(exc).__name__}: {exc}"
-            self.stage = "failed"
+            self._set_stage("failed")
             self._fail_everything("internal", f"model failed to load: {self.error}")
             return
         finally:
@@ -273,32 +275,34 @@ class Engine:
         except Exception as exc:
             log.exception("Engine loop crashed")
             self.error = f"{type(exc).__name__}: {exc}"
-            self.stage = "failed"
+            self._set_stage("failed")
         finally:
             self._fail_everything("shutdown", "server is shutting down")
             if self.stage != "failed":
-                self.stage = "stopped"
+                self._set_stage("stopped")
 
     def _load(self) -> None:
         started = time.monotonic()
         if self._settings.load_delay_seconds:
-            self.stage = "delayed"
+            self._set_stage("delayed")
             with self._cond:
                 self._cond.wait_for(lambda: self._stopping, timeout=self._settings.load_delay_seconds)
-        self.stage = "loading"
+        self._set_stage("loading")
         self._model = self._loader(self._settings, self._set_stage)
         config = getattr(self._model.model, "config", None)
         self._sdpa = getattr(config, "_attn_implementation", None) == "sdpa"
-        self.stage = "warming"
+        self._set_stage("warming")
         self._warm_up()
         self.load_seconds = time.monotonic() - started
         if self._metrics is not None:
             self._metrics.model_load_seconds.set(self.load_seconds)
         log.info("Model ready", extra={"load_seconds": round(self.load_seconds, 3)})
-        self.stage = "ready"
+        self._set_stage("ready")
 
     def _set_stage(self, stage: str) -> None:
         self.stage = stage
+        if self._on_stage is not None:
+            self._on_stage(stage)
 
     def _warm_up(self) -> None:
         # One real generation through the batching path: first-call overheads are paid here,

@@ -2,7 +2,8 @@
 
 One worker: the app is built here and served in this process. More workers: uvicorn's process
 supervisor starts each worker with the `app_from_env` factory; the settings travel as
-LLMSERVICE_* env vars, and Prometheus multiprocess mode gets a fresh directory.
+LLMSERVICE_* env vars. Whenever more than one process serves (workers, or the engine's own child
+process), Prometheus multiprocess mode gets a fresh directory.
 """
 
 from __future__ import annotations
@@ -47,17 +48,26 @@ def _config(settings: Settings, app: object) -> uvicorn.Config:
 
 def run(settings: Settings) -> None:
     configure_logging(settings.log_level)
-    if settings.workers > 1:
-        metrics_dir = tempfile.mkdtemp(prefix="llmservice-metrics-")
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    if settings.workers == 1 and not settings.engine_process:
+        _serve(settings)
+        return
+    # Several processes write metrics: prometheus-client reads this variable when it is first
+    # imported, which is below (and in every process started from here), never before.
+    metrics_dir = tempfile.mkdtemp(prefix="llmservice-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    try:
+        if settings.workers == 1:
+            _serve(settings)
+            return
         os.environ.update(settings.to_env())
         config = _config(settings, "llmservice_server.app:app_from_env")
-        try:
-            # SIGTERM: the supervisor passes it to every worker (each drains) and joins them.
-            Multiprocess(config, sockets=[config.bind_socket()]).run()
-        finally:
-            shutil.rmtree(metrics_dir, ignore_errors=True)
-        return
+        # SIGTERM: the supervisor passes it to every worker (each drains) and joins them.
+        Multiprocess(config, sockets=[config.bind_socket()]).run()
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _serve(settings: Settings) -> None:
     from .app import create_app  # noqa: PLC0415  # torch/transformers: only where a model is served
 
     config = _config(settings, create_app(settings))

@@ -3,7 +3,7 @@
 The routes hand a parsed request here. Checks that need the model (chat template, token counts,
 context length) run after the cheap ones (model name, unsupported fields, n), tokenization runs in
 a worker thread, and only then is a slot taken from admission. Engine events arrive on an
-`asyncio.Queue` per request (the engine thread calls `loop.call_soon_threadsafe`); a client that
+`asyncio.Queue` per request (through the `Handoff`: one `loop.call_soon_threadsafe` per burst); a client that
 disconnects puts a marker on the same queue, which cancels the request and frees its slot.
 """
 
@@ -22,8 +22,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from .admission import Admission, Admitted, Rejected
+from .backend import Backend, Cancellable
 from .chunks import StreamChunks, chat_logprobs, completion_logprobs, sse, usage_of
-from .engine import Delta, Done, Engine, Event, Failed, Finished, GenerationRequest, Ticket, TokenInfo
+from .engine import Delta, Done, Event, Failed, Finished, GenerationRequest, TokenInfo
 from .errors import APIError, bad_request
 from .handoff import Handoff
 from .metrics import Metrics
@@ -55,7 +56,7 @@ class Lease:
     admission: Admission
     admitted: Admitted
     on_release: Callable[[], None]
-    ticket: Ticket | None = None
+    ticket: Cancellable | None = None
     finished: bool = False
     closed: bool = False
 
@@ -105,7 +106,7 @@ class Collected:
 
 
 class Serving:
-    def __init__(self, settings: Settings, engine: Engine, admission: Admission, metrics: Metrics, model_name: str) -> None:
+    def __init__(self, settings: Settings, engine: Backend, admission: Admission, metrics: Metrics, model_name: str) -> None:
         self.settings = settings
         self.engine = engine
         self.admission = admission

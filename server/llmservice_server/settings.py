@@ -46,13 +46,19 @@ class Settings(BaseSettings):
     device: Device = "auto"
     max_model_len: int | None = Field(default=None, ge=1, description="Context length; default from config.")
     torch_threads: int = Field(
-        default=0, ge=0,
+        default=0,
+        ge=0,
         description="CPU threads for torch; 0: the cores this process may use per worker, minus one left "
         "for the event loop and HTTP (at least 1). Oversubscribed threads made decoding 4-6x slower on 2 cores.",
     )
     host: str = "0.0.0.0"
     port: int = Field(default=8000, ge=0, le=65535)
     workers: int = Field(default=1, ge=1, description="uvicorn worker processes, each with its own model.")
+    engine_process: bool = Field(
+        default=True,
+        description="Run the model in a child process, so the event loop and the engine do not share one GIL; "
+        "off: a thread of the server process (less memory, slower streaming on CPU).",
+    )
     max_num_seqs: int = Field(default=16, ge=1, description="Sequences decoded together (running batch).")
     max_queue: int = Field(default=64, ge=0, description="Sequences admitted but waiting for a batch slot.")
     prefill_chunk_tokens: int = Field(

@@ -1,4 +1,4 @@
-"""`--workers 2`: two uvicorn worker processes behind one port, one /metrics, one clean shutdown."""
+"""`--workers 2`: two uvicorn worker processes (each with its engine process) behind one port, one /metrics, one clean shutdown."""
 
 from __future__ import annotations
 
@@ -34,6 +34,13 @@ def children(pid: int) -> set[int]:
             continue  # exited while we looked
         if int(fields[1]) == pid and fields[0] != "Z":
             found.add(int(stat.parent.name))
+    return found
+
+
+def descendants(pid: int) -> set[int]:
+    found = children(pid)
+    for child in set(found):
+        found |= descendants(child)
     return found
 
 
@@ -80,10 +87,14 @@ def test_two_workers_share_metrics_and_shut_down_cleanly(tiny_model_dir: Path, t
         wait_for(lambda: _listening(proc), STARTUP_DEADLINE, "a worker to listen")
         first = httpx.get(proc.url + "/readyz", timeout=10)
         assert first.status_code == 200, first.text
-        wait_for(lambda: len(logged_pids(proc, "Model ready")) == WORKERS, 120, "every worker to load its model")
-        workers = logged_pids(proc, "Model ready")
+        wait_for(lambda: len(logged_pids(proc, "Server started")) == WORKERS, 120, "every worker to load its model")
+        workers = logged_pids(proc, "Server started")
         assert workers <= children(proc.proc.pid), proc.logs()
-        everyone = children(proc.proc.pid)  # the workers and multiprocessing's resource tracker
+        # Each worker's engine runs in a process of its own, a child of that worker.
+        engines = logged_pids(proc, "Model ready")
+        assert len(engines) == WORKERS, proc.logs()
+        assert all(len(children(worker) & engines) == 1 for worker in workers), proc.logs()
+        everyone = descendants(proc.proc.pid)  # workers, their engines, multiprocessing's resource trackers
         assert metric(proc, "vllm:request_success_total") == 0
 
         # Concurrent rounds until both workers have answered (the kernel picks who accepts).

@@ -1,0 +1,51 @@
+"""What the HTTP side needs of an engine, whether it runs on a thread here or in a child process.
+
+`Engine` (a thread in this process) and `EngineProcess` (the same engine in a child process) both
+satisfy `Backend`; serving, routes and the drain only ever see this protocol.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from transformers import PreTrainedTokenizerBase
+
+from .engine import GenerationRequest, Sink
+
+
+class ModelFacts(Protocol):
+    """What request validation reads from the loaded model."""
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase: ...
+
+    @property
+    def max_model_len(self) -> int: ...
+
+
+class Cancellable(Protocol):
+    def cancel(self) -> None: ...
+
+
+class Backend(Protocol):
+    stage: str  # starting, delayed, loading, loading_model, warming, ready, failed, stopped
+    error: str | None
+    load_seconds: float | None
+
+    @property
+    def ready(self) -> bool: ...
+
+    @property
+    def loaded(self) -> ModelFacts: ...
+
+    def alive(self) -> bool: ...
+
+    def start(self) -> None: ...
+
+    def wait_settled(self, timeout: float | None = None) -> bool: ...
+
+    def submit(self, request: GenerationRequest, sink: Sink) -> Cancellable: ...
+
+    def abort_all(self, message: str) -> None: ...
+
+    def stop(self, timeout: float = 10.0) -> None: ...

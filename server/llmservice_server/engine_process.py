@@ -1,0 +1,329 @@
+"""The engine in a child process: the event loop and the model each get a GIL of their own.
+
+In one process the engine thread and the event loop take turns on one GIL. On CPU most of a small
+model's decode step is Python (transformers' forward, sampling, detokenization) and so is
+streaming (SSE chunks, HTTP writes), so the server topped out near one core however many the pod
+had (docs/benchmarks.md). `EngineProcess` runs the same `Engine` in a child process started with
+`spawn` and is, to serving, the same `Backend`:
+
+- submits, cancels, aborts and stop go down one pipe;
+- events come up batched: all the engine posted while the child's sender slept, which is about
+  one engine step's worth, in one message, with stage changes in the order the engine made them;
+- when the model is ready the child sends the tokenizer and the context length, which request
+  validation reads on this side;
+- the child ignores SIGINT and SIGTERM (the parent drains, then sends `Stop`) and stops by itself
+  when the pipe closes, so it never outlives its parent;
+- both processes write metrics to prometheus-client's multiprocess directory (`main` sets it up),
+  so `/metrics` reads as before;
+- a child that dies (OOM-killed, crashed) fails every request in flight with a 500 and turns
+  `/livez` to 503, so the kubelet restarts the container.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import multiprocessing
+import signal
+import threading
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+
+from prometheus_client import CollectorRegistry, multiprocess
+from transformers import PreTrainedTokenizerBase
+
+from .engine import Done, Engine, Event, Failed, FailureKind, GenerationRequest, Sink, Ticket
+from .logs import configure_logging
+from .metrics import Metrics, multiprocess_dir
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+_SETTLED = frozenset({"ready", "failed", "stopped"})
+_KILL_GRACE_SECONDS = 5.0
+
+
+# --- what crosses the pipe ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What request validation needs of the model, sent up once it is loaded."""
+
+    tokenizer: PreTrainedTokenizerBase
+    max_model_len: int
+
+
+@dataclass(frozen=True)
+class Submit:
+    rid: int
+    request: GenerationRequest
+
+
+@dataclass(frozen=True)
+class Cancel:
+    rid: int
+
+
+@dataclass(frozen=True)
+class Abort:
+    message: str
+
+
+@dataclass(frozen=True)
+class Stop:
+    pass
+
+
+@dataclass(frozen=True)
+class Stage:
+    stage: str
+    error: str | None
+    load_seconds: float | None
+    facts: Facts | None
+
+
+Command = Submit | Cancel | Abort | Stop
+Upward = Stage | tuple[int, list[Event]]  # a stage change, or one request's events
+
+
+# --- the child ------------------------------------------------------------------------------------
+
+
+class _Outbox:
+    """Child side: what the engine posts, sent up in one message per wakeup of a sender thread.
+
+    The engine posts every request's events at the end of a step in a tight loop, holding the
+    GIL; the sender wakes after it and pickles the lot once, instead of once per request.
+    """
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self._cond = threading.Condition()
+        self._items: list[Upward] = []
+        self._closed = False
+        self._thread = threading.Thread(target=self._send_loop, name="llmservice-outbox", daemon=True)
+        self._thread.start()
+
+    def put(self, item: Upward) -> None:
+        with self._cond:
+            self._items.append(item)
+            if len(self._items) == 1:
+                self._cond.notify()
+
+    def close(self) -> None:
+        """Send what is left, then stop the sender."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join(timeout=10)
+
+    def _send_loop(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: bool(self._items) or self._closed)
+                items, self._items = self._items, []
+                closed = self._closed
+            if items:
+                try:
+                    self._conn.send(items)
+                except OSError:
+                    return  # the parent is gone; the main loop sees EOF and stops the engine
+            elif closed:
+                return
+
+
+def serve_child(settings: Settings, model_name: str, conn: Connection) -> None:
+    """The child process: an `Engine` fed from `conn`, its events and stages sent back on it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C reaches the whole group:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the parent drains first, then sends Stop
+    configure_logging(settings.log_level)
+    outbox = _Outbox(conn)
+    tickets: dict[int, Ticket] = {}
+
+    def on_stage(stage: str) -> None:
+        facts = Facts(engine.loaded.tokenizer, engine.loaded.max_model_len) if stage == "ready" else None
+        outbox.put(Stage(stage, engine.error, engine.load_seconds, facts))
+
+    def sink_for(rid: int) -> Sink:
+        def sink(events: list[Event]) -> None:
+            if isinstance(events[-1], Done | Failed):  # a request's last batch ends with one of them
+                tickets.pop(rid, None)
+            outbox.put((rid, events))
+
+        return sink
+
+    engine = Engine(settings, Metrics(CollectorRegistry(), model_name), on_stage=on_stage)
+    engine.start()
+    try:
+        while True:
+            try:
+                command: Command = conn.recv()
+            except (EOFError, OSError):
+                log.warning("The server process is gone: stopping the engine")
+                return
+            if isinstance(command, Submit):
+                tickets[command.rid] = engine.submit(command.request, sink_for(command.rid))
+            elif isinstance(command, Cancel):
+                cancelled = tickets.pop(command.rid, None)
+                if cancelled is not None:
+                    cancelled.cancel()
+            elif isinstance(command, Abort):
+                engine.abort_all(command.message)
+            else:
+                return
+    finally:
+        engine.stop()  # fails whatever is still in the engine, then reports "stopped"
+        outbox.close()
+
+
+# --- the parent -----------------------------------------------------------------------------------
+
+
+class RemoteTicket:
+    def __init__(self, owner: EngineProcess, rid: int) -> None:
+        self._owner = owner
+        self._rid = rid
+
+    def cancel(self) -> None:
+        self._owner.cancel(self._rid)
+
+
+class EngineProcess:
+    """A `Backend` whose engine runs in a child process; a reader thread delivers its events."""
+
+    def __init__(self, settings: Settings, model_name: str) -> None:
+        context = multiprocessing.get_context("spawn")  # never fork a process that has torch threads
+        self._conn, child_conn = context.Pipe(duplex=True)
+        self._child_conn: Connection | None = child_conn
+        self._process = context.Process(target=serve_child, args=(settings, model_name, child_conn), name="llmservice-engine")
+        self._reader = threading.Thread(target=self._read, name="llmservice-engine-reader", daemon=True)
+        self._send_lock = threading.Lock()  # the event loop and the shutdown thread both send
+        self._sinks: dict[int, Sink] = {}
+        self._sinks_lock = threading.Lock()  # orders `submit` against the child's death
+        self._gone: tuple[FailureKind, str] | None = None
+        self._ids = itertools.count()
+        self._facts: Facts | None = None
+        self._settled = threading.Event()
+        self._stopping = False
+        self.stage = "starting"
+        self.error: str | None = None
+        self.load_seconds: float | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.stage == "ready"
+
+    @property
+    def loaded(self) -> Facts:
+        if self._facts is None:
+            raise RuntimeError("model not loaded")
+        return self._facts
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid
+
+    def alive(self) -> bool:
+        # As `Engine.alive`: an engine that failed is dead even if its process idles on.
+        return self.stage == "stopped" or (self.stage != "failed" and self._process.is_alive())
+
+    def start(self) -> None:
+        self._process.start()
+        if self._child_conn is not None:
+            self._child_conn.close()  # only the child holds its end now: its exit reads as EOF here
+            self._child_conn = None
+        self._reader.start()
+
+    def wait_settled(self, timeout: float | None = None) -> bool:
+        return self._settled.wait(timeout)
+
+    def submit(self, request: GenerationRequest, sink: Sink) -> RemoteTicket:
+        rid = next(self._ids)
+        with self._sinks_lock:
+            gone = self._gone
+            if gone is None:
+                self._sinks[rid] = sink
+        if gone is None and not self._send(Submit(rid, request)):
+            gone = ("internal", "the engine process is not running")
+            self._sinks.pop(rid, None)
+        if gone is not None:
+            sink([Failed(*gone)])
+        return RemoteTicket(self, rid)
+
+    def cancel(self, rid: int) -> None:
+        if self._sinks.pop(rid, None) is not None:
+            self._send(Cancel(rid))
+
+    def abort_all(self, message: str) -> None:
+        self._send(Abort(message))
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stopping = True
+        self._send(Stop())
+        self._settled.set()
+        if self._process.pid is None:
+            return  # never started
+        # The reader ends once the child has exited and reaps it; only one thread may wait for it.
+        self._reader.join(timeout)
+        if self._reader.is_alive():  # still loading, or stuck in a step: do not wait for it
+            log.warning("Engine process did not stop in %.0f s: killing it", timeout)
+            self._process.kill()
+            self._reader.join(_KILL_GRACE_SECONDS)
+
+    def _send(self, command: Command) -> bool:
+        # A blocking write: the child's main thread does nothing but read commands, so the pipe
+        # never stays full long enough to hold up the event loop.
+        with self._send_lock:
+            try:
+                self._conn.send(command)
+            except (OSError, ValueError):  # ValueError: our end is already closed
+                return False
+        return True
+
+    def _read(self) -> None:
+        while True:
+            try:
+                items: list[Upward] = self._conn.recv()
+            except (EOFError, OSError):
+                break
+            for item in items:
+                if isinstance(item, Stage):
+                    self._on_stage(item)
+                    continue
+                rid, events = item
+                sink = self._sinks.pop(rid, None) if isinstance(events[-1], Done | Failed) else self._sinks.get(rid)
+                if sink is not None:  # None: cancelled here while the child was still sending
+                    sink(events)
+        self._child_gone()
+
+    def _on_stage(self, stage: Stage) -> None:
+        if stage.facts is not None:
+            self._facts = stage.facts
+        self.error = stage.error
+        self.load_seconds = stage.load_seconds
+        self.stage = stage.stage  # last: "ready" is seen only with the facts in place
+        if stage.stage in _SETTLED:
+            self._settled.set()
+
+    def _child_gone(self) -> None:
+        self._process.join(_KILL_GRACE_SECONDS)
+        code = self._process.exitcode
+        if self._stopping:
+            gone: tuple[FailureKind, str] = ("shutdown", "server is shutting down")
+            if self.stage != "failed":
+                self.stage = "stopped"
+        else:
+            gone = ("internal", f"the engine process exited unexpectedly (exit code {code})")
+            log.error("Engine process exited unexpectedly", extra={"exit_code": code})
+            self.error = gone[1]
+            self.stage = "failed"
+        with self._sinks_lock:
+            self._gone = gone
+            sinks, self._sinks = list(self._sinks.values()), {}
+        for sink in sinks:
+            sink([Failed(*gone)])
+        self._settled.set()
+        if multiprocess_dir() is not None and self._process.pid is not None:
+            # Drop the child's live gauges (running / waiting), as a stopped worker does.
+            multiprocess.mark_process_dead(self._process.pid)  # type: ignore[no-untyped-call]
