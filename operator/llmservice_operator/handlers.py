@@ -37,7 +37,9 @@ def register(registry: kopf.OperatorRegistry, queue: WorkQueue[Key], store: Obje
 
 
 def _observer(kind: str, queue: WorkQueue[Key], store: ObjectStore) -> Any:
-    def observe(event: kopf.RawEvent, **_: Any) -> None:
+    # A coroutine, though it never awaits: kopf runs a plain function in its thread pool (a thread
+    # hop and two tasks per watch event), and the store and the queue belong to the event loop.
+    async def observe(event: kopf.RawEvent, **_: Any) -> None:
         body = event["object"]
         if event["type"] == "DELETED":
             metadata = body.get("metadata") or {}

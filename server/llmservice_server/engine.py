@@ -190,9 +190,11 @@ class Engine:
         metrics: Metrics | None = None,
         loader: Callable[[Settings, Callable[[str], None]], LoadedModel] = load,
         on_stage: Callable[[str], None] | None = None,
+        after_events: Callable[[], None] | None = None,
     ) -> None:
         self._settings = settings
         self._on_stage = on_stage  # told every stage change, after `error` / `load_seconds` are set
+        self._after_events = after_events  # on this thread, once the sinks of a step (or of the final failures) were fed
         self._metrics = metrics
         self._loader = loader
         self._cond = threading.Condition()
@@ -278,6 +280,8 @@ class Engine:
             self._set_stage("failed")
         finally:
             self._fail_everything("shutdown", "server is shutting down")
+            if self._after_events is not None:
+                self._after_events()
             if self.stage != "failed":
                 self._set_stage("stopped")
 
@@ -344,6 +348,8 @@ class Engine:
                 # not the server: the engine thread goes on with an empty batch.
                 log.exception("Decode step failed: failing the running requests")
                 self._fail_running("internal", "internal error while generating")
+            if self._after_events is not None:
+                self._after_events()
 
     # --- scheduling ---
 

@@ -7,8 +7,8 @@ had (docs/benchmarks.md). `EngineProcess` runs the same `Engine` in a child proc
 `spawn` and is, to serving, the same `Backend`:
 
 - submits, cancels, aborts and stop go down one pipe;
-- events come up batched: all the engine posted while the child's sender slept, which is about
-  one engine step's worth, in one message, with stage changes in the order the engine made them;
+- events come up batched, one message per engine step, with stage changes in the order the
+  engine made them;
 - when the model is ready the child sends the tokenizer and the context length, which request
   validation reads on this side;
 - the child ignores SIGINT and SIGTERM (the parent drains, then sends `Stop`) and stops by itself
@@ -21,6 +21,7 @@ had (docs/benchmarks.md). `EngineProcess` runs the same `Engine` in a child proc
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import multiprocessing
@@ -90,47 +91,26 @@ Upward = Stage | tuple[int, list[Event]]  # a stage change, or one request's eve
 # --- the child ------------------------------------------------------------------------------------
 
 
-class _Outbox:
-    """Child side: what the engine posts, sent up in one message per wakeup of a sender thread.
+class _Uplink:
+    """Child side: what the engine thread produces, sent up in one message per engine step.
 
-    The engine posts every request's events at the end of a step in a tight loop, holding the
-    GIL; the sender wakes after it and pickles the lot once, instead of once per request.
+    Only the engine thread puts and flushes (sinks, stage changes and `after_events` all run on
+    it), so this needs no lock and no thread of its own: one pickle and one write per step.
     """
 
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
-        self._cond = threading.Condition()
         self._items: list[Upward] = []
-        self._closed = False
-        self._thread = threading.Thread(target=self._send_loop, name="llmservice-outbox", daemon=True)
-        self._thread.start()
 
     def put(self, item: Upward) -> None:
-        with self._cond:
-            self._items.append(item)
-            if len(self._items) == 1:
-                self._cond.notify()
+        self._items.append(item)
 
-    def close(self) -> None:
-        """Send what is left, then stop the sender."""
-        with self._cond:
-            self._closed = True
-            self._cond.notify()
-        self._thread.join(timeout=10)
-
-    def _send_loop(self) -> None:
-        while True:
-            with self._cond:
-                self._cond.wait_for(lambda: bool(self._items) or self._closed)
-                items, self._items = self._items, []
-                closed = self._closed
-            if items:
-                try:
-                    self._conn.send(items)
-                except OSError:
-                    return  # the parent is gone; the main loop sees EOF and stops the engine
-            elif closed:
-                return
+    def flush(self) -> None:
+        if not self._items:
+            return
+        items, self._items = self._items, []
+        with contextlib.suppress(OSError):  # the parent is gone: the main loop sees EOF and stops
+            self._conn.send(items)
 
 
 def serve_child(settings: Settings, model_name: str, conn: Connection) -> None:
@@ -138,22 +118,23 @@ def serve_child(settings: Settings, model_name: str, conn: Connection) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C reaches the whole group:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the parent drains first, then sends Stop
     configure_logging(settings.log_level)
-    outbox = _Outbox(conn)
+    uplink = _Uplink(conn)
     tickets: dict[int, Ticket] = {}
 
     def on_stage(stage: str) -> None:
         facts = Facts(engine.loaded.tokenizer, engine.loaded.max_model_len) if stage == "ready" else None
-        outbox.put(Stage(stage, engine.error, engine.load_seconds, facts))
+        uplink.put(Stage(stage, engine.error, engine.load_seconds, facts))
+        uplink.flush()  # stages change outside steps too (loading, stopping): send them now
 
     def sink_for(rid: int) -> Sink:
         def sink(events: list[Event]) -> None:
             if isinstance(events[-1], Done | Failed):  # a request's last batch ends with one of them
                 tickets.pop(rid, None)
-            outbox.put((rid, events))
+            uplink.put((rid, events))
 
         return sink
 
-    engine = Engine(settings, Metrics(CollectorRegistry(), model_name), on_stage=on_stage)
+    engine = Engine(settings, Metrics(CollectorRegistry(), model_name), on_stage=on_stage, after_events=uplink.flush)
     engine.start()
     try:
         while True:
@@ -173,8 +154,7 @@ def serve_child(settings: Settings, model_name: str, conn: Connection) -> None:
             else:
                 return
     finally:
-        engine.stop()  # fails whatever is still in the engine, then reports "stopped"
-        outbox.close()
+        engine.stop()  # fails whatever is still in the engine, then reports "stopped" (flushed)
 
 
 # --- the parent -----------------------------------------------------------------------------------
