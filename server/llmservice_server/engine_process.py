@@ -119,7 +119,8 @@ def serve_child(settings: Settings, model_name: str, conn: Connection) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the parent drains first, then sends Stop
     configure_logging(settings.log_level)
     uplink = _Uplink(conn)
-    tickets: dict[int, Ticket] = {}
+    tickets: dict[int, Ticket] = {}  # for Cancel; a request's entry goes with its last event
+    filing = threading.Lock()  # a request can end before `submit` has returned its ticket
 
     def on_stage(stage: str) -> None:
         facts = Facts(engine.loaded.tokenizer, engine.loaded.max_model_len) if stage == "ready" else None
@@ -129,7 +130,8 @@ def serve_child(settings: Settings, model_name: str, conn: Connection) -> None:
     def sink_for(rid: int) -> Sink:
         def sink(events: list[Event]) -> None:
             if isinstance(events[-1], Done | Failed):  # a request's last batch ends with one of them
-                tickets.pop(rid, None)
+                with filing:
+                    tickets.pop(rid, None)
             uplink.put((rid, events))
 
         return sink
@@ -144,7 +146,8 @@ def serve_child(settings: Settings, model_name: str, conn: Connection) -> None:
                 log.warning("The server process is gone: stopping the engine")
                 return
             if isinstance(command, Submit):
-                tickets[command.rid] = engine.submit(command.request, sink_for(command.rid))
+                with filing:
+                    tickets[command.rid] = engine.submit(command.request, sink_for(command.rid))
             elif isinstance(command, Cancel):
                 cancelled = tickets.pop(command.rid, None)
                 if cancelled is not None:
