@@ -608,7 +608,7 @@ class _Tally:
         self._lock = threading.Lock()
 
     def sink(self, events: list[Any]) -> None:
-        from llmservice_server.engine import Done, Failed
+        from llmservice_server.events import Done, Failed
 
         for event in events:
             if isinstance(event, Done | Failed):
@@ -625,8 +625,8 @@ def engine_alone(spec: dict[str, Any], encode: Callable[[str], list[int]]) -> di
     """The server's own engine (llmservice_server.engine.Engine), driven in-process without HTTP:
     each level's whole workload at that many concurrent requests. Separates the engine from the
     HTTP/SSE path: server throughput / this = what the web layer costs."""
-    from llmservice_server.engine import Engine, GenerationRequest
-    from llmservice_server.sampling import SamplingParams
+    from llmservice_server.engine import Engine
+    from llmservice_server.events import GenerationRequest, SamplingParams
     from llmservice_server.settings import Settings
 
     engine = Engine(Settings(model=spec["model_dir"], max_num_seqs=spec["max_num_seqs"]))
@@ -729,8 +729,9 @@ def prepare_model(name: str, work: Path) -> tuple[Path, str]:
 
 def smollm2_dir() -> Path:
     """The server's own dequantized copy of the bundled GGUF (created on first use, ~30 s)."""
-    from llmservice_server.loader import _converted_dir, load, resolve_source
+    from llmservice_server.loader import _converted_dir, load
     from llmservice_server.settings import Settings
+    from llmservice_server.source import resolve_source
 
     settings = Settings(model="bundled")
     target = _converted_dir(settings, resolve_source(settings))

@@ -30,16 +30,15 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .admission import Admission
 from .backend import Backend
 from .drain import Drainer
-from .engine import Engine
 from .engine_process import EngineProcess
 from .errors import install_error_handlers
-from .loader import resolve_source
 from .logs import configure_logging, request_id_var
 from .metrics import Metrics, multiprocess_dir
 from .openapi import DocumentedApp
 from .routes import build_router
 from .serving import Serving
 from .settings import BUNDLED, Settings
+from .source import resolve_source
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +122,12 @@ def _read_api_key(path: Path | None) -> str | None:
 def create_app(settings: Settings, engine: Backend | None = None, registry: CollectorRegistry | None = None) -> FastAPI:
     model_name = served_model_name(settings)
     metrics = Metrics(registry if registry is not None else CollectorRegistry(), model_name)
-    if engine is None:
-        engine = EngineProcess(settings, model_name) if settings.engine_process else Engine(settings, metrics)
+    if engine is None and settings.engine_process:
+        engine = EngineProcess(settings, model_name)  # this process never imports torch
+    elif engine is None:
+        from .engine import Engine  # noqa: PLC0415  # torch: only where the model runs
+
+        engine = Engine(settings, metrics)
     admission = Admission(settings.max_num_seqs, settings.max_queue)
     serving = Serving(settings, engine, admission, metrics, model_name)
     drainer = Drainer(admission, serving.idle, settings.drain_seconds, engine.abort_all)

@@ -10,7 +10,7 @@ from typing import Protocol
 
 from transformers import PreTrainedTokenizerBase
 
-from .engine import GenerationRequest, Sink
+from .events import GenerationRequest, Sink
 
 
 class ModelFacts(Protocol):

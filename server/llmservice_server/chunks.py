@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .engine import Delta, Done, Finished, TokenInfo
+from .events import Delta, Done, Finished, TokenInfo
 from .protocol import (
     ChatChunkChoice,
     ChatCompletionChunk,

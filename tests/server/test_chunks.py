@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llmservice_server.chunks import StreamChunks, sse
-from llmservice_server.engine import Delta, Done, Finished, TokenInfo
+from llmservice_server.events import Delta, Done, Finished, TokenInfo
 from llmservice_server.handoff import Handoff
 
 texts = st.text(alphabet=st.characters(codec=None), max_size=40)  # surrogates, NUL, quotes, emoji

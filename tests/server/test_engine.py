@@ -13,9 +13,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from llmservice_server.engine import Delta, Done, Engine, Event, Failed, Finished, GenerationRequest, Ticket
+from llmservice_server.engine import Engine, Ticket
+from llmservice_server.events import Delta, Done, Event, Failed, Finished, GenerationRequest, SamplingParams
 from llmservice_server.loader import LoadedModel, load
-from llmservice_server.sampling import SamplingParams
 from llmservice_server.settings import Settings
 
 GREEDY = SamplingParams(temperature=0.0)

@@ -21,6 +21,11 @@ def engine_pid(server: ServerProcess) -> int:
     return found[0]
 
 
+def test_the_http_process_does_not_load_torch(server: ServerProcess) -> None:
+    assert "libtorch" not in Path(f"/proc/{server.proc.pid}/maps").read_text()
+    assert "libtorch" in Path(f"/proc/{engine_pid(server)}/maps").read_text()  # where it belongs
+
+
 def test_a_dead_engine_fails_its_streams_and_liveness(tiny_model_dir: Path, tmp_path: Path) -> None:
     server = ServerProcess(tiny_model_dir, tmp_path / "server.log")
     try:

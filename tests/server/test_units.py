@@ -11,8 +11,9 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from llmservice_server.admission import Admission, Admitted, Rejected
+from llmservice_server.events import SamplingParams
 from llmservice_server.protocol import ChatCompletionRequest, CompletionRequest
-from llmservice_server.sampling import RowSampler, SamplingParams, apply_penalties, select_tokens, top_p_filter
+from llmservice_server.sampling import RowSampler, apply_penalties, select_tokens, top_p_filter
 from llmservice_server.settings import Settings, parse_settings
 from llmservice_server.textstream import StopMatcher
 
