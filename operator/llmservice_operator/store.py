@@ -57,16 +57,18 @@ class ObjectStore:
         Nothing is returned when the store already holds this version or a newer one, so a watch
         event echoing our own write does not wake a reconcile that has nothing new to see.
         """
-        new = _slim(body)
-        metadata = new.get("metadata") or {}
+        metadata = body.get("metadata") or {}
         name = metadata.get("name")
         if not name:
             return set()
         at = (str(metadata.get("namespace") or ""), str(name))
         objects = self._objects.setdefault(kind, {})
         old = objects.get(at)
+        # Versions are checked on the incoming body before it is copied: most events that change
+        # nothing are the watch echoing our own writes, which write-through already stored.
+        incoming = _resource_version(body)
         if old is not None:
-            before, after = _version(old), _version(new)
+            before, after = _version(old), _parse_version(incoming)
             # Watch events of one object arrive in order, but our write's response can overtake the
             # events of the writes before it; storing those would make the next reconcile undo its
             # own work. Resource versions are comparable integers (KEP-5504, a conformance
@@ -75,8 +77,11 @@ class ObjectStore:
             if before is not None and after is not None and after < before:
                 return set()
             seen = _resource_version(old)
-            if (seen is not None and seen == _resource_version(new)) or old == new:
+            if seen is not None and seen == incoming:
                 return set()  # the API server never changes an object without a new resourceVersion
+        new = _slim(body)
+        if old is not None and old == new:
+            return set()
         affected = self._unindex(kind, at, old)
         objects[at] = new
         return affected | self._indexed(kind, at, new)
@@ -160,7 +165,7 @@ def _service_key(kind: str, at: tuple[str, str], body: Manifest) -> ServiceKey |
     return (at[0], str(service)) if service else None
 
 
-def _resource_version(body: Manifest) -> str | None:
+def _resource_version(body: Mapping[str, Any]) -> str | None:
     value = (body.get("metadata") or {}).get("resourceVersion")
     return str(value) if value else None
 
