@@ -4,7 +4,7 @@ In one process the engine thread and the event loop take turns on one GIL. On CP
 model's decode step is Python (transformers' forward, sampling, detokenization) and so is
 streaming (SSE chunks, HTTP writes), so the server topped out near one core however many the pod
 had (docs/benchmarks.md). `EngineProcess` runs the same `Engine` in a child process started with
-`spawn` and is, to serving, the same `Backend`:
+`spawn` and is, to serving, the same `Backend`; this process never imports torch:
 
 - submits, cancels, aborts and stop go down one pipe;
 - events come up batched, one message per engine step, with stage changes in the order the
@@ -206,10 +206,6 @@ class EngineProcess:
             raise RuntimeError("model not loaded")
         return self._facts
 
-    @property
-    def pid(self) -> int | None:
-        return self._process.pid
-
     def alive(self) -> bool:
         # As `Engine.alive`: an engine that failed is dead even if its process idles on.
         return self.stage == "stopped" or (self.stage != "failed" and self._process.is_alive())
@@ -230,11 +226,11 @@ class EngineProcess:
             gone = self._gone
             if gone is None:
                 self._sinks[rid] = sink
-        if gone is None and not self._send(Submit(rid, request)):
-            gone = ("internal", "the engine process is not running")
-            self._sinks.pop(rid, None)
         if gone is not None:
             sink([Failed(*gone)])
+        elif not self._send(Submit(rid, request)) and self._sinks.pop(rid, None) is not None:
+            # The pipe broke before the reader saw the child go (if it had, it failed this sink).
+            sink([Failed("internal", "the engine process is not running")])
         return RemoteTicket(self, rid)
 
     def cancel(self, rid: int) -> None:
