@@ -36,6 +36,21 @@ def register(registry: kopf.OperatorRegistry, queue: WorkQueue[Key], store: Obje
         )(_observer(kind, queue, store))
 
 
+def narrow_watches(settings: kopf.OperatorSettings) -> None:
+    """Ask the API server for our children only: the handlers' `labels=` filter runs client-side.
+
+    Without this, the Pod, Deployment and Service watches stream every such object in the watched
+    namespaces (the whole cluster by default) to be decoded and dropped here; with it the operator
+    costs what its LLMServices cost, whatever else runs in the cluster. The resync LISTs use the
+    same selector.
+    """
+    for kind in WATCHED_KINDS:
+        if kind != KIND:
+            resource = RESOURCES[kind]
+            group, _, version = resource.api_version.rpartition("/")
+            settings.watching.label_selectors[(group, version, resource.plural)] = naming.managed_selector()
+
+
 def _observer(kind: str, queue: WorkQueue[Key], store: ObjectStore) -> Any:
     # A coroutine, though it never awaits: kopf runs a plain function in its thread pool (a thread
     # hop and two tasks per watch event), and the store and the queue belong to the event loop.

@@ -104,6 +104,7 @@ class Operator:
         # Our handlers leave no state in objects; kopf's own event posting is off, we post ours.
         settings.posting.enabled = False
         settings.persistence.diffbase_storage = NoDiffBase()
+        handlers.narrow_watches(settings)
         if self.settings.watch_timeout_seconds is not None:
             settings.watching.server_timeout = self.settings.watch_timeout_seconds
             settings.watching.client_timeout = self.settings.watch_timeout_seconds + 10
