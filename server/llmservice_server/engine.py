@@ -5,6 +5,8 @@ step-level batching simple. Requests arrive through `submit` (any thread), wait 
 deque (admission bounds it), join the batch between decode steps and leave it when finished,
 stopped, cancelled or timed out. Results go back through each request's `sink`, which the async
 side points at its `Handoff` (one loop wakeup per step) - the engine never touches the event loop.
+In its own process (`engine_process`, the default) the sinks feed the pipe to the HTTP process
+instead, flushed once per step through `after_events`.
 
 The batch is one left-padded KV cache (transformers `DynamicCache`, one `[rows, heads, len, dim]`
 tensor pair per layer). Newcomers are prefilled together on their own, a chunk of their prompts
@@ -212,6 +214,7 @@ class Engine:
             self.error = f"{type(exc).__name__}: {exc}"
             self._set_stage("failed")
             self._fail_everything("internal", f"model failed to load: {self.error}")
+            self._events_fed()
             return
         finally:
             self._settled.set()
@@ -223,8 +226,7 @@ class Engine:
             self._set_stage("failed")
         finally:
             self._fail_everything("shutdown", "server is shutting down")
-            if self._after_events is not None:
-                self._after_events()
+            self._events_fed()
             if self.stage != "failed":
                 self._set_stage("stopped")
 
@@ -245,6 +247,10 @@ class Engine:
             self._metrics.model_load_seconds.set(self.load_seconds)
         log.info("Model ready", extra={"load_seconds": round(self.load_seconds, 3)})
         self._set_stage("ready")
+
+    def _events_fed(self) -> None:
+        if self._after_events is not None:
+            self._after_events()
 
     def _set_stage(self, stage: str) -> None:
         self.stage = stage
@@ -291,8 +297,7 @@ class Engine:
                 # not the server: the engine thread goes on with an empty batch.
                 log.exception("Decode step failed: failing the running requests")
                 self._fail_running("internal", "internal error while generating")
-            if self._after_events is not None:
-                self._after_events()
+            self._events_fed()
 
     # --- scheduling ---
 
