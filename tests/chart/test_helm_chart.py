@@ -21,6 +21,8 @@ import pytest
 import yaml
 from kubernetes_validate.utils import SchemaNotFoundError
 
+from llmservice_operator.settings import OperatorSettings
+
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "llmservice-operator"
 BUILD_SCRIPT = ROOT / "scripts" / "build-cluster-tools.sh"
@@ -281,6 +283,8 @@ def test_default_render(helm: Path) -> None:
     assert env["LLMSERVICE_OPERATOR_NAMESPACES"] == ""
     assert env["LLMSERVICE_OPERATOR_SERVER_IMAGE"] == "ghcr.io/llmservice/llmservice-server:0.1.0"
     assert env["LLMSERVICE_OPERATOR_LOG_LEVEL"] == "INFO"
+    assert env["LLMSERVICE_OPERATOR_WORKERS"] == "8"
+    assert env["LLMSERVICE_OPERATOR_RESYNC_SECONDS"] == "600"
     assert env["LLMSERVICE_OPERATOR_HEALTH_PORT"] == "8080"
     assert env["LLMSERVICE_OPERATOR_METRICS_PORT"] == "9090"
     sa_name = deployment["spec"]["template"]["spec"]["serviceAccountName"]
@@ -409,6 +413,19 @@ def test_values_override_images(helm: Path) -> None:
     assert env["LLMSERVICE_OPERATOR_LOG_LEVEL"] == "DEBUG"
 
 
+def test_values_tune_the_reconciler_and_the_operator_reads_them(helm: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rendered = render(helm, {"reconcileWorkers": "32", "resyncSeconds": "0"})
+    container = rendered.one("Deployment")["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert (env["LLMSERVICE_OPERATOR_WORKERS"], env["LLMSERVICE_OPERATOR_RESYNC_SECONDS"]) == ("32", "0")
+    # The rendered variables are the operator's own settings, read as the operator reads them.
+    for name, value in env.items():
+        if name.startswith("LLMSERVICE_OPERATOR_"):
+            monkeypatch.setenv(name, value)
+    settings = OperatorSettings()
+    assert (settings.workers, settings.resync_seconds) == (32, 0.0)
+
+
 # --- the schema rejects typos and nonsense ----------------------------------------------------
 
 
@@ -433,6 +450,8 @@ def test_schema_rejects_unknown_keys(helm: Path, values: dict[str, str]) -> None
         pytest.param({"logLevel": "LOUD"}, id="log-level-enum"),
         pytest.param({"image.pullPolicy": "Sometimes"}, id="pull-policy-enum"),
         pytest.param({"replicaCount": "-1"}, id="negative-replicas"),
+        pytest.param({"reconcileWorkers": "0"}, id="no-workers"),
+        pytest.param({"resyncSeconds": "-5"}, id="negative-resync"),
         pytest.param({"watchNamespaces": "{Not_A_Namespace}"}, id="namespace-name"),
         pytest.param({"metrics.serviceMonitor.interval": "soon"}, id="interval"),
     ],
