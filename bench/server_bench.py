@@ -71,6 +71,10 @@ VENV_BIN = Path(sys.executable).parent
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 SERVER_SYSTEMS = ("ours", "ours-omp1", "ours-thread", "seed", "seed-omp1", "seed-locked", "tserve", "tserve-omp1")
 ALL_SYSTEMS = (*SERVER_SYSTEMS, "inprocess")
+VARIANT_ENV = {
+    "omp1": {"OMP_NUM_THREADS": "1"},  # one intra-op thread
+    "thread": {"LLMSERVICE_ENGINE_PROCESS": "false"},  # ours: the engine on a thread of the server process
+}
 DEFAULT_SYSTEMS = ("ours", "ours-omp1", "seed", "seed-locked", "tserve", "inprocess")
 TARGETS = {
     "ours_over_seed_at_16": 15.0,
@@ -249,9 +253,7 @@ def server_spec(system: str, model_dir: Path, max_num_seqs: int) -> ServerSpec:
     port = free_port()
     python = sys.executable
     base, _, variant = system.partition("-")
-    env = {"OMP_NUM_THREADS": "1"} if variant == "omp1" else {}
-    if variant == "thread":
-        env = {"LLMSERVICE_ENGINE_PROCESS": "false"}  # the engine on a thread of the server process
+    env = dict(VARIANT_ENV.get(variant, {}))
     if base == "ours":
         argv = [python, "-m", "llmservice_server.main", "--model", str(model_dir), "--max-num-seqs", str(max_num_seqs)]
         argv += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", "--drain-seconds", "1", "--max-queue", "512"]

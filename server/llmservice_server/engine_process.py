@@ -6,7 +6,7 @@ streaming (SSE chunks, HTTP writes), so the server topped out near one core howe
 had (docs/benchmarks.md). `EngineProcess` runs the same `Engine` in a child process started with
 `spawn` and is, to serving, the same `Backend`; this process never imports torch:
 
-- submits, cancels, aborts and stop go down one pipe;
+- submits, cancels, aborts and stop go down one pipe, written by a thread (never the event loop);
 - events come up batched, one message per engine step, with stage changes in the order the
   engine made them;
 - when the model is ready the child sends the tokenizer and the context length, which request
@@ -25,6 +25,7 @@ import contextlib
 import itertools
 import logging
 import multiprocessing
+import queue
 import signal
 import threading
 from dataclasses import dataclass
@@ -184,7 +185,10 @@ class EngineProcess:
         self._child_conn: Connection | None = child_conn
         self._process = context.Process(target=serve_child, args=(settings, model_name, child_conn), name="llmservice-engine")
         self._reader = threading.Thread(target=self._read, name="llmservice-engine-reader", daemon=True)
-        self._send_lock = threading.Lock()  # the event loop and the shutdown thread both send
+        # Commands are written by a thread of their own: a pipe write can block (a full buffer, the
+        # GIL taken back after the syscall), and the event loop must not.
+        self._commands: queue.SimpleQueue[Command] = queue.SimpleQueue()
+        self._writer = threading.Thread(target=self._write, name="llmservice-engine-writer", daemon=True)
         self._sinks: dict[int, Sink] = {}
         self._sinks_lock = threading.Lock()  # orders `submit` against the child's death
         self._gone: tuple[FailureKind, str] | None = None
@@ -216,6 +220,7 @@ class EngineProcess:
             self._child_conn.close()  # only the child holds its end now: its exit reads as EOF here
             self._child_conn = None
         self._reader.start()
+        self._writer.start()
 
     def wait_settled(self, timeout: float | None = None) -> bool:
         return self._settled.wait(timeout)
@@ -228,21 +233,20 @@ class EngineProcess:
                 self._sinks[rid] = sink
         if gone is not None:
             sink([Failed(*gone)])
-        elif not self._send(Submit(rid, request)) and self._sinks.pop(rid, None) is not None:
-            # The pipe broke before the reader saw the child go (if it had, it failed this sink).
-            sink([Failed("internal", "the engine process is not running")])
+        else:  # filed before it is sent: if the child is gone by then, the reader fails it
+            self._commands.put(Submit(rid, request))
         return RemoteTicket(self, rid)
 
     def cancel(self, rid: int) -> None:
         if self._sinks.pop(rid, None) is not None:
-            self._send(Cancel(rid))
+            self._commands.put(Cancel(rid))
 
     def abort_all(self, message: str) -> None:
-        self._send(Abort(message))
+        self._commands.put(Abort(message))
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stopping = True
-        self._send(Stop())
+        self._commands.put(Stop())
         self._settled.set()
         if self._process.pid is None:
             return  # never started
@@ -253,15 +257,15 @@ class EngineProcess:
             self._process.kill()
             self._reader.join(_KILL_GRACE_SECONDS)
 
-    def _send(self, command: Command) -> bool:
-        # A blocking write: the child's main thread does nothing but read commands, so the pipe
-        # never stays full long enough to hold up the event loop.
-        with self._send_lock:
+    def _write(self) -> None:
+        while True:
+            command = self._commands.get()
             try:
                 self._conn.send(command)
-            except (OSError, ValueError):  # ValueError: our end is already closed
-                return False
-        return True
+            except (OSError, ValueError):  # the child is gone: the reader fails what was filed
+                return
+            if isinstance(command, Stop):
+                return
 
     def _read(self) -> None:
         while True:
