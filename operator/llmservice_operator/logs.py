@@ -30,8 +30,6 @@ def configure_logging(level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    # httpx logs every request at INFO (thousands at scale); the API request metric counts them.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
     # kopf narrates every watch event at INFO; its warnings and errors are what matter here.
     logging.getLogger("kopf").setLevel(max(logging.getLevelName(level), logging.WARNING)
                                        if isinstance(logging.getLevelName(level), int) else logging.WARNING)

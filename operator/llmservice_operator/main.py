@@ -10,7 +10,7 @@ import logging
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-import httpx
+import aiohttp
 import kopf
 from prometheus_client import CollectorRegistry, start_http_server
 
@@ -78,7 +78,7 @@ class Operator:
         self.store = ObjectStore()
         for kind in WATCHED_KINDS:
             metrics.stored_objects.labels(kind=kind).set_function(functools.partial(self.store.count, kind))
-        self._http: httpx.AsyncClient | None = None
+        self._http: tuple[aiohttp.ClientSession, str] | None = None  # the session and its server's URL
         self._reconciler: Reconciler | None = None
         self._resync_task: asyncio.Task[None] | None = None
         kopf.on.login(registry=self.registry)(self._login)
@@ -109,8 +109,10 @@ class Operator:
             settings.watching.server_timeout = self.settings.watch_timeout_seconds
             settings.watching.client_timeout = self.settings.watch_timeout_seconds + 10
         if self._http is None:  # kopf runs this handler again after a TemporaryError
-            self._http = http_client(load_credentials(self.kubeconfig))
-        kube = Kube(self._http, self.settings.field_manager, self.metrics)
+            credentials = load_credentials(self.kubeconfig)
+            self._http = (http_client(credentials), credentials.server)
+        session, server = self._http
+        kube = Kube(session, server, self.settings.field_manager, self.metrics)
         resync = Resync(kube, self.store, self.settings.namespaces, self.queue.add)
         # kopf starts its watches only after the startup handlers, so the store is filled here, by
         # LIST, before any reconcile runs: a reconcile on an empty store would apply every child
@@ -134,7 +136,7 @@ class Operator:
                 await self._resync_task
         await self.queue.stop()
         if self._http is not None:
-            await self._http.aclose()
+            await self._http[0].close()
 
     async def run(self) -> None:
         liveness = f"http://0.0.0.0:{self.settings.health_port}/healthz" if self.settings.health_port else None

@@ -1,6 +1,6 @@
 """Request-level tests of the reconciler against kmock, an API server on a local port.
 
-The reconciler under test is the real one, with its real `Kube` adapter over a real httpx client;
+The reconciler under test is the real one, with its real `Kube` adapter over a real aiohttp session;
 only the API server is emulated. The emulator is kmock's `KubernetesEmulator` (objects stored in
 memory, patches merged as JSON), taught the handful of API-server behaviours the operator's
 correctness rests on, and nothing else:
@@ -39,8 +39,8 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
+import aiohttp
 import aiohttp.web
-import httpx
 import pytest
 import pytest_asyncio
 from kmock import KubernetesEmulator, KubernetesError, Object, ObjectKey, Request, ResourceInfo, action, resource
@@ -346,8 +346,8 @@ async def controller(kmock: ApiServer) -> AsyncIterator[Controller]:
     metrics = OperatorMetrics(registry)
     store = ObjectStore()
     queued: list[Key] = []
-    async with httpx.AsyncClient(base_url=str(kmock.url), timeout=10.0) as http:
-        kube = Kube(http, FIELD_MANAGER, metrics)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10.0)) as http:
+        kube = Kube(http, str(kmock.url), FIELD_MANAGER, metrics)
         # Cluster-wide, as the operator runs by default.
         resync = Resync(kube, store, (), queued.append)
         reconciler = Reconciler(kube, store, metrics, IMAGE, clock=lambda: NOW)
