@@ -78,7 +78,8 @@ class Operator:
         self.store = ObjectStore()
         for kind in WATCHED_KINDS:
             metrics.stored_objects.labels(kind=kind).set_function(functools.partial(self.store.count, kind))
-        self._http: tuple[aiohttp.ClientSession, str] | None = None  # the session and its server's URL
+        self._session: aiohttp.ClientSession | None = None
+        self._kube: Kube | None = None
         self._reconciler: Reconciler | None = None
         self._resync_task: asyncio.Task[None] | None = None
         kopf.on.login(registry=self.registry)(self._login)
@@ -108,11 +109,11 @@ class Operator:
         if self.settings.watch_timeout_seconds is not None:
             settings.watching.server_timeout = self.settings.watch_timeout_seconds
             settings.watching.client_timeout = self.settings.watch_timeout_seconds + 10
-        if self._http is None:  # kopf runs this handler again after a TemporaryError
+        if self._kube is None:  # kopf runs this handler again after a TemporaryError
             credentials = load_credentials(self.kubeconfig)
-            self._http = (http_client(credentials), credentials.server)
-        session, server = self._http
-        kube = Kube(session, server, self.settings.field_manager, self.metrics)
+            self._session = http_client(credentials)
+            self._kube = Kube(self._session, credentials.server, self.settings.field_manager, self.metrics)
+        kube = self._kube
         resync = Resync(kube, self.store, self.settings.namespaces, self.queue.add)
         # kopf starts its watches only after the startup handlers, so the store is filled here, by
         # LIST, before any reconcile runs: a reconcile on an empty store would apply every child
@@ -135,8 +136,8 @@ class Operator:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._resync_task
         await self.queue.stop()
-        if self._http is not None:
-            await self._http[0].close()
+        if self._session is not None:
+            await self._session.close()
 
     async def run(self) -> None:
         liveness = f"http://0.0.0.0:{self.settings.health_port}/healthz" if self.settings.health_port else None
