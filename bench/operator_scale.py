@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -239,7 +240,7 @@ class Watcher:
         self._loop = asyncio.new_event_loop()
         self._task: asyncio.Task[None] | None = None
         self._started = threading.Event()
-        self._thread = threading.Thread(target=self._loop.run_until_complete, args=(self._run(),), name=f"watch-{path}", daemon=True)
+        self._thread = threading.Thread(target=self._serve, name=f"watch-{path}", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
@@ -249,6 +250,14 @@ class Watcher:
     def counts(self) -> tuple[int, int]:
         with self._lock:
             return len(self.seen), len(self.ready)
+
+    def _serve(self) -> None:
+        try:
+            self._loop.run_until_complete(self._run())
+            # aiohttp closes TLS connections asynchronously: give their transports time to let go of the sockets.
+            self._loop.run_until_complete(asyncio.sleep(0.25))
+        finally:
+            self._loop.close()
 
     async def _run(self) -> None:
         self._task = asyncio.current_task()
@@ -294,7 +303,8 @@ class Watcher:
 
     def stop(self) -> None:
         if self._task is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._task.cancel)
+            with contextlib.suppress(RuntimeError):  # the loop closed between the check and the call
+                self._loop.call_soon_threadsafe(self._task.cancel)
         self._thread.join(10)
 
 
