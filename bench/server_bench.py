@@ -7,7 +7,8 @@ Systems (``--systems``):
   (``LLMSERVICE_ENGINE_PROCESS=false``, the design before the split);
 - ``ours-omp1`` (and optionally ``seed-omp1``, ``tserve-omp1``): the same server started with
   ``OMP_NUM_THREADS=1`` (one intra-op thread) - on a small, shared CPU the thread setting decides
-  more than the design does (docs/benchmarks.md, "## Server");
+  more than the design does (docs/benchmarks.md, "## Server"); ``ours-allcores``: ours with
+  ``--torch-threads`` = every core this process may use (as shipped it leaves one to HTTP);
 - ``seed``: the seed article's design as written, ``bench/baselines/seed_server.py`` (one
   ``model.generate`` thread per request streaming through a ``TextIteratorStreamer`` that the
   event loop waits on); ``seed-locked``: the same server with ``--design locked`` (one locked
@@ -33,7 +34,6 @@ Nothing here fails on a missed target.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import hashlib
 import importlib.metadata
@@ -62,6 +62,7 @@ if str(REPO) not in sys.path:  # run as a script: make `bench` and `tests` impor
     sys.path.insert(0, str(REPO))
 
 from bench.loadgen import SLO, LoadConfig, RequestSpec, make_workload, run_benchmark  # noqa: E402
+from bench.loadgen import run as run_loadgen  # noqa: E402
 from bench.plots import pyplot  # noqa: E402
 
 log = logging.getLogger("bench.server")
@@ -69,7 +70,7 @@ log = logging.getLogger("bench.server")
 RESULTS_DIR = REPO / "bench" / "results"
 VENV_BIN = Path(sys.executable).parent
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-SERVER_SYSTEMS = ("ours", "ours-omp1", "ours-thread", "seed", "seed-omp1", "seed-locked", "tserve", "tserve-omp1")
+SERVER_SYSTEMS = ("ours", "ours-omp1", "ours-allcores", "ours-thread", "seed", "seed-omp1", "seed-locked", "tserve", "tserve-omp1")
 ALL_SYSTEMS = (*SERVER_SYSTEMS, "inprocess")
 VARIANT_ENV = {
     "omp1": {"OMP_NUM_THREADS": "1"},  # one intra-op thread
@@ -249,7 +250,7 @@ class ServerSpec:
 
 
 def server_spec(system: str, model_dir: Path, max_num_seqs: int) -> ServerSpec:
-    """How each system is started; a '-omp1' suffix runs it with OMP_NUM_THREADS=1 (one intra-op thread)."""
+    """How each system is started; '-omp1': OMP_NUM_THREADS=1 (one intra-op thread); 'ours-allcores': a torch thread per core."""
     port = free_port()
     python = sys.executable
     base, _, variant = system.partition("-")
@@ -257,6 +258,8 @@ def server_spec(system: str, model_dir: Path, max_num_seqs: int) -> ServerSpec:
     if base == "ours":
         argv = [python, "-m", "llmservice_server.main", "--model", str(model_dir), "--max-num-seqs", str(max_num_seqs)]
         argv += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", "--drain-seconds", "1", "--max-queue", "512"]
+        if variant == "allcores":  # as shipped the engine leaves a core to HTTP (and the load generator, here)
+            argv += ["--torch-threads", str(len(os.sched_getaffinity(0)))]
         return ServerSpec(system, argv, port, "/readyz", "/livez", env)
     if base == "seed":
         argv = [python, str(REPO / "bench" / "baselines" / "seed_server.py"), "--model", str(model_dir), "--port", str(port)]
@@ -370,7 +373,7 @@ def start_system(spec: ServerSpec, args: argparse.Namespace, profile: ModelProfi
         # Warm-up: first-call costs (tserve builds its continuous-batching manager on the first request).
         warm = make_workload(8, args.seed + 99, profile.prompt_words, (8, 16))
         warm_config = LoadConfig(server.base_url, server.model, max_concurrency=4, max_duration=300, drain_timeout=300, seed=1)
-        warm_summary = asyncio.run(run_benchmark(warm_config, warm))
+        warm_summary = run_loadgen(run_benchmark(warm_config, warm))
         result["warmup"] = {k: warm_summary[k] for k in ("completed", "failed", "errors", "duration_s")}
         if warm_summary["completed"] == 0:
             raise RuntimeError(f"warm-up failed: {warm_summary['errors']}")
@@ -392,7 +395,7 @@ def run_level(server: Server, config: LoadConfig, workload: list[RequestSpec], k
     server.resume()
     try:
         with CpuMeter(server.pid) as meter:
-            summary = asyncio.run(run_benchmark(config, workload))
+            summary = run_loadgen(run_benchmark(config, workload))
             summary["cpu"] = meter.read()
     finally:
         server.pause()
@@ -765,8 +768,8 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 def analyse(results: dict[str, Any]) -> dict[str, Any]:
     """Per concurrency: the ratios and fractions the issue asks for.
 
-    Two readings: each system as shipped (default threads), and each system at its better thread
-    setting ("best": the faster of X and X-omp1 at that level, when X-omp1 was run).
+    Two readings: each system as shipped (default threads), and each system at its best thread
+    setting ("best": the fastest of X, X-omp1 and X-allcores at that level, of those that were run).
     """
     systems = results["systems"]
     inproc = systems.get("inprocess") or {}
@@ -780,7 +783,7 @@ def analyse(results: dict[str, Any]) -> dict[str, Any]:
             return float(level["output_throughput"]) if level and level.get("completed") else None
 
         def best(base: str) -> float | None:
-            values = [v for v in (tput(base), tput(base + "-omp1")) if v is not None]
+            values = [v for v in (tput(base), tput(base + "-omp1"), tput(base + "-allcores")) if v is not None]
             return max(values) if values else None
 
         ceilings = []
@@ -832,7 +835,7 @@ def markdown(results: dict[str, Any]) -> str:
         cells = [str(r["concurrency"]), *[_fmt(r["tok_s"][s], ".1f") for s in present]]
         cells += [_fmt(r["inprocess_ceiling_tok_s"], ".1f"), _fmt(r.get("engine_tok_s"), ".1f"), _fmt(r["roofline_tok_s"], ".0f")]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Ratios - as shipped (default threads) | each at its better thread setting (best of X, X-omp1):", ""]
+    lines += ["", "Ratios - as shipped (default threads) | each at its best thread setting (best of X, X-omp1, X-allcores):", ""]
     head = ["streams", "ours/seed", "ours/seed-locked", "ours/tserve", "ours / ceiling", "ours % roofline"]
     head += ["best ours / best seed", "best ours / best tserve", "best ours / ceiling", "best ours % roofline", "best ours / engine"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -936,7 +939,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny", help="'tiny' (random test model), 'smollm2' (bundled, real weights) or a model dir")
-    parser.add_argument("--systems", nargs="+", choices=ALL_SYSTEMS, default=list(DEFAULT_SYSTEMS), help="'-omp1': OMP_NUM_THREADS=1")
+    parser.add_argument("--systems", nargs="+", choices=ALL_SYSTEMS, default=list(DEFAULT_SYSTEMS), help="see the module doc")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 32])
     parser.add_argument("--request-rate", type=float, nargs="*", default=[], help="extra Poisson runs at these requests/s (no cap)")
     parser.add_argument("--num-prompts", type=int, default=None, help="requests per level (default: per model, >= 2 per stream)")
