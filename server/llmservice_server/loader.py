@@ -63,13 +63,25 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
 
 
-def _converted_dir(settings: Settings, source: Source) -> Path:
-    """Cache dir for a dequantized GGUF, keyed by the file's identity (path, size, mtime)."""
+def converted_dir(settings: Settings, source: Source) -> Path:
+    """Cache dir for a dequantized GGUF, keyed by what the file holds, not where it lies.
+
+    A key of path and mtime made a new 540 MB copy of SmolLM2 for every virtualenv the bundled
+    package was installed into (every clean clone, every image rebuild). Hashing the file costs
+    about a second per GB at start; converting it again costs 30 s and the disk. A GGUF named in a
+    Hugging Face repo (not a local file) is keyed by repo, file and revision.
+    """
     gguf = Path(source.location) / (source.gguf_file or "")
-    stat = gguf.stat() if gguf.is_file() else None
-    key = f"{gguf}|{stat.st_size if stat else ''}|{stat.st_mtime_ns if stat else ''}|{settings.revision}"
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return settings.cache_dir / f"{Path(source.gguf_file or 'model').stem}-{digest}"
+    if gguf.is_file():
+        digest = hashlib.sha256()
+        with gguf.open("rb") as data:
+            while chunk := data.read(1 << 20):
+                digest.update(chunk)
+        key = f"sha256:{digest.hexdigest()}"
+    else:
+        key = f"{source.location}|{source.gguf_file}|{settings.revision}"
+    name = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return settings.cache_dir / f"{Path(source.gguf_file or 'model').stem}-{name}"
 
 
 def _from_pretrained(settings: Settings, location: str, gguf_file: str | None, dtype: torch.dtype) -> tuple[Any, Any]:
@@ -93,7 +105,7 @@ def load(settings: Settings, on_stage: Callable[[str], None]) -> LoadedModel:
     if device.type == "cpu":
         torch.set_num_threads(cpu_threads(settings))
     location, gguf_file = source.location, source.gguf_file
-    converted = _converted_dir(settings, source) if gguf_file else None
+    converted = converted_dir(settings, source) if gguf_file else None
     if converted is not None and (converted / "config.json").is_file():
         location, gguf_file = str(converted), None
         log.info("Using converted GGUF copy", extra={"path": str(converted)})

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,9 +14,11 @@ from pydantic import ValidationError
 
 from llmservice_server.admission import Admission, Admitted, Rejected
 from llmservice_server.events import SamplingParams
+from llmservice_server.loader import converted_dir
 from llmservice_server.protocol import ChatCompletionRequest, CompletionRequest
 from llmservice_server.sampling import RowSampler, apply_penalties, select_tokens, top_p_filter
 from llmservice_server.settings import Settings, parse_settings
+from llmservice_server.source import Source
 from llmservice_server.textstream import StopMatcher
 
 # --- sampling ---
@@ -192,3 +196,22 @@ def test_settings_from_env_and_flags(monkeypatch: pytest.MonkeyPatch) -> None:
     for key, value in settings.to_env().items():
         monkeypatch.setenv(key, value)
     assert Settings() == settings
+
+
+def test_a_converted_gguf_is_cached_by_its_content_not_its_path(tmp_path: Path) -> None:
+    # The same file installed into two virtualenvs is one cache entry; other bytes are another.
+    settings = Settings(model="bundled", cache_dir=tmp_path / "cache")
+    first, second, other = tmp_path / "venv1", tmp_path / "venv2", tmp_path / "venv3"
+    for folder, content in ((first, b"GGUF weights"), (second, b"GGUF weights"), (other, b"GGUF other weights")):
+        folder.mkdir()
+        (folder / "m.gguf").write_bytes(content)
+    os.utime(second / "m.gguf", ns=(0, 0))  # a reinstall: same bytes, another mtime
+    cached = [converted_dir(settings, Source(str(folder), "m.gguf", "m")) for folder in (first, second, other)]
+    assert cached[0] == cached[1] != cached[2]
+    assert cached[0].parent == tmp_path / "cache" and cached[0].name.startswith("m-")
+
+
+def test_a_gguf_in_a_hub_repo_is_cached_by_repo_file_and_revision() -> None:
+    source = Source("org/model", "m.gguf", "org/model")
+    main, pinned = Settings(model="org/model"), Settings(model="org/model", revision="abc123")
+    assert converted_dir(main, source) == converted_dir(main, source) != converted_dir(pinned, source)
