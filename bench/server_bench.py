@@ -104,7 +104,9 @@ PROFILES = {
     # 8 requests per stream: at 2 per stream a 16-stream level of ours lasted 0.7 s, so ramp-up and
     # the last requests' tail were a large part of what it measured.
     "tiny": ModelProfile((16, 64), (32, 96), 16, 8, 90.0, 1000.0, 100.0, 4),
-    "smollm2": ModelProfile((16, 48), (16, 48), 4, 1, 150.0, 3000.0, 300.0, 2),
+    # 4 per stream: with 1, every level was a single wave, whose mixed lengths leave the batch a
+    # third empty at the end; the static batch it is held against has no such tail.
+    "smollm2": ModelProfile((16, 48), (16, 48), 4, 4, 150.0, 3000.0, 300.0, 2),
 }
 
 
@@ -251,7 +253,7 @@ class ServerSpec:
     model_name: str | None = None  # None: ask GET /v1/models
 
 
-def server_spec(system: str, model_dir: Path, max_num_seqs: int) -> ServerSpec:
+def server_spec(system: str, model_dir: Path, max_num_seqs: int, device: str = "cpu", dtype: str = "float32") -> ServerSpec:
     """How each system is started; '-omp1': OMP_NUM_THREADS=1 (one intra-op thread); 'ours-allcores': a torch thread per core."""
     port = free_port()
     python = sys.executable
@@ -260,11 +262,13 @@ def server_spec(system: str, model_dir: Path, max_num_seqs: int) -> ServerSpec:
     if base == "ours":
         argv = [python, "-m", "llmservice_server.main", "--model", str(model_dir), "--max-num-seqs", str(max_num_seqs)]
         argv += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", "--drain-seconds", "1", "--max-queue", "512"]
+        argv += ["--device", device, "--dtype", dtype]
         if variant == "allcores":  # as shipped the engine leaves a core to HTTP (and the load generator, here)
             argv += ["--torch-threads", str(len(os.sched_getaffinity(0)))]
         return ServerSpec(system, argv, port, "/readyz", "/livez", env)
     if base == "seed":
         argv = [python, str(REPO / "bench" / "baselines" / "seed_server.py"), "--model", str(model_dir), "--port", str(port)]
+        argv += ["--device", device, "--dtype", dtype]
         argv += ["--design", "locked"] if variant == "locked" else []
         return ServerSpec(system, argv, port, "/livez", "/livez", env)
     if base == "tserve":
@@ -272,7 +276,7 @@ def server_spec(system: str, model_dir: Path, max_num_seqs: int) -> ServerSpec:
         # with two instances up); 512 pages of 32 tokens hold 32 streams of 512 tokens, more than asked.
         argv = [str(VENV_BIN / "transformers"), "serve", str(model_dir), "--continuous-batching"]
         argv += ["--cb-block-size", "32", "--cb-num-blocks", "512", "--cb-max-batch-tokens", "4096"]
-        argv += ["--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--log-level", "warning"]
+        argv += ["--host", "127.0.0.1", "--port", str(port), "--device", device, "--dtype", dtype, "--log-level", "warning"]
         return ServerSpec(system, argv, port, "/health", "/health", env | {"HF_HUB_OFFLINE": "1"}, model_name=str(model_dir))
     raise ValueError(system)
 
@@ -421,7 +425,7 @@ def run_servers(args: argparse.Namespace, profile: ModelProfile, model_dir: Path
     try:
         for system in [s for s in args.systems if s in SERVER_SYSTEMS]:
             log.info("Starting %s", system)
-            server, result = start_system(server_spec(system, model_dir, args.max_num_seqs), args, profile, work)
+            server, result = start_system(server_spec(system, model_dir, args.max_num_seqs, args.device, args.dtype), args, profile, work)
             results["systems"][system] = result
             if server is not None:
                 servers[system] = server
@@ -485,6 +489,8 @@ def run_inprocess(model_dir: Path, args: argparse.Namespace, profile: ModelProfi
     """Both thread settings, `--repeat` times each, in fresh processes; per setting the median of each number."""
     spec = {
         "model_dir": str(model_dir),
+        "device": args.device,
+        "dtype": args.dtype,
         "bare": _items(level_workload(profile, 1, args.seed, None)[: profile.bare_requests]),
         "static": {str(c): _items(level_workload(profile, c, args.seed, args.num_prompts)[:c]) for c in args.concurrency if c > 1},
         "engine": {str(c): _items(level_workload(profile, c, args.seed, args.num_prompts)) for c in args.concurrency}
@@ -533,8 +539,15 @@ def inprocess_worker(spec_path: Path, out_path: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     spec = json.loads(spec_path.read_text())
+    device = torch.device(spec["device"])
     tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
-    model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.float32).eval()  # type: ignore[no-untyped-call]  # untyped in transformers
+    model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=getattr(torch, spec["dtype"])).eval()  # type: ignore[no-untyped-call]  # untyped in transformers
+    model.to(device)
+
+    def synchronize() -> None:  # a CUDA call returns before the GPU is done: time what it did
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     def encode(prompt: str) -> list[int]:
@@ -548,11 +561,14 @@ def inprocess_worker(spec_path: Path, out_path: Path) -> None:
         for row, prompt in enumerate(prompts):  # left padding
             ids[row, longest - len(prompt) :] = torch.tensor(prompt)
             mask[row, longest - len(prompt) :] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        synchronize()
         started = time.perf_counter()
         with torch.inference_mode():
             out = model.generate(
                 ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad
             )
+        synchronize()
         elapsed = time.perf_counter() - started
         assert out.shape[1] - longest == new_tokens
         return elapsed
@@ -599,7 +615,7 @@ def inprocess_worker(spec_path: Path, out_path: Path) -> None:
         result["engine"] = engine_alone(spec, encode)
         result["engine_tok_s"] = {k: round(v["tok_s"], 1) for k, v in result["engine"].items()}
     if spec.get("roofline"):
-        result["roofline"] = roofline(model, torch)
+        result["roofline"] = roofline(model, torch, device, synchronize)
     out_path.write_text(json.dumps(result, indent=2))
 
 
@@ -636,7 +652,7 @@ def engine_alone(spec: dict[str, Any], encode: Callable[[str], list[int]]) -> di
     from llmservice_server.events import GenerationRequest, SamplingParams
     from llmservice_server.settings import Settings
 
-    engine = Engine(Settings(model=spec["model_dir"], max_num_seqs=spec["max_num_seqs"]))
+    engine = Engine(Settings(model=spec["model_dir"], max_num_seqs=spec["max_num_seqs"], device=spec["device"], dtype=spec["dtype"]))
     engine.start()
     deadline = time.monotonic() + 600
     while not engine.ready and engine.stage != "failed" and time.monotonic() < deadline:
@@ -662,31 +678,37 @@ def engine_alone(spec: dict[str, Any], encode: Callable[[str], list[int]]) -> di
     return out
 
 
-def roofline(model: Any, torch: Any) -> dict[str, Any]:
-    """Memory bandwidth and GEMM throughput measured now, and what they allow per token."""
-    n = 64 * 1024 * 1024  # 256 MiB of float32: far larger than any cache here
-    x = torch.ones(n, dtype=torch.float32)
+def roofline(model: Any, torch: Any, device: Any, synchronize: Callable[[], None]) -> dict[str, Any]:
+    """Memory bandwidth and GEMM throughput of the model's device and dtype, measured now, and what they allow per token."""
+    dtype = next(model.parameters()).dtype
+    x = torch.ones(256 * 1024 * 1024 // 4, dtype=torch.float32, device=device)  # 256 MiB: far larger than any cache
     y = torch.empty_like(x)
     x.sum()
     read_times, copy_times = [], []
     for _ in range(5):
+        synchronize()
         t = time.perf_counter()
         x.sum()
+        synchronize()
         read_times.append(time.perf_counter() - t)
         t = time.perf_counter()
         y.copy_(x)
+        synchronize()
         copy_times.append(time.perf_counter() - t)
     read_gbs = x.numel() * 4 / min(read_times) / 1e9
     copy_gbs = 2 * x.numel() * 4 / min(copy_times) / 1e9  # read + write
     del x, y
-    a = torch.randn(1024, 1024)
+    side = 1024 if device.type == "cpu" else 8192  # big enough to keep a GPU busy
+    a = torch.randn(side, side, dtype=dtype, device=device)
     a @ a
     gemm_times = []
     for _ in range(5):
+        synchronize()
         t = time.perf_counter()
         a @ a
+        synchronize()
         gemm_times.append(time.perf_counter() - t)
-    gflops = 2 * 1024**3 / min(gemm_times) / 1e9
+    gflops = 2 * side**3 / min(gemm_times) / 1e9
     params = {id(p): p for p in model.parameters()}
     total_bytes = sum(p.numel() * p.element_size() for p in params.values())
     embed = model.get_input_embeddings().weight
@@ -694,7 +716,7 @@ def roofline(model: Any, torch: Any) -> dict[str, Any]:
     tied = embed.data_ptr() == head.data_ptr()
     # Per token every weight is read once, except the input embedding: one row (unless it is the tied lm_head).
     bytes_per_token = total_bytes if tied else total_bytes - embed.numel() * embed.element_size() + embed.shape[1] * embed.element_size()
-    flops_per_token = 2 * bytes_per_token / 4  # one multiply-add per float32 weight read
+    flops_per_token = 2 * bytes_per_token / embed.element_size()  # one multiply-add per weight read
     return {
         "read_bandwidth_gbs": read_gbs,
         "copy_bandwidth_gbs": copy_gbs,
@@ -822,9 +844,20 @@ def analyse(results: dict[str, Any]) -> dict[str, Any]:
             "goodput": {s: _get(systems.get(s), "levels", key, "goodput") for s in SERVER_SYSTEMS},
             "completed": {s: _get(systems.get(s), "levels", key, "completed") for s in SERVER_SYSTEMS},
             "other_cores": {s: _get(systems.get(s), "levels", key, "cpu", "other_cores") for s in SERVER_SYSTEMS},
+            "server_us_per_token": {s: _cpu_per_token(systems.get(s), key, "server_cores") for s in SERVER_SYSTEMS},
+            "client_us_per_token": {s: _cpu_per_token(systems.get(s), key, "bench_cores") for s in SERVER_SYSTEMS},
         }
         rows.append(row)
     return {"rows": rows, "targets": TARGETS}
+
+
+def _cpu_per_token(system: dict[str, Any] | None, key: str, which: str) -> float | None:
+    """CPU microseconds per output token of a level: the server's (its whole session) or the load generator's."""
+    level = _get(system, "levels", key)
+    cores, wall = _get(level, "cpu", which), _get(level, "cpu", "wall_s")
+    if not level or cores is None or wall is None or not level.get("total_output_tokens"):
+        return None
+    return float(cores) * float(wall) / float(level["total_output_tokens"]) * 1e6
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -852,14 +885,20 @@ def markdown(results: dict[str, Any]) -> str:
             _fmt(_pct(r.get("best_ours_fraction_of_engine")), ".0f", " %"),
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Latency (TTFT p50 / p99, TPOT p50: ms), goodput, /livez p99 (ms), CPU used by other processes (cores):", ""]
-    head = ["streams", "system", "done", "TTFT p50", "TTFT p99", "TPOT p50", "goodput req/s", "/livez p99", "other load"]
+    title = (
+        "Latency (TTFT p50 / p99, TPOT p50: ms), goodput, /livez p99 (ms), CPU per output token (us; the server"
+        " is all its processes, the client is the load generator), CPU used by other processes (cores):"
+    )
+    lines += ["", title, ""]
+    head = ["streams", "system", "done", "TTFT p50", "TTFT p99", "TPOT p50", "goodput req/s", "/livez p99", "server CPU/token"]
+    head += ["client CPU/token", "other load"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         for s in present:
             ttft = r["ttft_ms"][s] or {}
             cells = [str(r["concurrency"]), s, _fmt(r["completed"][s], "d"), _fmt(ttft.get("p50")), _fmt(ttft.get("p99"))]
             cells += [_fmt(r["tpot_p50_ms"][s], ".1f"), _fmt(r["goodput"][s], ".2f"), _fmt(r["livez_p99_ms"][s], ".1f")]
+            cells += [_fmt(r.get("server_us_per_token", {}).get(s), ".0f"), _fmt(r.get("client_us_per_token", {}).get(s), ".0f")]
             cells += [_fmt(r["other_cores"][s], ".2f")]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -944,6 +983,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--systems", nargs="+", choices=ALL_SYSTEMS, default=list(DEFAULT_SYSTEMS), help="see the module doc")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 32])
     parser.add_argument("--request-rate", type=float, nargs="*", default=[], help="extra Poisson runs at these requests/s (no cap)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where every system runs the model")
+    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32", help="every system's weights")
     parser.add_argument("--num-prompts", type=int, default=None, help="requests per level (default: per model, >= 2 per stream)")
     parser.add_argument("--max-duration", type=float, default=None, help="seconds per level after which no request starts")
     parser.add_argument("--drain-timeout", type=float, default=180.0, help="in-flight requests get this long after --max-duration")
@@ -983,6 +1024,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "concurrency": args.concurrency,
             "request_rate": args.request_rate,
             "max_num_seqs": args.max_num_seqs,
+            "device": args.device,
+            "dtype": args.dtype,
             "prompt_words": profile.prompt_words,
             "output_tokens": profile.output_tokens,
             "requests_per_level": {str(c): len(level_workload(profile, c, args.seed, args.num_prompts)) for c in args.concurrency},

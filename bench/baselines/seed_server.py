@@ -57,9 +57,10 @@ class ChatRequest(BaseModel):
     stream: bool = False
 
 
-def create_app(model_dir: Path, design: str) -> FastAPI:
+def create_app(model_dir: Path, design: str, device: str = "cpu", dtype: str = "float32") -> FastAPI:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()  # type: ignore[no-untyped-call]  # untyped in transformers
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()  # type: ignore[no-untyped-call]  # untyped in transformers
+    model.to(device)
     name = model_dir.name
     lock = threading.Lock()
     app = FastAPI()
@@ -67,7 +68,7 @@ def create_app(model_dir: Path, design: str) -> FastAPI:
     def inputs(request: ChatRequest) -> tuple[torch.Tensor, dict[str, Any]]:
         messages = [m.model_dump() for m in request.messages]
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        ids = tokenizer(str(text), add_special_tokens=False, return_tensors="pt").input_ids
+        ids = tokenizer(str(text), add_special_tokens=False, return_tensors="pt").input_ids.to(model.device)
         sample = bool(request.temperature)
         kwargs: dict[str, Any] = {
             "input_ids": ids,
@@ -154,8 +155,12 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8001)
     parser.add_argument("--design", choices=["article", "locked"], default="article")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     args = parser.parse_args()
-    uvicorn.run(create_app(args.model, args.design), host=args.host, port=args.port, log_level="warning", access_log=False)
+    uvicorn.run(
+        create_app(args.model, args.design, args.device, args.dtype), host=args.host, port=args.port, log_level="warning", access_log=False
+    )
 
 
 if __name__ == "__main__":
