@@ -258,7 +258,9 @@ def server_env(service: LLMService) -> list[Manifest]:
 
 def _torch_threads(spec: LLMServiceSpec) -> int | None:
     """On CPU, size torch's threads to the pod's CPU, not the node's: a container sees every core
-    of the node, and threads beyond its quota only wait on each other."""
+    of the node, and threads beyond its quota only wait on each other. An explicit count wins."""
+    if spec.server.torch_threads is not None:
+        return spec.server.torch_threads
     cpu = spec.resources.cpu.limit or spec.resources.cpu.request
     if spec.resources.gpu.count or cpu is None:
         return None

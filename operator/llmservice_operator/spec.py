@@ -110,6 +110,7 @@ class ServerSpec(_Model):
     max_num_seqs: int = Field(default=16, ge=1, le=4096)
     max_queue: int = Field(default=64, ge=0, le=100000)
     prefill_chunk_tokens: int = Field(default=512, ge=1, le=1048576)
+    torch_threads: int | None = Field(default=None, ge=1, le=1024)
     request_timeout_seconds: int = Field(default=600, ge=1, le=86400)
     drain_seconds: int = Field(default=30, ge=0, le=3600)
     api_key_secret_ref: SecretKeyRef | None = None

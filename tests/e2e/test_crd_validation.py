@@ -140,6 +140,7 @@ INVALID = [
     ("negative-gpu-count", with_changes(("resources.gpu", {"count": -1})), "should be greater than or equal to 0"),
     ("too-many-gpus", with_changes(("resources.gpu", {"count": 17})), "should be less than or equal to 16"),
     ("max-num-seqs-zero", with_changes(("server.maxNumSeqs", 0)), "should be greater than or equal to 1"),
+    ("torch-threads-zero", with_changes(("server.torchThreads", 0)), "spec.server.torchThreads"),
     (
         "relative-image-path",
         with_changes(("model.source", {"image": {"path": "models/x"}})),

@@ -167,3 +167,12 @@ def test_cpu_servers_size_torch_threads_to_the_pod_not_the_node() -> None:
     assert env_of(by_kind(render(service(two_workers), CONTEXT))["Deployment"])["LLMSERVICE_TORCH_THREADS"] == "3"
     gpu = {"model": {"source": {"bundled": {}}}, "resources": {"gpu": {"count": 1}}}
     assert "LLMSERVICE_TORCH_THREADS" not in env_of(by_kind(render(service(gpu), CONTEXT))["Deployment"])
+
+
+def test_an_explicit_torch_thread_count_wins_over_the_pods_cpu() -> None:
+    # A model whose forward pass dominates streams faster with the whole CPU (docs/benchmarks.md).
+    cpu = {"gpu": {"count": 0}, "cpu": {"request": "2"}, "memory": {"limit": "4Gi"}}
+    whole = {**MINIMAL, "resources": cpu, "server": {"torchThreads": 2}}
+    assert env_of(by_kind(render(service(whole), CONTEXT))["Deployment"])["LLMSERVICE_TORCH_THREADS"] == "2"
+    gpu = {"model": {"source": {"bundled": {}}}, "resources": {"gpu": {"count": 1}}, "server": {"torchThreads": 4}}
+    assert env_of(by_kind(render(service(gpu), CONTEXT))["Deployment"])["LLMSERVICE_TORCH_THREADS"] == "4"
