@@ -844,20 +844,28 @@ def analyse(results: dict[str, Any]) -> dict[str, Any]:
             "goodput": {s: _get(systems.get(s), "levels", key, "goodput") for s in SERVER_SYSTEMS},
             "completed": {s: _get(systems.get(s), "levels", key, "completed") for s in SERVER_SYSTEMS},
             "other_cores": {s: _get(systems.get(s), "levels", key, "cpu", "other_cores") for s in SERVER_SYSTEMS},
-            "server_us_per_token": {s: _cpu_per_token(systems.get(s), key, "server_cores") for s in SERVER_SYSTEMS},
-            "client_us_per_token": {s: _cpu_per_token(systems.get(s), key, "bench_cores") for s in SERVER_SYSTEMS},
+            "server_us_per_token": {s: _server_cpu_per_token(systems.get(s), key) for s in SERVER_SYSTEMS},
+            "client_us_per_token": {s: _client_cpu_per_token(systems.get(s), key) for s in SERVER_SYSTEMS},
         }
         rows.append(row)
     return {"rows": rows, "targets": TARGETS}
 
 
-def _cpu_per_token(system: dict[str, Any] | None, key: str, which: str) -> float | None:
-    """CPU microseconds per output token of a level: the server's (its whole session) or the load generator's."""
+def _server_cpu_per_token(system: dict[str, Any] | None, key: str) -> float | None:
+    """CPU microseconds per output token of a level used by the server (its whole session)."""
     level = _get(system, "levels", key)
-    cores, wall = _get(level, "cpu", which), _get(level, "cpu", "wall_s")
+    cores, wall = _get(level, "cpu", "server_cores"), _get(level, "cpu", "wall_s")
     if not level or cores is None or wall is None or not level.get("total_output_tokens"):
         return None
     return float(cores) * float(wall) / float(level["total_output_tokens"]) * 1e6
+
+
+def _client_cpu_per_token(system: dict[str, Any] | None, key: str) -> float | None:
+    """... and by the load generator's own process (its /livez poller, a process of its own, left out)."""
+    level = _get(system, "levels", key)
+    if not level or level.get("client_cpu_s") is None or not level.get("total_output_tokens"):
+        return None
+    return float(level["client_cpu_s"]) / float(level["total_output_tokens"]) * 1e6
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -887,7 +895,7 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     title = (
         "Latency (TTFT p50 / p99, TPOT p50: ms), goodput, /livez p99 (ms), CPU per output token (us; the server"
-        " is all its processes, the client is the load generator), CPU used by other processes (cores):"
+        " is all its processes, the client the load generator's own process), CPU used by other processes (cores):"
     )
     lines += ["", title, ""]
     head = ["streams", "system", "done", "TTFT p50", "TTFT p99", "TPOT p50", "goodput req/s", "/livez p99", "server CPU/token"]
