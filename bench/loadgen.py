@@ -235,13 +235,19 @@ class LivezPoller:
         self._conn, child = context.Pipe()
         self._process = context.Process(target=_poll_livez, args=(url, interval, child), name="livez-poller", daemon=True)
 
-    def __enter__(self) -> LivezPoller:
+    async def __aenter__(self) -> LivezPoller:
+        await asyncio.to_thread(self._start)  # the child takes a second to import: not on the loop
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await asyncio.to_thread(self._stop)
+
+    def _start(self) -> None:
         self._process.start()
         if not self._conn.poll(60) or self._conn.recv() != "ready":  # polling from the first request on
             raise RuntimeError("the /livez poller did not start")
-        return self
 
-    def __exit__(self, *exc: object) -> None:
+    def _stop(self) -> None:
         self._conn.send("stop")
         if self._conn.poll(10):
             self.latencies, self.failures = self._conn.recv()
@@ -405,9 +411,9 @@ async def run_benchmark(config: LoadConfig, requests: Sequence[RequestSpec]) -> 
                 if slots is not None:
                     slots.release()  # the slot was taken by the arrival loop below
 
-        with contextlib.ExitStack() as stack:
+        async with contextlib.AsyncExitStack() as stack:
             if poller is not None:
-                stack.enter_context(poller)
+                await stack.enter_async_context(poller)
             start = time.perf_counter()
             for spec in requests:
                 if time.perf_counter() - start > config.max_duration:
