@@ -165,9 +165,7 @@ def apply_batches_with_kubectl(cluster: ControlPlane, chunks: list[Batch], paral
 
     def apply(chunk: Batch) -> dict[str, Any]:
         began = time.monotonic() - origin
-        cluster.kubectl(
-            "apply", "--server-side", "--field-manager=bench", "-f", "-", input=yaml.safe_dump_all(chunk), timeout=600
-        )
+        cluster.kubectl("apply", "--server-side", "--field-manager=bench", "-f", "-", input=yaml.safe_dump_all(chunk), timeout=600)
         return {"size": len(chunk), "start": round(began, 2), "end": round(time.monotonic() - origin, 2)}
 
     with ThreadPoolExecutor(max_workers=parallelism) as pool:
@@ -224,8 +222,13 @@ class Watcher:
     """
 
     def __init__(
-        self, cluster: ControlPlane, path: str, key: Callable[[dict[str, Any]], str | None], *,
-        selector: str | None = None, metadata_only: bool = False,
+        self,
+        cluster: ControlPlane,
+        path: str,
+        key: Callable[[dict[str, Any]], str | None],
+        *,
+        selector: str | None = None,
+        metadata_only: bool = False,
     ) -> None:
         self._cluster = cluster
         self._path = path
@@ -272,8 +275,9 @@ class Watcher:
                     if version:
                         params["resourceVersion"] = version
                     timeout = aiohttp.ClientTimeout(total=None, sock_read=None)
-                    async with session.get(credentials.server + self._path, params=params, headers={"Accept": self._accept},
-                                           timeout=timeout) as response:
+                    async with session.get(
+                        credentials.server + self._path, params=params, headers={"Accept": self._accept}, timeout=timeout
+                    ) as response:
                         response.raise_for_status()
                         self._started.set()
                         async for line in response.content:
@@ -547,12 +551,13 @@ def run_size(n: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
         )
 
         watchers = [
+            Watcher(cluster, f"/apis/llmservice.io/v1alpha1/namespaces/{namespace}/llmservices", lambda body: body["metadata"]["name"]),
             Watcher(
-                cluster, f"/apis/llmservice.io/v1alpha1/namespaces/{namespace}/llmservices", lambda body: body["metadata"]["name"]
-            ),
-            Watcher(
-                cluster, f"/apis/apps/v1/namespaces/{namespace}/deployments",
-                lambda body: (body["metadata"].get("labels") or {}).get(NAME_LABEL), selector=NAME_LABEL, metadata_only=True,
+                cluster,
+                f"/apis/apps/v1/namespaces/{namespace}/deployments",
+                lambda body: (body["metadata"].get("labels") or {}).get(NAME_LABEL),
+                selector=NAME_LABEL,
+                metadata_only=True,
             ),
         ]
         for watcher in watchers:
@@ -762,6 +767,7 @@ def machine() -> dict[str, Any]:
 
 def source_state() -> dict[str, str]:
     """The commit, and a digest of uncommitted changes to what the benchmark exercises."""
+
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=False).stdout
 
@@ -856,7 +862,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=50, help="LLMServices per kubectl apply")
     parser.add_argument("--create-parallelism", type=int, default=4, help="batches applied at once")
     parser.add_argument(
-        "--create-with", choices=sorted(CREATORS), default="http",
+        "--create-with",
+        choices=sorted(CREATORS),
+        default="http",
         help="send the creating applies from this process (http) or through kubectl apply --server-side processes",
     )
     parser.add_argument("--ready-timeout", type=float, default=600.0, help="give up waiting for Ready after this long")

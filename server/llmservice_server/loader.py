@@ -73,11 +73,8 @@ def converted_dir(settings: Settings, source: Source) -> Path:
     """
     gguf = Path(source.location) / (source.gguf_file or "")
     if gguf.is_file():
-        digest = hashlib.sha256()
         with gguf.open("rb") as data:
-            while chunk := data.read(1 << 20):
-                digest.update(chunk)
-        key = f"sha256:{digest.hexdigest()}"
+            key = f"sha256:{hashlib.file_digest(data, 'sha256').hexdigest()}"
     else:
         key = f"{source.location}|{source.gguf_file}|{settings.revision}"
     name = hashlib.sha256(key.encode()).hexdigest()[:16]
