@@ -2,19 +2,18 @@
 
 Why one thread: torch and the KV cache are not shared between threads, and one owner makes
 step-level batching simple. Requests arrive through `submit` (any thread), wait in a bounded
-deque (admission bounds it), join the batch between decode steps and leave it when finished,
+deque (admission bounds it), join the batch between engine steps and leave it when finished,
 stopped, cancelled or timed out. Results go back through each request's `sink`, which the async
 side points at its `Handoff` (one loop wakeup per step) - the engine never touches the event loop.
 In its own process (`engine_process`, the default) the sinks feed the pipe to the HTTP process
 instead, flushed once per step through `after_events`.
 
-The batch is one left-padded KV cache (transformers `DynamicCache`, one `[rows, heads, len, dim]`
-tensor pair per layer). Newcomers are prefilled together on their own, a chunk of their prompts
-per engine step between decode steps (so a long prompt never stalls the running streams for more
-than one chunk's forward), then their cache rows are spliced in (both sides padded on the left
-to a common length); finished rows are dropped by index and fully padded leading columns trimmed.
-Padding lives in the attention mask and every row has its own position ids, so a row computes
-what it would compute alone: batched greedy output is the sequential greedy output.
+One engine step is one forward (`ragged.py`): the next token of every running row and a chunk of
+the newcomers' prompts (at most `prefill_chunk_tokens` of them, so a long prompt never stalls the
+running streams for more than one chunk), packed into one sequence with no padding. A prompt whose
+last chunk went through joins the batch in the same step, its first token sampled from that
+forward. Every row has its own positions and its own KV slot, so a row computes what it would
+compute alone: batched greedy output is the sequential greedy output.
 """
 
 from __future__ import annotations
@@ -27,19 +26,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 
 from .events import Delta, Done, Event, Failed, FailureKind, Finished, FinishReason, GenerationRequest, SamplingParams, Sink, TokenInfo
 from .loader import LoadedModel, load
 from .metrics import Metrics
+from .ragged import Chunk, PromptKV, RaggedStep, Slots, UnsupportedModel, install
 from .sampling import Choice, RowSampler, select_tokens
 from .settings import Settings
 from .textstream import IncrementalDetokenizer, StopMatcher
 
 log = logging.getLogger(__name__)
 
-PREFILL_TOKEN_BUDGET = 8192  # padded prompt tokens of one newcomer group (bounds its KV cache)
+PREFILL_TOKEN_BUDGET = 8192  # prompt tokens being read at once (bounds their K/V buffers)
 
 
 class Ticket:
@@ -80,52 +78,19 @@ class _Row:
     sampler: RowSampler
     detok: IncrementalDetokenizer
     stopper: StopMatcher
+    length: int = 0  # tokens in its KV slot
+    next_token: int = 0  # fed in the next step
     generated: int = 0
     last_token_at: float = 0.0
 
 
 @dataclass(eq=False)
-class _Prefill:
-    """Newcomers whose prompts are read a chunk per engine step, before they join the batch."""
+class _Reading:
+    """One prompt of a newcomer, read a chunk per step; its rows join the batch when it is through."""
 
-    tickets: list[Ticket]
-    rows: list[_Row]
-    group_of_row: list[int]  # prompt index of each row (n > 1: rows share their prompt's cache)
-    ids: torch.Tensor  # [prompts, longest] left-padded
-    mask: torch.Tensor  # [prompts, longest] 1 = real token
-    positions: torch.Tensor  # [prompts, longest]
-    cache: DynamicCache
-    read: int = 0  # columns already through the model
-
-
-@dataclass
-class _Batch:
-    cache: DynamicCache
-    mask: torch.Tensor  # [rows, len] 1 = real token, 0 = left padding
-    positions: torch.Tensor  # [rows] position id of the next input token
-    next_tokens: torch.Tensor  # [rows] the token each row feeds next
-    rows: list[_Row]
-
-
-def _layers(cache: DynamicCache) -> list[DynamicLayer]:
-    """The cache's layers as plain DynamicLayers (checked after the first prefill)."""
-    layers = [layer for layer in cache.layers if type(layer) is DynamicLayer]
-    if len(layers) != len(cache.layers):
-        raise RuntimeError("this model's KV cache layout (sliding window / hybrid) is not supported by the batching engine")
-    return layers
-
-
-def _kv(layer: DynamicLayer) -> tuple[torch.Tensor, torch.Tensor]:
-    assert layer.keys is not None and layer.values is not None
-    return layer.keys, layer.values
-
-
-def _left_pad(t: torch.Tensor, extra: int, dim: int) -> torch.Tensor:
-    if extra == 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = extra
-    return torch.cat([t.new_zeros(shape), t], dim=dim)
+    ticket: Ticket
+    prompt: PromptKV
+    rows: list[_Row]  # n of them: choices of one prompt share its K/V
 
 
 class Engine:
@@ -145,12 +110,12 @@ class Engine:
         self._cond = threading.Condition()
         self._inbox: deque[Ticket] = deque()
         self._waiting: deque[Ticket] = deque()
-        self._batch: _Batch | None = None
-        self._prefilling: _Prefill | None = None
+        self._rows: list[_Row] = []  # the running batch: row i's K/V is in slot i
+        self._reading: list[_Reading] = []  # newcomers' prompts, oldest first
+        self._slots: Slots | None = None
         self._stopping = False
         self._abort_message: str | None = None
         self._model: LoadedModel | None = None
-        self._sdpa = False
         self.stage = "starting"
         self.error: str | None = None
         self.load_seconds: float | None = None
@@ -238,8 +203,8 @@ class Engine:
                 self._cond.wait_for(lambda: self._stopping, timeout=self._settings.load_delay_seconds)
         self._set_stage("loading")
         self._model = self._loader(self._settings, self._set_stage)
-        config = getattr(self._model.model, "config", None)
-        self._sdpa = getattr(config, "_attn_implementation", None) == "sdpa"
+        install(self._model.model)
+        self._slots = Slots(layers=self._model.model.config.num_hidden_layers)
         self._set_stage("warming")
         self._warm_up()
         self.load_seconds = time.monotonic() - started
@@ -259,24 +224,26 @@ class Engine:
 
     def _warm_up(self) -> None:
         # One real generation through the batching path: first-call overheads are paid here,
-        # and a model whose cache layout we cannot splice fails now instead of on a request.
+        # and a model whose attention we cannot batch fails now instead of on a request.
         tokenizer = self.loaded.tokenizer
         ids = tokenizer("Hello", add_special_tokens=False).input_ids or [0]
         warm = GenerationRequest(prompts=[list(ids)], max_tokens=[2], params=SamplingParams(temperature=0.0))
-        self._waiting.append(Ticket(warm, lambda events: None, self._wake))
+        failures: list[Failed] = []
+        self._waiting.append(Ticket(warm, lambda events: failures.extend(e for e in events if isinstance(e, Failed)), self._wake))
         metrics, self._metrics = self._metrics, None  # warm-up traffic is not user traffic
         try:
-            while self._waiting or self._prefilling is not None or self._batch is not None:
+            while self._waiting or self._reading or self._rows:
                 self._admit()
-                if self._batch is not None:
-                    self._decode_step()
+                self._step()
         finally:
             self._metrics = metrics
+        if failures:
+            raise RuntimeError(f"the warm-up generation failed: {failures[0].message}")
 
     def _serve(self) -> None:
         while True:
             with self._cond:
-                if self._batch is None and self._prefilling is None and not self._waiting:
+                if not self._rows and not self._reading and not self._waiting:
                     self._cond.wait_for(lambda: self._inbox or self._stopping or self._abort_message, timeout=1.0)
                 if self._stopping:
                     return
@@ -289,33 +256,31 @@ class Engine:
                 self._expire()
                 self._admit()
                 self._publish_queue()
-                if self._batch is not None:
-                    self._decode_step()
+                if self._rows or self._reading:
+                    self._step()
                     self._publish_queue()
             except Exception:
                 # One bad step (a kernel error, out of memory) fails the requests it involved,
                 # not the server: the engine thread goes on with an empty batch.
-                log.exception("Decode step failed: failing the running requests")
+                log.exception("Engine step failed: failing the running requests")
                 self._fail_running("internal", "internal error while generating")
             self._events_fed()
 
     # --- scheduling ---
 
-    def _running_rows(self) -> int:
-        return len(self._batch.rows) if self._batch is not None else 0
+    def _rows_taken(self) -> int:
+        return len(self._rows) + sum(len(reading.rows) for reading in self._reading)
 
     def _expire(self) -> None:
         now = time.monotonic()
         for ticket in [t for t in self._waiting if t.cancelled or now > t.deadline]:
             self._waiting.remove(ticket)
             self._close(ticket, now, cancelled=ticket.cancelled)
-        if self._batch is None:
-            return
-        gone = {row.active for row in self._batch.rows if row.active.ticket.cancelled or now > row.active.ticket.deadline}
-        for active in gone:
-            self._close(active.ticket, now, cancelled=active.ticket.cancelled)
-        if gone:
-            self._drop([i for i, row in enumerate(self._batch.rows) if row.active not in gone])
+        involved = [row.active.ticket for row in self._rows] + [reading.ticket for reading in self._reading]
+        gone = {ticket for ticket in involved if ticket.cancelled or now > ticket.deadline}
+        for ticket in gone:
+            self._close(ticket, now, cancelled=ticket.cancelled)
+        self._remove(gone)
 
     def _close(self, ticket: Ticket, now: float, *, cancelled: bool) -> None:
         if not cancelled:
@@ -323,48 +288,32 @@ class Engine:
         if self._metrics is not None:
             self._metrics.finished("abort", now - ticket.submitted)
 
-    def _admit(self) -> None:
-        """Read the next prompt chunk of the newcomers, choosing them first if there are none."""
-        if self._prefilling is None:
-            room = self._settings.max_num_seqs - self._running_rows()
-            budget = PREFILL_TOKEN_BUDGET
-            chosen: list[Ticket] = []
-            while self._waiting and self._waiting[0].request.rows <= room:
-                ticket = self._waiting[0]
-                cost = max(len(p) for p in ticket.request.prompts) * len(ticket.request.prompts)
-                if chosen and cost > budget:
-                    break
-                self._waiting.popleft()
-                chosen.append(ticket)
-                room -= ticket.request.rows
-                budget -= cost
-            if not chosen:
-                return
-            self._prefilling = self._start_prefill(chosen)
-        group = self._prefilling
-        running = self._batch
-        try:
-            self._prefill_chunk(group)
-        except Exception:
-            if self._batch is not running:
-                raise  # the newcomers already joined the batch: the step handler fails it
-            self._prefilling = None
-            log.exception("Prefill failed: failing the new requests", extra={"requests": len(group.tickets)})
-            self._fail(group.tickets, "internal", "internal error while reading the prompt")
+    def _remove(self, tickets: set[Ticket]) -> None:
+        """Take these requests out of the engine: their prompts being read and their running rows."""
+        if not tickets:
+            return
+        self._reading = [reading for reading in self._reading if reading.ticket not in tickets]
+        self._retire({i for i, row in enumerate(self._rows) if row.active.ticket in tickets})
 
-    def _start_prefill(self, tickets: list[Ticket]) -> _Prefill:
+    def _admit(self) -> None:
+        """Start reading the prompts of waiting requests while rows and the read budget allow."""
+        room = self._settings.max_num_seqs - self._rows_taken()
+        budget = PREFILL_TOKEN_BUDGET - sum(reading.prompt.length for reading in self._reading)
         loaded = self.loaded
-        now = time.monotonic()
-        prompts: list[list[int]] = []
-        rows: list[_Row] = []
-        group_of_row: list[int] = []
-        for ticket in tickets:
+        while self._waiting and self._waiting[0].request.rows <= room:
+            ticket = self._waiting[0]
             request = ticket.request
-            active = _Active(ticket, rows_left=request.rows, prompt_tokens=sum(len(p) for p in request.prompts))
+            cost = sum(len(p) for p in request.prompts)
+            if self._reading and cost > budget:
+                break
+            self._waiting.popleft()
+            room -= request.rows
+            budget -= cost
+            active = _Active(ticket, rows_left=request.rows, prompt_tokens=cost)
             if self._metrics is not None:
-                self._metrics.scheduled(now - ticket.submitted, active.prompt_tokens)
+                self._metrics.scheduled(time.monotonic() - ticket.submitted, cost)
             for p_index, prompt in enumerate(request.prompts):
-                prompts.append(prompt)
+                rows = []
                 for i in range(request.n):
                     index = p_index * request.n + i
                     # torch takes seeds in [-2**63, 2**64); wrapping keeps seed + index in range.
@@ -372,132 +321,152 @@ class Engine:
                     sampler = RowSampler.create(request.params, loaded.vocab_size, seed)
                     detok = IncrementalDetokenizer(loaded.tokenizer, prompt)
                     rows.append(_Row(active, index, len(prompt), request.max_tokens[p_index], sampler, detok, StopMatcher(request.stop)))
-                    group_of_row.append(len(prompts) - 1)
-        longest = max(len(p) for p in prompts)
-        ids = torch.zeros((len(prompts), longest), dtype=torch.long)
-        mask = torch.zeros((len(prompts), longest), dtype=torch.long)
-        for g, prompt in enumerate(prompts):
-            ids[g, longest - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
-            mask[g, longest - len(prompt) :] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        device = loaded.device  # moved once: every chunk slices these
-        return _Prefill(tickets, rows, group_of_row, ids.to(device), mask.to(device), positions.to(device), DynamicCache())
+                self._reading.append(_Reading(ticket, PromptKV.create(prompt, self._slots_or_fail().layers), rows))
 
-    def _prefill_chunk(self, group: _Prefill) -> None:
-        """One forward over the next columns of the group's prompts; the last one joins the batch."""
+    def _slots_or_fail(self) -> Slots:
+        if self._slots is None:
+            raise RuntimeError("model not loaded")
+        return self._slots
+
+    def _plan_chunks(self) -> list[tuple[_Reading, int, int]]:
+        """The prompt tokens this step reads: oldest prompts first, `prefill_chunk_tokens` in all."""
+        budget = max(1, self._settings.prefill_chunk_tokens)
+        plan: list[tuple[_Reading, int, int]] = []
+        for reading in self._reading:
+            if budget <= 0:
+                break
+            start = reading.prompt.read
+            end = min(reading.prompt.length, start + budget)
+            plan.append((reading, start, end))
+            budget -= end - start
+        return plan
+
+    # --- one engine step ---
+
+    def _step(self) -> None:
+        """One forward: every running row's next token and the next prompt chunks; then sample."""
+        plan = self._plan_chunks()
+        if not self._rows and not plan:
+            return
+        try:
+            logits = self._forward(plan)
+        except UnsupportedModel:
+            raise  # not this request's fault: the model cannot be served (found at warm-up)
+        except Exception:
+            if not plan:
+                raise  # the running rows' step itself failed: the caller fails them
+            # Fail only the newcomers whose prompts were in it: the running rows' K/V writes go to
+            # fixed columns, so their part of the step can be run again on its own.
+            log.exception("Reading a prompt failed: failing the new requests", extra={"requests": len(plan)})
+            failed = {reading.ticket for reading, _, _ in plan}
+            self._remove(failed)
+            self._fail(list(failed), "internal", "internal error while reading the prompt")
+            if not self._rows:
+                return
+            plan = []
+            logits = self._forward(plan)
+        running = len(self._rows)
+        for row in self._rows:
+            row.length += 1
+        joining: list[_Row] = []
+        picks = list(range(running))  # logits row of each row that samples this step
+        logit_row = running
+        for reading, _, end in plan:
+            reading.prompt.read = end
+            if end == reading.prompt.length:
+                self._join(reading)
+                joining += reading.rows
+                picks += [logit_row] * len(reading.rows)
+                logit_row += 1
+        self._reading = [reading for reading in self._reading if reading.prompt.read < reading.prompt.length]
+        if picks:
+            index = torch.tensor(picks, dtype=torch.long, device=logits.device)
+            self._advance(logits[index], self._rows[:running] + joining)
+
+    def _forward(self, plan: list[tuple[_Reading, int, int]]) -> torch.Tensor:
+        """Run the model over the packed step; the logits of each running row, then of each prompt read to its end."""
         loaded = self.loaded
         device = loaded.device
-        prompts, longest = group.ids.shape
-        end = min(longest, group.read + max(1, self._settings.prefill_chunk_tokens // prompts))
+        slots = self._slots_or_fail()
+        rows = self._rows
+        lengths = torch.tensor([row.length for row in rows], dtype=torch.long)
+        ids = [torch.tensor([row.next_token for row in rows], dtype=torch.long)]
+        positions = [lengths]
+        kv_len = max((row.length for row in rows), default=0) + 1
+        if rows:
+            slots.reserve(len(rows), kv_len, len(rows), kv_len - 1, slots.keys[0], self._settings.max_num_seqs)
+        chunks: list[Chunk] = []
+        offset = len(rows)
+        keep = list(range(len(rows)))
+        for reading, start, end in plan:
+            chunks.append(Chunk(reading.prompt, start, end, offset))
+            ids.append(reading.prompt.tokens[start:end])
+            positions.append(torch.arange(start, end, dtype=torch.long))
+            offset += end - start
+            if end == reading.prompt.length:
+                keep.append(offset - 1)
+        lengths = lengths.to(device)
+        step = RaggedStep(slots, len(rows), lengths, kv_len, chunks)
         with torch.inference_mode():
             out = loaded.model(
-                input_ids=group.ids[:, group.read : end],
-                attention_mask=group.mask[:, :end],
-                position_ids=group.positions[:, group.read : end],
-                past_key_values=group.cache,
-                use_cache=True,
-                logits_to_keep=1,
+                input_ids=torch.cat(ids).to(device)[None],
+                position_ids=torch.cat(positions).to(device)[None],
+                use_cache=False,
+                logits_to_keep=torch.tensor(keep or [0], dtype=torch.long, device=device),
+                ragged=step,
             )
-        group.read = end
-        if end < longest:
+        if step.calls != slots.layers:
+            raise UnsupportedModel(f"the model made {step.calls} attention calls for {slots.layers} layers: not all of it is batched")
+        logits: torch.Tensor = out.logits[0]
+        return logits
+
+    def _join(self, reading: _Reading) -> None:
+        """Copy a fully read prompt's K/V into a slot per row; its rows run from the next step."""
+        slots = self._slots_or_fail()
+        first = len(self._rows)
+        used = max((row.length for row in self._rows), default=0)
+        like = reading.prompt.keys[0]
+        assert like is not None
+        slots.reserve(first + len(reading.rows), max(used, reading.prompt.length) + 1, first, used, like, self._settings.max_num_seqs)
+        for i, row in enumerate(reading.rows):
+            slots.fill(first + i, reading.prompt)
+            row.length = reading.prompt.length
+        self._rows.extend(reading.rows)
+
+    def _retire(self, finished: set[int]) -> None:
+        """Drop rows by index; the last rows move into the freed slots (only moved rows are copied)."""
+        if not finished:
             return
-        self._prefilling = None
-        layers = _layers(group.cache)
-        expand = torch.tensor(group.group_of_row, dtype=torch.long, device=device)
-        if group.group_of_row != list(range(prompts)):  # n > 1: rows share their prompt's cache
-            for layer in layers:
-                layer.batch_select_indices(expand)
-        logits = out.logits[:, -1, :][expand]
-        newcomer = _Batch(
-            cache=group.cache,
-            mask=group.mask[expand],
-            positions=group.mask[expand].sum(-1),
-            next_tokens=torch.zeros(len(group.rows), dtype=torch.long, device=device),
-            rows=group.rows,
-        )
-        self._batch = newcomer if self._batch is None else self._merge(self._batch, newcomer)
-        start = len(self._batch.rows) - len(group.rows)
-        self._advance(logits, list(range(start, len(self._batch.rows))))
+        rows = self._rows
+        kept = len(rows) - len(finished)
+        holes = sorted(i for i in finished if i < kept)
+        movers = [i for i in range(kept, len(rows)) if i not in finished]
+        if movers:
+            self._slots_or_fail().move(movers, holes, max(rows[i].length for i in movers))
+            for hole, mover in zip(holes, movers, strict=True):
+                rows[hole] = rows[mover]
+        del rows[kept:]
+        if not rows and not self._reading:
+            self._slots_or_fail().release()  # an idle server holds no cache
 
-    @staticmethod
-    def _merge(old: _Batch, new: _Batch) -> _Batch:
-        length = max(old.mask.shape[1], new.mask.shape[1])
-        pad_old, pad_new = length - old.mask.shape[1], length - new.mask.shape[1]
-        for old_layer, new_layer in zip(_layers(old.cache), _layers(new.cache), strict=True):
-            (old_k, old_v), (new_k, new_v) = _kv(old_layer), _kv(new_layer)
-            old_layer.keys = torch.cat([_left_pad(old_k, pad_old, 2), _left_pad(new_k, pad_new, 2)])
-            old_layer.values = torch.cat([_left_pad(old_v, pad_old, 2), _left_pad(new_v, pad_new, 2)])
-        return _Batch(
-            cache=old.cache,
-            mask=torch.cat([_left_pad(old.mask, pad_old, 1), _left_pad(new.mask, pad_new, 1)]),
-            positions=torch.cat([old.positions, new.positions]),
-            next_tokens=torch.cat([old.next_tokens, new.next_tokens]),
-            rows=old.rows + new.rows,
-        )
-
-    def _drop(self, keep: list[int]) -> None:
-        batch = self._batch
-        assert batch is not None
-        if not keep:
-            self._batch = None
-            return
-        index = torch.tensor(keep, dtype=torch.long, device=batch.mask.device)
-        mask = batch.mask[index]
-        trim = mask.shape[1] - int(mask.sum(-1).max().item())  # leading columns that are padding in every row
-        for layer in _layers(batch.cache):
-            keys, values = _kv(layer)
-            layer.keys = keys[index, :, trim:]
-            layer.values = values[index, :, trim:]
-        self._batch = _Batch(batch.cache, mask[:, trim:], batch.positions[index], batch.next_tokens[index], [batch.rows[i] for i in keep])
-
-    # --- decoding ---
-
-    def _decode_step(self) -> None:
-        batch = self._batch
-        assert batch is not None
-        batch.mask = torch.cat([batch.mask, batch.mask.new_ones((batch.mask.shape[0], 1))], dim=1)
-        attention_mask = batch.mask
-        if self._sdpa:
-            # One query per row attends to every real token before it: the padding mask is the
-            # whole mask. Handing it over as SDPA's 4-D boolean mask skips transformers' mask
-            # construction, a tenth of a small model's decode step.
-            attention_mask = batch.mask[:, None, None, :].bool()
-        with torch.inference_mode():
-            out = self.loaded.model(
-                input_ids=batch.next_tokens[:, None],
-                attention_mask=attention_mask,
-                position_ids=batch.positions[:, None],
-                past_key_values=batch.cache,
-                use_cache=True,
-            )
-        batch.positions = batch.positions + 1
-        self._advance(out.logits[:, -1, :], list(range(len(batch.rows))))
-
-    def _advance(self, logits: torch.Tensor, row_ids: list[int]) -> None:
-        """Choose the next token for `row_ids` of the batch, emit text, retire finished rows."""
-        batch = self._batch
-        assert batch is not None
-        rows = [batch.rows[i] for i in row_ids]
+    def _advance(self, logits: torch.Tensor, rows: list[_Row]) -> None:
+        """Choose the next token of `rows` (one logits row each), emit text, retire finished rows."""
         choices = select_tokens(logits, [row.sampler for row in rows])
-        tokens = torch.tensor([c.token for c in choices], dtype=torch.long, device=batch.next_tokens.device)
-        if len(row_ids) == len(batch.rows):  # a decode step: every row, in order
-            batch.next_tokens = tokens
-        else:
-            batch.next_tokens[row_ids] = tokens
         now = time.monotonic()
         events: dict[Ticket, list[Event]] = {}
-        finished: set[int] = set()
-        for row_id, row, choice in zip(row_ids, rows, choices, strict=True):
+        finished: set[_Row] = set()
+        for row, choice in zip(rows, choices, strict=True):
+            row.next_token = choice.token
             out = events.setdefault(row.active.ticket, [])
             if self._emit(row, choice, now, out):
-                finished.add(row_id)
+                finished.add(row)
         if self._metrics is not None:
             self._metrics.generation_tokens.inc(len(rows))
         for ticket, ticket_events in events.items():
             if ticket_events:
                 ticket.sink(ticket_events)
         if finished:
-            self._drop([i for i in range(len(batch.rows)) if i not in finished])
+            self._retire({i for i, row in enumerate(self._rows) if row in finished})
 
     def _emit(self, row: _Row, choice: Choice, now: float, out: list[Event]) -> bool:
         loaded = self.loaded
@@ -557,9 +526,8 @@ class Engine:
 
     def _publish_queue(self) -> None:
         if self._metrics is not None:
-            running = len({row.active for row in self._batch.rows}) if self._batch is not None else 0
-            running += len(self._prefilling.tickets) if self._prefilling is not None else 0
-            self._metrics.set_queue(running=running, waiting=len(self._waiting) + len(self._inbox))
+            running = {row.active.ticket for row in self._rows} | {reading.ticket for reading in self._reading}
+            self._metrics.set_queue(running=len(running), waiting=len(self._waiting) + len(self._inbox))
 
     def _fail_everything(self, kind: FailureKind, message: str) -> None:
         with self._cond:
@@ -567,18 +535,17 @@ class Engine:
             self._inbox.clear()
         waiting = list(self._waiting)
         self._waiting.clear()
-        if self._prefilling is not None:
-            waiting += self._prefilling.tickets
-            self._prefilling = None
         self._fail(waiting, kind, message)
         self._fail_running(kind, message)
 
     def _fail_running(self, kind: FailureKind, message: str) -> None:
-        """Fail every request with a row in the batch (those not already done) and drop the batch."""
-        if self._batch is not None:
-            unfinished = dict.fromkeys(row.active.ticket for row in self._batch.rows if row.active.rows_left > 0)
-            self._batch = None
-            self._fail(list(unfinished), kind, message)
+        """Fail every request in the batch or being read (those not already done) and drop them all."""
+        unfinished = dict.fromkeys(row.active.ticket for row in self._rows if row.active.rows_left > 0)
+        unfinished.update(dict.fromkeys(reading.ticket for reading in self._reading))
+        self._rows, self._reading = [], []
+        if self._slots is not None:
+            self._slots.release()
+        self._fail(list(unfinished), kind, message)
         self._publish_queue()
 
     def _fail(self, tickets: list[Ticket], kind: FailureKind, message: str) -> None:

@@ -64,8 +64,8 @@ class Settings(BaseSettings):
     prefill_chunk_tokens: int = Field(
         default=512,
         ge=1,
-        description="Prompt tokens (summed over newcomers, padding included) read per engine step between decode steps: "
-        "bounds how long running streams wait while new prompts are read.",
+        description="Prompt tokens (summed over newcomers) read per engine step, in the same forward as the running "
+        "sequences' next tokens: bounds how much longer a step gets while new prompts are read.",
     )
     request_timeout_seconds: float = Field(default=600.0, gt=0)
     drain_seconds: float = Field(default=30.0, ge=0, description="How long SIGTERM waits for streams.")

@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM
 from llmservice_server.engine import Engine, Ticket
 from llmservice_server.events import Delta, Done, Event, Failed, Finished, GenerationRequest, SamplingParams
 from llmservice_server.loader import LoadedModel, load
+from llmservice_server.ragged import ATTENTION, RaggedStep
 from llmservice_server.settings import Settings
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -80,8 +81,8 @@ def engine(tiny_model_dir: Path, request: pytest.FixtureRequest) -> Any:
 
 def test_batched_greedy_equals_sequential_greedy(engine: Engine, tiny_model_dir: Path) -> None:
     tokenizer = engine.loaded.tokenizer
-    # SDPA: decode steps hand the model a prepared 4-D padding mask, so that path is under test.
-    assert engine.loaded.model.config._attn_implementation == "sdpa"
+    # Every step runs through the ragged attention (running rows and prompt chunks in one forward).
+    assert engine.loaded.model.config._attn_implementation == ATTENTION
     prompts = [list(tokenizer(t, add_special_tokens=False).input_ids) for t in TEXTS]
     assert len({len(p) for p in prompts}) == len(prompts)  # all different lengths: real padding
     requests = [GenerationRequest(prompts=[p], max_tokens=[48], params=GREEDY) for p in prompts]
@@ -154,17 +155,21 @@ POISON = 7  # a token id whose prefill the faulty model refuses
 
 
 class FaultyModel:
-    """The real model, except: a prompt holding POISON fails its prefill; `fail_decode` fails one decode step."""
+    """The real model, except: a step reading a prompt that holds POISON fails; `fail_decode` fails one step of running rows."""
 
     def __init__(self, model: Any) -> None:
         self.model = model
         self.fail_decode = threading.Event()
 
+    def __getattr__(self, name: str) -> Any:  # config, set_attn_implementation, ...
+        return getattr(self.model, name)
+
     def __call__(self, **kwargs: Any) -> Any:
-        ids = kwargs["input_ids"]
-        if ids.shape[1] > 1 and bool((ids == POISON).any()):
+        step: RaggedStep = kwargs["ragged"]
+        prompt_tokens = kwargs["input_ids"][0, step.rows :]  # packed after one decode token per running row
+        if bool((prompt_tokens == POISON).any()):
             raise RuntimeError("poisoned prompt")
-        if ids.shape[1] == 1 and self.fail_decode.is_set():
+        if step.rows and self.fail_decode.is_set():
             self.fail_decode.clear()
             raise RuntimeError("decode step failed")
         return self.model(**kwargs)
