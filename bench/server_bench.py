@@ -97,16 +97,15 @@ class ModelProfile:
     max_duration: float  # no new request after this many seconds in a level
     slo_ttft_ms: float
     slo_tpot_ms: float
-    bare_requests: int  # in-process batch-1 generate calls
 
 
 PROFILES = {
     # 8 requests per stream: at 2 per stream a 16-stream level of ours lasted 0.7 s, so ramp-up and
     # the last requests' tail were a large part of what it measured.
-    "tiny": ModelProfile((16, 64), (32, 96), 16, 8, 90.0, 1000.0, 100.0, 4),
+    "tiny": ModelProfile((16, 64), (32, 96), 16, 8, 90.0, 1000.0, 100.0),
     # 4 per stream: with 1, every level was a single wave, whose mixed lengths leave the batch a
     # third empty at the end; the static batch it is held against has no such tail.
-    "smollm2": ModelProfile((16, 48), (16, 48), 4, 4, 150.0, 3000.0, 300.0, 2),
+    "smollm2": ModelProfile((16, 48), (16, 48), 4, 4, 150.0, 3000.0, 300.0),
 }
 
 
@@ -491,7 +490,8 @@ def run_inprocess(model_dir: Path, args: argparse.Namespace, profile: ModelProfi
         "model_dir": str(model_dir),
         "device": args.device,
         "dtype": args.dtype,
-        "bare": _items(level_workload(profile, 1, args.seed, None)[: profile.bare_requests]),
+        # The very requests the servers get at one stream: their prompt / output mix sets tok/s.
+        "bare": _items(level_workload(profile, 1, args.seed, args.num_prompts)),
         "static": {str(c): _items(level_workload(profile, c, args.seed, args.num_prompts)[:c]) for c in args.concurrency if c > 1},
         "engine": {str(c): _items(level_workload(profile, c, args.seed, args.num_prompts)) for c in args.concurrency}
         if args.engine
