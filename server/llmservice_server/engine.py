@@ -406,7 +406,8 @@ class Engine:
             if end == reading.prompt.length:
                 keep.append(offset - 1)
         lengths = lengths.to(device)
-        step = RaggedStep(slots, len(rows), lengths, kv_len, chunks)
+        uniform = all(row.length == kv_len - 1 for row in rows)
+        step = RaggedStep(slots, len(rows), lengths, kv_len, uniform, chunks)
         with torch.inference_mode():
             out = loaded.model(
                 input_ids=torch.cat(ids).to(device)[None],

@@ -138,8 +138,13 @@ class Chunk:
     offset: int
     masks: dict[int | None, torch.Tensor] = field(default_factory=dict)  # by sliding window, built once per step
 
-    def mask(self, window: int | None, device: torch.device) -> torch.Tensor:
-        """[end - start, end] True = attend: causal, and within `window` tokens of the query if set."""
+    def mask(self, window: int | None, device: torch.device) -> torch.Tensor | None:
+        """[end - start, end] True = attend: causal, and within `window` tokens of the query if set.
+
+        None for a first chunk no window cuts into: plain causal attention (`is_causal`).
+        """
+        if self.start == 0 and (window is None or window >= self.end):
+            return None
         if window not in self.masks:
             columns = torch.arange(self.end, device=device)[None, :]
             queries = torch.arange(self.start, self.end, device=device)[:, None]
@@ -158,12 +163,19 @@ class RaggedStep:
     rows: int  # decode tokens, one per running row (slot i = token i), packed first
     row_columns: torch.Tensor  # [rows] where each decode token's K/V goes (the row's length)
     kv_len: int  # columns the running rows attend over (their longest length + 1)
+    uniform: bool  # every running row has kv_len - 1 tokens
     chunks: list[Chunk]
     calls: int = 0  # attention calls seen (checked against the model's layers)
     row_masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
 
-    def row_mask(self, window: int | None) -> torch.Tensor:
-        """[rows, 1, 1, kv_len] True = attend: a row's tokens up to the one written this step."""
+    def row_mask(self, window: int | None) -> torch.Tensor | None:
+        """[rows, 1, 1, kv_len] True = attend: a row's tokens up to the one written this step.
+
+        None when every row attends to all `kv_len` columns (rows of one length, no window
+        cutting in): SDPA then runs unmasked, its fastest path (one stream is always this case).
+        """
+        if self.uniform and (window is None or window >= self.kv_len):
+            return None
         if window not in self.row_masks:
             columns = torch.arange(self.kv_len, device=self.row_columns.device)[None, :]
             allowed = columns <= self.row_columns[:, None]
@@ -199,11 +211,13 @@ class RaggedStep:
             keys, values = chunk.prompt.layer(layer, k)
             keys[0, :, chunk.start : chunk.end] = k[:, part]
             values[0, :, chunk.start : chunk.end] = v[:, part]
+            mask = chunk.mask(window, q.device)
             attended = scaled_dot_product_attention(
                 q[None, :, part],
                 keys[:, :, : chunk.end],
                 values[:, :, : chunk.end],
-                attn_mask=chunk.mask(window, q.device),
+                attn_mask=mask,
+                is_causal=mask is None,
                 scale=scale,
                 enable_gqa=True,
             )
