@@ -204,7 +204,7 @@ class Engine:
         self._set_stage("loading")
         self._model = self._loader(self._settings, self._set_stage)
         install(self._model.model)
-        self._slots = Slots(layers=self._model.model.config.num_hidden_layers)
+        self._slots = Slots(layers=self._model.model.config.num_hidden_layers, max_rows=self._settings.max_num_seqs)
         self._set_stage("warming")
         self._warm_up()
         self.load_seconds = time.monotonic() - started
@@ -394,7 +394,7 @@ class Engine:
         positions = [lengths]
         kv_len = max((row.length for row in rows), default=0) + 1
         if rows:
-            slots.reserve(len(rows), kv_len, len(rows), kv_len - 1, slots.keys[0], self._settings.max_num_seqs)
+            slots.reserve(len(rows), kv_len, slots.keys[0])
         chunks: list[Chunk] = []
         offset = len(rows)
         keep = list(range(len(rows)))
@@ -425,10 +425,9 @@ class Engine:
         """Copy a fully read prompt's K/V into a slot per row; its rows run from the next step."""
         slots = self._slots_or_fail()
         first = len(self._rows)
-        used = max((row.length for row in self._rows), default=0)
         like = reading.prompt.keys[0]
         assert like is not None
-        slots.reserve(first + len(reading.rows), max(used, reading.prompt.length) + 1, first, used, like, self._settings.max_num_seqs)
+        slots.reserve(first + len(reading.rows), reading.prompt.length + 1, like)
         for i, row in enumerate(reading.rows):
             slots.fill(first + i, reading.prompt)
             row.length = reading.prompt.length

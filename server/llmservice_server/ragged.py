@@ -80,6 +80,7 @@ class Slots:
     """The running rows' K/V: one `[slots, kv_heads, columns, head_dim]` pair per layer, grown by doubling."""
 
     layers: int
+    max_rows: int  # the engine's max_num_seqs: rows never grow past it (unless one request needs more)
     keys: list[torch.Tensor] = field(default_factory=list)
     values: list[torch.Tensor] = field(default_factory=list)
 
@@ -91,19 +92,20 @@ class Slots:
     def columns(self) -> int:
         return int(self.keys[0].shape[2]) if self.keys else 0
 
-    def reserve(self, rows: int, columns: int, used_rows: int, used_columns: int, like: torch.Tensor, max_rows: int) -> None:
-        """Make room for `rows` x `columns`, keeping the first `used_rows` x `used_columns`."""
+    def reserve(self, rows: int, columns: int, like: torch.Tensor) -> None:
+        """Make room for `rows` x `columns`, keeping what is there; `like` gives K/V's shape and dtype."""
         if rows <= self.slots and columns <= self.columns:
             return
-        new_rows = min(max(_pow2_at_least(rows, 1), self.slots), max(max_rows, rows))
+        new_rows = min(max(_pow2_at_least(rows, 1), self.slots), max(self.max_rows, rows))
         new_columns = max(_pow2_at_least(columns, _MIN_COLUMNS), self.columns)
         shape = (new_rows, like.shape[1], new_columns, like.shape[3])
+        old_rows, old_columns = self.slots, self.columns  # grown by doubling: copying all of it is amortized
         keys, values = [], []
         for index in range(self.layers):
             k, v = like.new_zeros(shape), like.new_zeros(shape)
-            if self.keys and used_rows and used_columns:
-                k[:used_rows, :, :used_columns] = self.keys[index][:used_rows, :, :used_columns]
-                v[:used_rows, :, :used_columns] = self.values[index][:used_rows, :, :used_columns]
+            if self.keys:
+                k[:old_rows, :, :old_columns] = self.keys[index]
+                v[:old_rows, :, :old_columns] = self.values[index]
             keys.append(k)
             values.append(v)
         self.keys, self.values = keys, values
