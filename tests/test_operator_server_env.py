@@ -39,4 +39,5 @@ def test_the_server_reads_the_spec_back_from_the_rendered_env(monkeypatch: pytes
     assert (settings.model, settings.revision, settings.max_model_len) == ("org/model", "v1", 4096)
     assert (settings.max_num_seqs, settings.max_queue, settings.prefill_chunk_tokens) == (32, 100, 256)
     assert (settings.workers, settings.drain_seconds, settings.request_timeout_seconds) == (2, 45, 120)
+    assert settings.cpus == 2  # 4 cores requested, 2 workers
     assert settings.api_key_file is not None and settings.api_key_file.name == "token"

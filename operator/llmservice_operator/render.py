@@ -229,9 +229,11 @@ def server_env(service: LLMService) -> list[Manifest]:
         values["LLMSERVICE_MAX_MODEL_LEN"] = str(model.max_context_length)
     values["LLMSERVICE_TRUST_REMOTE_CODE"] = "true" if model.trust_remote_code else "false"
     values["LLMSERVICE_DEVICE"] = "cuda" if spec.resources.gpu.count else "cpu"
-    threads = _torch_threads(spec)
-    if threads is not None:
-        values["LLMSERVICE_TORCH_THREADS"] = str(threads)
+    if spec.server.torch_threads is not None:
+        values["LLMSERVICE_TORCH_THREADS"] = str(spec.server.torch_threads)
+    cpus = _worker_cpus(spec)
+    if cpus is not None:
+        values["LLMSERVICE_CPUS"] = str(cpus)
     values["LLMSERVICE_HOST"] = "0.0.0.0"
     values["LLMSERVICE_PORT"] = str(naming.SERVER_PORT)
     values["LLMSERVICE_WORKERS"] = str(spec.server.workers)
@@ -256,15 +258,13 @@ def server_env(service: LLMService) -> list[Manifest]:
     return list(env.values())
 
 
-def _torch_threads(spec: LLMServiceSpec) -> int | None:
-    """On CPU, size torch's threads to the pod's CPU, not the node's: a container sees every core
-    of the node, and threads beyond its quota only wait on each other. An explicit count wins."""
-    if spec.server.torch_threads is not None:
-        return spec.server.torch_threads
+def _worker_cpus(spec: LLMServiceSpec) -> int | None:
+    """The CPU cores each server worker may use: the pod's, not the node's - a container sees every
+    core of its node, and torch threads beyond its quota only wait on each other."""
     cpu = spec.resources.cpu.limit or spec.resources.cpu.request
-    if spec.resources.gpu.count or cpu is None:
+    if cpu is None:
         return None
-    return max(1, int(quantity_value(cpu)) // spec.server.workers - 1)
+    return max(1, int(quantity_value(cpu)) // spec.server.workers)
 
 
 def _resources(spec: LLMServiceSpec) -> Manifest:

@@ -113,6 +113,7 @@ class Engine:
         self._rows: list[_Row] = []  # the running batch: row i's K/V is in slot i
         self._reading: list[_Reading] = []  # newcomers' prompts, oldest first
         self._slots: Slots | None = None
+        self._threads = 0  # torch's CPU threads as last set by a step (0: not yet)
         self._stopping = False
         self._abort_message: str | None = None
         self._model: LoadedModel | None = None
@@ -408,6 +409,8 @@ class Engine:
         lengths = lengths.to(device)
         uniform = all(row.length == kv_len - 1 for row in rows)
         step = RaggedStep(slots, len(rows), lengths, kv_len, uniform, chunks)
+        if loaded.threads is not None:
+            self._use_threads(loaded.threads.for_step(offset))
         with torch.inference_mode():
             out = loaded.model(
                 input_ids=torch.cat(ids).to(device)[None],
@@ -420,6 +423,11 @@ class Engine:
             raise UnsupportedModel(f"the model made {step.calls} attention calls for {slots.layers} layers: not all of it is batched")
         logits: torch.Tensor = out.logits[0]
         return logits
+
+    def _use_threads(self, threads: int) -> None:
+        if threads != self._threads:  # a cheap call, but only a change needs it
+            torch.set_num_threads(threads)
+            self._threads = threads
 
     def _join(self, reading: _Reading) -> None:
         """Copy a fully read prompt's K/V into a slot per row; its rows run from the next step."""

@@ -21,6 +21,7 @@ from transformers.utils import logging as hf_logging
 
 from .settings import Settings
 from .source import Source, resolve_source
+from .threads import ThreadPlan, plan_threads
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ class LoadedModel:
     max_model_len: int
     eos_token_ids: frozenset[int]
     vocab_size: int  # rows of the output layer (may exceed len(tokenizer))
+    threads: ThreadPlan | None = None  # torch's CPU threads per step; None: left as they are (a GPU)
 
 
 def pick_device(settings: Settings) -> torch.device:
@@ -43,12 +45,21 @@ def pick_device(settings: Settings) -> torch.device:
     return torch.device("cpu")
 
 
-def cpu_threads(settings: Settings) -> int:
-    """Torch's intra-op threads: leave a core to the event loop, or the two fight for it."""
-    if settings.torch_threads:
-        return settings.torch_threads
+def worker_cores(settings: Settings) -> int:
+    """The CPU cores one worker may use: the pod's share the operator passed, else the cores this
+    process may run on (a container sees every core of its node, so the operator's count wins)."""
+    if settings.cpus:
+        return settings.cpus
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // settings.workers - 1)
+    return max(1, cores // settings.workers)
+
+
+def thread_plan(settings: Settings, device: torch.device, config: Any) -> ThreadPlan | None:
+    if device.type == "cpu":
+        return plan_threads(worker_cores(settings), getattr(config, "hidden_size", None), settings.torch_threads)
+    if settings.torch_threads:  # on a GPU only the CPU-side work uses them: as many as asked, always
+        return plan_threads(worker_cores(settings), None, settings.torch_threads)
+    return None
 
 
 def pick_dtype(settings: Settings, device: torch.device) -> torch.dtype:
@@ -100,7 +111,7 @@ def load(settings: Settings, on_stage: Callable[[str], None]) -> LoadedModel:
     device = pick_device(settings)
     dtype = pick_dtype(settings, device)
     if device.type == "cpu":
-        torch.set_num_threads(cpu_threads(settings))
+        torch.set_num_threads(worker_cores(settings))  # loading (GGUF dequantization) uses them all
     location, gguf_file = source.location, source.gguf_file
     converted = converted_dir(settings, source) if gguf_file else None
     if converted is not None and (converted / "config.json").is_file():
@@ -116,7 +127,8 @@ def load(settings: Settings, on_stage: Callable[[str], None]) -> LoadedModel:
     if config_len is not None and max_len > config_len:
         raise ValueError(f"--max-model-len {max_len} exceeds the model's context of {config_len}")
     vocab_size = int(model.get_output_embeddings().weight.shape[0])
-    return LoadedModel(model, tokenizer, device, int(max_len), _eos_ids(model, tokenizer), vocab_size)
+    threads = thread_plan(settings, device, model.config)
+    return LoadedModel(model, tokenizer, device, int(max_len), _eos_ids(model, tokenizer), vocab_size, threads)
 
 
 def _save_converted(model: Any, tokenizer: Any, target: Path) -> None:

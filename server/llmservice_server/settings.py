@@ -48,8 +48,14 @@ class Settings(BaseSettings):
     torch_threads: int = Field(
         default=0,
         ge=0,
-        description="CPU threads for torch; 0: the cores this process may use per worker, minus one left "
-        "for the event loop and HTTP (at least 1). Oversubscribed threads made decoding 4-6x slower on 2 cores.",
+        description="CPU threads for torch; 0: chosen per engine step - every core of the worker for a step with "
+        "large matrix products, one core fewer (left to the event loop and HTTP) for a small one.",
+    )
+    cpus: int = Field(
+        default=0,
+        ge=0,
+        description="CPU cores one worker may use (the operator passes the pod's CPU per worker); "
+        "0: the cores this process may run on, shared among the workers.",
     )
     host: str = "0.0.0.0"
     port: int = Field(default=8000, ge=0, le=65535)

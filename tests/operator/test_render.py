@@ -159,18 +159,19 @@ def test_specs_we_cannot_serve_are_refused_with_a_readable_message(spec: dict[st
         service(spec)
 
 
-def test_cpu_servers_size_torch_threads_to_the_pod_not_the_node() -> None:
+def test_servers_are_told_the_pods_cpu_per_worker_not_the_nodes() -> None:
     cpu = {"gpu": {"count": 0}, "cpu": {"request": "2", "limit": "8"}, "memory": {"limit": "4Gi"}}
-    assert env_of(by_kind(render(service({**MINIMAL, "resources": cpu}), CONTEXT))["Deployment"])[
-        "LLMSERVICE_TORCH_THREADS"] == "7"
+    env = env_of(by_kind(render(service({**MINIMAL, "resources": cpu}), CONTEXT))["Deployment"])
+    assert env["LLMSERVICE_CPUS"] == "8"
+    assert "LLMSERVICE_TORCH_THREADS" not in env  # the server sizes torch per step from the cores
     two_workers = {**MINIMAL, "resources": cpu, "server": {"workers": 2}}
-    assert env_of(by_kind(render(service(two_workers), CONTEXT))["Deployment"])["LLMSERVICE_TORCH_THREADS"] == "3"
-    gpu = {"model": {"source": {"bundled": {}}}, "resources": {"gpu": {"count": 1}}}
-    assert "LLMSERVICE_TORCH_THREADS" not in env_of(by_kind(render(service(gpu), CONTEXT))["Deployment"])
+    assert env_of(by_kind(render(service(two_workers), CONTEXT))["Deployment"])["LLMSERVICE_CPUS"] == "4"
+    half = {"gpu": {"count": 0}, "cpu": {"request": "500m"}, "memory": {"limit": "4Gi"}}
+    assert env_of(by_kind(render(service({**MINIMAL, "resources": half}), CONTEXT))["Deployment"])["LLMSERVICE_CPUS"] == "1"
 
 
 def test_an_explicit_torch_thread_count_wins_over_the_pods_cpu() -> None:
-    # A model whose forward pass dominates streams faster with the whole CPU (docs/benchmarks.md).
+    # A fixed count for every step, e.g. to hold one core back for a sidecar.
     cpu = {"gpu": {"count": 0}, "cpu": {"request": "2"}, "memory": {"limit": "4Gi"}}
     whole = {**MINIMAL, "resources": cpu, "server": {"torchThreads": 2}}
     assert env_of(by_kind(render(service(whole), CONTEXT))["Deployment"])["LLMSERVICE_TORCH_THREADS"] == "2"

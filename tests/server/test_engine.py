@@ -251,3 +251,41 @@ def test_running_streams_keep_decoding_while_a_long_prompt_is_read(tiny_model_di
         assert (running_before > 30) is interleaved, running_before
     finally:
         engine.stop()
+
+
+class ThreadRecorder:
+    """The real model, recording each step's token count and the CPU threads torch had for it."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.steps: list[tuple[int, int]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.model, name)
+
+    def __call__(self, **kwargs: Any) -> Any:
+        self.steps.append((int(kwargs["input_ids"].shape[1]), torch.get_num_threads()))
+        return self.model(**kwargs)
+
+
+@pytest.mark.parametrize(("torch_threads", "large_step_threads"), [(0, 2), (1, 1)], ids=["per-step", "fixed"])
+def test_torch_gets_every_core_only_for_large_steps(tiny_model_dir: Path, torch_threads: int, large_step_threads: int) -> None:
+    recorders: list[ThreadRecorder] = []
+
+    def loader(settings: Settings, stage: Callable[[str], None]) -> LoadedModel:
+        loaded = load(settings, stage)
+        recorders.append(ThreadRecorder(loaded.model))
+        return dataclasses.replace(loaded, model=recorders[-1])
+
+    # Two cores; hidden size 64: a step is large from ceil(2.5e6 / 64**2) = 611 tokens.
+    engine = start_engine(tiny_model_dir, loader=loader, cpus=2, torch_threads=torch_threads, prefill_chunk_tokens=1024)
+    try:
+        assert engine.loaded.threads is not None and engine.loaded.threads.min_tokens == (611 if not torch_threads else 1)
+        recorder = recorders[0]
+        recorder.steps.clear()
+        long_prompt = [10 + i % 400 for i in range(700)]
+        run(engine, [GenerationRequest(prompts=[long_prompt], max_tokens=[3], params=GREEDY)])
+    finally:
+        engine.stop()
+    assert recorder.steps[0] == (700, large_step_threads)  # the prompt, read in one step
+    assert recorder.steps[1:] == [(1, 1), (1, 1)]  # its decode steps leave a core to HTTP

@@ -20,6 +20,7 @@ from llmservice_server.sampling import RowSampler, apply_penalties, select_token
 from llmservice_server.settings import Settings, parse_settings
 from llmservice_server.source import Source
 from llmservice_server.textstream import StopMatcher
+from llmservice_server.threads import ThreadPlan, plan_threads
 
 # --- sampling ---
 
@@ -215,3 +216,20 @@ def test_a_gguf_in_a_hub_repo_is_cached_by_repo_file_and_revision() -> None:
     source = Source("org/model", "m.gguf", "org/model")
     main, pinned = Settings(model="org/model"), Settings(model="org/model", revision="abc123")
     assert converted_dir(main, source) == converted_dir(main, source) != converted_dir(pinned, source)
+
+
+# --- torch threads per step ---
+
+
+def test_a_step_gets_every_core_from_the_work_where_a_second_thread_pays() -> None:
+    smollm2 = plan_threads(cores=2, hidden_size=576)  # 2.5e6 multiply-adds: 8 tokens of hidden 576
+    assert smollm2 == ThreadPlan(small=1, large=2, min_tokens=8)
+    assert [smollm2.for_step(tokens) for tokens in (1, 4, 7, 8, 40)] == [1, 1, 1, 2, 2]
+    assert plan_threads(cores=2, hidden_size=64).min_tokens == 611  # a tiny model: only a long prompt read at once
+    assert plan_threads(cores=8, hidden_size=4096) == ThreadPlan(small=7, large=8, min_tokens=1)
+
+
+def test_one_core_an_explicit_count_or_an_unknown_width_fix_the_threads() -> None:
+    assert {plan_threads(cores=1, hidden_size=576).for_step(t) for t in (1, 100)} == {1}
+    assert plan_threads(cores=8, hidden_size=576, explicit=3) == ThreadPlan(3, 3, 1)
+    assert plan_threads(cores=4, hidden_size=None) == ThreadPlan(3, 3, 1)
