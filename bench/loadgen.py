@@ -45,10 +45,16 @@ import time
 from collections.abc import Coroutine, Sequence
 from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import httpx
+
+if __package__ in (None, ""):  # run as a script: make `bench` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.http11 import LoopbackTransport
 
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 LIVEZ_INTERVAL_SECONDS = 0.05
@@ -185,7 +191,7 @@ async def send_request(
                     continue  # blank separators, comments (":"), event names
                 payload = line[5:].strip()
                 if payload == "[DONE]":
-                    break
+                    continue  # read on to the body's end, so the connection can carry the next request
                 now = time.perf_counter()
                 data = json.loads(payload)
                 result.chunks += 1
@@ -319,7 +325,6 @@ class LoadConfig:
     temperature: float = 0.0
     livez_url: str | None = None
     slo: SLO = SLO()
-    http_timeout: float = 600.0
 
 
 def _pct(values: Sequence[float], q: float) -> float | None:
@@ -392,9 +397,7 @@ async def run_benchmark(config: LoadConfig, requests: Sequence[RequestSpec]) -> 
     """Send `requests` per `config`; return the summary (and per-request rows under `requests`)."""
     check_loopback(config.base_url)
     rng = random.Random(config.seed)
-    concurrency = config.max_concurrency or len(requests) or 1
-    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
-    slots = asyncio.Semaphore(concurrency) if config.max_concurrency is not None else None
+    slots = asyncio.Semaphore(config.max_concurrency) if config.max_concurrency is not None else None
     results: list[RequestResult] = []
     tasks: list[asyncio.Task[RequestResult]] = []
     lags: list[float] = []
@@ -402,7 +405,9 @@ async def run_benchmark(config: LoadConfig, requests: Sequence[RequestSpec]) -> 
     probe = asyncio.create_task(_lag_probe(lags, stop_probe))
     poller = LivezPoller(config.livez_url) if config.livez_url else None
     cpu_before = time.process_time()
-    async with httpx.AsyncClient(timeout=httpx.Timeout(config.http_timeout, connect=10.0), limits=limits) as client:
+    # Our own wire (bench/http11.py): httpcore's cost per SSE event was taken from the server under test.
+    transport = LoopbackTransport()
+    async with httpx.AsyncClient(transport=transport) as client:
 
         async def one(spec: RequestSpec) -> RequestResult:
             try:
@@ -457,6 +462,7 @@ async def run_benchmark(config: LoadConfig, requests: Sequence[RequestSpec]) -> 
     }
     summary["client_loop_lag_ms"] = _dist_ms(lags)
     summary["client_cpu_s"] = time.process_time() - cpu_before
+    summary["connections_opened"] = transport.opened
     if poller is not None:
         summary["livez_ms"] = _dist_ms(poller.latencies) | {"failures": poller.failures}
     summary["requests"] = [
