@@ -8,7 +8,8 @@ Systems (``--systems``):
 - ``ours-omp1`` (and optionally ``seed-omp1``, ``tserve-omp1``): the same server started with
   ``OMP_NUM_THREADS=1`` (one intra-op thread) - on a small, shared CPU the thread setting decides
   more than the design does (docs/benchmarks.md, "## Server"); ``ours-allcores``: ours with
-  ``--torch-threads`` = every core this process may use (as shipped it leaves one to HTTP);
+  ``--torch-threads`` = every core this process may use for every step (as shipped the server
+  chooses per step: every core for a step with large matrix products, one fewer for a small one);
 - ``seed``: the seed article's design as written, ``bench/baselines/seed_server.py`` (one
   ``model.generate`` thread per request streaming through a ``TextIteratorStreamer`` that the
   event loop waits on); ``seed-locked``: the same server with ``--design locked`` (one locked
@@ -262,7 +263,7 @@ def server_spec(system: str, model_dir: Path, max_num_seqs: int, device: str = "
         argv = [python, "-m", "llmservice_server.main", "--model", str(model_dir), "--max-num-seqs", str(max_num_seqs)]
         argv += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", "--drain-seconds", "1", "--max-queue", "512"]
         argv += ["--device", device, "--dtype", dtype]
-        if variant == "allcores":  # as shipped the engine leaves a core to HTTP (and the load generator, here)
+        if variant == "allcores":  # as shipped small steps leave a core to HTTP (and the load generator, here)
             argv += ["--torch-threads", str(len(os.sched_getaffinity(0)))]
         return ServerSpec(system, argv, port, "/readyz", "/livez", env)
     if base == "seed":
