@@ -31,18 +31,27 @@ class LoopbackTransport(httpx.AsyncBaseTransport):
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         origin = (request.url.host, request.url.port or 80)
         idle = self._idle.setdefault(origin, [])
-        reader, writer = idle.pop() if idle else await self._connect(*origin)
-        try:
-            body = await request.aread()
-            head = [b"%s %s HTTP/1.1\r\n" % (request.method.encode(), request.url.raw_path)]
-            head += [b"%s: %s\r\n" % (name, value) for name, value in request.headers.raw]
-            if body and "content-length" not in request.headers:
-                head.append(b"content-length: %d\r\n" % len(body))
-            writer.write(b"".join(head) + b"\r\n" + body)
-            status, headers = _parse_head(await reader.readuntil(b"\r\n\r\n"))
-        except BaseException:
-            writer.close()
-            raise
+        body = await request.aread()
+        head = [b"%s %s HTTP/1.1\r\n" % (request.method.encode(), request.url.raw_path)]
+        head += [b"%s: %s\r\n" % (name, value) for name, value in request.headers.raw]
+        if body and "content-length" not in request.headers:
+            head.append(b"content-length: %d\r\n" % len(body))
+        message = b"".join(head) + b"\r\n" + body
+        while True:
+            reused = bool(idle)
+            reader, writer = idle.pop() if reused else await self._connect(*origin)
+            try:
+                writer.write(message)
+                status, headers = _parse_head(await reader.readuntil(b"\r\n\r\n"))
+                break
+            except (asyncio.IncompleteReadError, ConnectionError) as exc:
+                writer.close()
+                if not reused:
+                    raise httpx.RemoteProtocolError(f"the server closed the connection before answering: {exc!r}") from exc
+                # A kept-alive connection the server had closed while idle: send it again on a new one.
+            except BaseException:
+                writer.close()
+                raise
         reusable = headers.get("connection", "").lower() != "close"
         stream = _Body((reader, writer), headers, request.method == "HEAD" or status in (204, 304), idle if reusable else None)
         return httpx.Response(status, headers=headers.multi_items(), stream=stream, extensions={"http_version": b"HTTP/1.1"})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -57,3 +58,27 @@ def test_traffic_goes_to_loopback_only() -> None:
     with pytest.raises(ValueError, match="loopback"):
         check_loopback("http://192.0.2.1:8000")
     check_loopback("http://127.0.0.1:8000")
+
+
+def test_a_kept_alive_connection_the_server_closed_is_replaced() -> None:
+    """A server may close an idle keep-alive connection (uvicorn after 5 s): the next request goes out on a new one."""
+
+    async def answer_once_then_hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 2\r\n\r\nok")
+        await writer.drain()
+        writer.close()  # without "connection: close": the client believes it may reuse this one
+
+    async def two_requests() -> tuple[list[str], int]:
+        server = await asyncio.start_server(answer_once_then_hang_up, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        transport = LoopbackTransport()
+        async with server, httpx.AsyncClient(transport=transport, base_url=f"http://127.0.0.1:{port}") as client:
+            first = await client.get("/")
+            await asyncio.sleep(0.05)  # the server's close reaches the idle connection
+            second = await client.get("/")
+        return [first.text, second.text], transport.opened
+
+    texts, opened = asyncio.run(two_requests())
+    assert texts == ["ok", "ok"]
+    assert opened == 2
