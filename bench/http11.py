@@ -4,7 +4,7 @@ The load generator shares the machine with the server it measures, so every micr
 spends per streamed token is taken from the server under test. httpx's default transport (httpcore
 on anyio) cost about 170 us of CPU per SSE event at 16 streams of the tiny model on 2 cores
 (docs/benchmarks.md): a cancel scope and a timeout per socket read, an h11 state machine per event.
-This transport does one `StreamReader` read per chunk and nothing else per event.
+This transport reads a chunk with two buffered `StreamReader` calls and does nothing else per event.
 
 What it leaves out, on purpose (loopback benchmark traffic only): TLS, proxies, HTTP/2, request
 bodies that stream, and per-read timeouts - the load generator bounds every run with a hard
