@@ -65,17 +65,24 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
-def build_tiny_model(path: Path, *, max_position_embeddings: int = 2048) -> Path:
-    """Save a tiny model + tokenizer into `path` (created if needed) and return it."""
+def build_tiny_model(
+    path: Path, *, max_position_embeddings: int = 2048, hidden_size: int = 64, intermediate_size: int = 128, layers: int = 2
+) -> Path:
+    """Save a tiny model + tokenizer into `path` (created if needed) and return it.
+
+    The defaults (139,584 parameters) are what the tests use; the benchmark also builds a wider and
+    deeper one (hidden 256, 4 layers: 3.4 M parameters, the size of the benchmark issue's first
+    measurement).
+    """
     path.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden_size // 16,  # head size 16, two query heads per K/V head
+        num_key_value_heads=hidden_size // 32,
         max_position_embeddings=max_position_embeddings,
         # A larger init spread than the default 0.02 makes the random next-token distribution
         # peaked, so greedy decoding does not hinge on floating-point near-ties.
