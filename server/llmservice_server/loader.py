@@ -55,11 +55,10 @@ def worker_cores(settings: Settings) -> int:
 
 
 def thread_plan(settings: Settings, device: torch.device, config: Any) -> ThreadPlan | None:
-    if device.type == "cpu":
-        return plan_threads(worker_cores(settings), getattr(config, "hidden_size", None), settings.torch_threads)
-    if settings.torch_threads:  # on a GPU only the CPU-side work uses them: as many as asked, always
-        return plan_threads(worker_cores(settings), None, settings.torch_threads)
-    return None
+    """Torch's threads per step; on a GPU only an explicit count applies (it sizes the CPU-side work)."""
+    if device.type != "cpu" and not settings.torch_threads:
+        return None
+    return plan_threads(worker_cores(settings), getattr(config, "hidden_size", None), settings.torch_threads)
 
 
 def pick_dtype(settings: Settings, device: torch.device) -> torch.dtype:
@@ -111,7 +110,8 @@ def load(settings: Settings, on_stage: Callable[[str], None]) -> LoadedModel:
     device = pick_device(settings)
     dtype = pick_dtype(settings, device)
     if device.type == "cpu":
-        torch.set_num_threads(worker_cores(settings))  # loading (GGUF dequantization) uses them all
+        # Loading (GGUF dequantization) gets every core the worker has, or the count asked for.
+        torch.set_num_threads(settings.torch_threads or worker_cores(settings))
     location, gguf_file = source.location, source.gguf_file
     converted = converted_dir(settings, source) if gguf_file else None
     if converted is not None and (converted / "config.json").is_file():
