@@ -34,6 +34,7 @@ from .ragged import Chunk, PromptKV, RaggedStep, Slots, UnsupportedModel, instal
 from .sampling import Choice, RowSampler, select_tokens
 from .settings import Settings
 from .textstream import IncrementalDetokenizer, StopMatcher
+from .threads import ThreadTuner
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +115,7 @@ class Engine:
         self._reading: list[_Reading] = []  # newcomers' prompts, oldest first
         self._slots: Slots | None = None
         self._threads = 0  # torch's CPU threads as last set by a step (0: not yet)
+        self._tuner: ThreadTuner | None = None  # from the first served step: warm-up times are not representative
         self._stopping = False
         self._abort_message: str | None = None
         self._model: LoadedModel | None = None
@@ -208,6 +210,8 @@ class Engine:
         self._slots = Slots(layers=self._model.model.config.num_hidden_layers, max_rows=self._settings.max_num_seqs)
         self._set_stage("warming")
         self._warm_up()
+        if self._model.threads is not None:
+            self._tuner = ThreadTuner(self._model.threads)
         self.load_seconds = time.monotonic() - started
         if self._metrics is not None:
             self._metrics.model_load_seconds.set(self.load_seconds)
@@ -409,8 +413,8 @@ class Engine:
         lengths = lengths.to(device)
         uniform = all(row.length == kv_len - 1 for row in rows)
         step = RaggedStep(slots, len(rows), lengths, kv_len, uniform, chunks)
-        if loaded.threads is not None:
-            self._use_threads(loaded.threads.for_step(offset))
+        threads = self._step_threads(offset)
+        started = time.perf_counter()
         with torch.inference_mode():
             out = loaded.model(
                 input_ids=torch.cat(ids).to(device)[None],
@@ -419,15 +423,24 @@ class Engine:
                 logits_to_keep=torch.tensor(keep or [0], dtype=torch.long, device=device),
                 ragged=step,
             )
+        if self._tuner is not None and threads is not None:
+            self._tuner.record(offset, threads, time.perf_counter() - started)
         if step.calls != slots.layers:
             raise UnsupportedModel(f"the model made {step.calls} attention calls for {slots.layers} layers: not all of it is batched")
         logits: torch.Tensor = out.logits[0]
         return logits
 
-    def _use_threads(self, threads: int) -> None:
+    def _step_threads(self, tokens: int) -> int | None:
+        """Set torch's threads for a step of `tokens`: the tuner's choice once serving, the plan's while
+        warming up (first calls are not what steps cost); None leaves them (a GPU)."""
+        plan = self.loaded.threads
+        if plan is None:
+            return None
+        threads = self._tuner.choose(tokens) if self._tuner is not None else plan.for_step(tokens)
         if threads != self._threads:  # a cheap call, but only a change needs it
             torch.set_num_threads(threads)
             self._threads = threads
+        return threads
 
     def _join(self, reading: _Reading) -> None:
         """Copy a fully read prompt's K/V into a slot per row; its rows run from the next step."""

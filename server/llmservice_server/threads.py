@@ -12,14 +12,27 @@ So a step is sized by its work: the multiply-adds of one hidden x hidden project
 step's tokens (running rows plus prompt tokens read). From `PARALLEL_STEP_WORK` up (8 tokens of
 SmolLM2, where two threads measured 1.3-1.5x one) a step gets every core of the worker; below it,
 one core is left to the event loop and HTTP.
+
+That threshold is a first guess, not a fact about every CPU: on a 2-core Intel Xeon the same server
+streamed SmolLM2 19-59 % faster at 1, 4 and 16 concurrent requests with both threads on every step, while
+the AMD EPYC it was measured on lost 4-11 % at one (docs/benchmarks.md). So `ThreadTuner` keeps the
+plan only until the steps themselves have been timed: per step size (a power-of-two bucket of
+tokens) it keeps the forward's recent times at each of the two counts, runs the one whose median is
+lower, and now and then a step on the other, so a change in the machine's load is noticed. A median
+of the last few, not an average: one step slowed by a preemption must not flip the choice.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
+from statistics import median
 
 PARALLEL_STEP_WORK = 2_500_000
+EXPLORE_EVERY = 64  # steps on the faster count (per bucket, times how much slower the other was) between timings of the other
+RECENT_STEPS = 5  # forward times kept per bucket and thread count
+MAX_EXPLORE_INTERVAL = 4096  # however slow the other count was once, it is timed again within this many steps
 
 
 @dataclass(frozen=True)
@@ -41,3 +54,49 @@ def plan_threads(cores: int, hidden_size: int | None, explicit: int = 0) -> Thre
     if not hidden_size:  # a config without a hidden size: no basis for the switch, keep the core
         return ThreadPlan(small, small, 1)
     return ThreadPlan(small, cores, max(1, math.ceil(PARALLEL_STEP_WORK / hidden_size**2)))
+
+
+@dataclass
+class _Bucket:
+    since_explored: int = 0  # steps run on the best count since the other was last timed
+    seconds: dict[int, deque[float]] = field(default_factory=dict)  # recent forward times per thread count
+
+
+@dataclass
+class ThreadTuner:
+    """Per step size, the thread count whose steps measured faster; the plan decides until both were timed.
+
+    Pure bookkeeping: the engine asks `choose` before a forward and reports its time to `record`.
+    The other count is timed again after `EXPLORE_EVERY` steps times how much slower it was (a
+    model whose steps take 25x as long on two threads retries them every 1,600 steps), so trying
+    costs under 1 / `EXPLORE_EVERY` of the time however bad the other count is.
+    """
+
+    plan: ThreadPlan
+    _buckets: dict[int, _Bucket] = field(default_factory=dict, init=False, repr=False)
+
+    def choose(self, tokens: int) -> int:
+        if self.plan.small == self.plan.large:
+            return self.plan.small
+        bucket = self._buckets.get(tokens.bit_length()) or _Bucket()
+        best, interval = self._best(bucket, tokens)
+        if bucket.since_explored >= interval - 1:
+            return self.plan.small if best == self.plan.large else self.plan.large
+        return best
+
+    def record(self, tokens: int, threads: int, seconds: float) -> None:
+        if self.plan.small == self.plan.large:
+            return
+        bucket = self._buckets.setdefault(tokens.bit_length(), _Bucket())
+        best, _ = self._best(bucket, tokens)
+        bucket.since_explored = bucket.since_explored + 1 if threads == best else 0
+        bucket.seconds.setdefault(threads, deque(maxlen=RECENT_STEPS)).append(seconds)
+
+    def _best(self, bucket: _Bucket, tokens: int) -> tuple[int, int]:
+        """The count to run, and how many steps it runs before the other is timed again."""
+        times = {threads: median(recent) for threads, recent in bucket.seconds.items()}
+        if len(times) < 2:
+            return self.plan.for_step(tokens), EXPLORE_EVERY
+        best = min(times, key=times.__getitem__)
+        slower = max(times.values()) / max(times[best], 1e-9)
+        return best, min(MAX_EXPLORE_INTERVAL, round(EXPLORE_EVERY * slower))

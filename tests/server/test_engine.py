@@ -18,6 +18,7 @@ from llmservice_server.events import Delta, Done, Event, Failed, Finished, Gener
 from llmservice_server.loader import LoadedModel, load
 from llmservice_server.ragged import ATTENTION, RaggedStep
 from llmservice_server.settings import Settings
+from llmservice_server.threads import EXPLORE_EVERY
 
 GREEDY = SamplingParams(temperature=0.0)
 TEXTS = [
@@ -289,3 +290,41 @@ def test_torch_gets_every_core_only_for_large_steps(tiny_model_dir: Path, torch_
         engine.stop()
     assert recorder.steps[0] == (700, large_step_threads)  # the prompt, read in one step
     assert recorder.steps[1:] == [(1, 1), (1, 1)]  # its decode steps leave a core to HTTP
+
+
+class SlowOnOneThread(ThreadRecorder):
+    """A CPU where a step the engine gives one thread takes 4 ms longer (the plan's guess for small steps
+    is wrong there). The model itself runs on one thread either way, so only that difference counts."""
+
+    def __call__(self, **kwargs: Any) -> Any:
+        chosen = torch.get_num_threads()
+        self.steps.append((int(kwargs["input_ids"].shape[1]), chosen))
+        if chosen == 1:
+            time.sleep(0.004)
+        torch.set_num_threads(1)
+        try:
+            return self.model(**kwargs)
+        finally:
+            torch.set_num_threads(chosen)
+
+
+def test_the_engine_moves_each_step_size_to_the_thread_count_it_measured_faster(tiny_model_dir: Path) -> None:
+    recorders: list[ThreadRecorder] = []
+
+    def loader(settings: Settings, stage: Callable[[str], None]) -> LoadedModel:
+        loaded = load(settings, stage)
+        recorders.append(SlowOnOneThread(loaded.model))
+        return dataclasses.replace(loaded, model=recorders[-1], eos_token_ids=frozenset())  # every row runs to max_tokens
+
+    engine = start_engine(tiny_model_dir, loader=loader, cpus=2)
+    try:
+        recorder = recorders[0]
+        recorder.steps.clear()
+        run(engine, [GenerationRequest(prompts=[[10, 11, 12]], max_tokens=[3 * EXPLORE_EVERY], params=GREEDY)])
+    finally:
+        engine.stop()
+    decode = [threads for tokens, threads in recorder.steps if tokens == 1]
+    assert len(decode) == 3 * EXPLORE_EVERY - 1  # the first token comes from the prompt's step
+    assert decode[: EXPLORE_EVERY - 1] == [1] * (EXPLORE_EVERY - 1)  # the plan: a one-token step leaves a core to HTTP
+    assert decode[EXPLORE_EVERY - 1] == 2  # then two threads, once, to compare
+    assert decode[EXPLORE_EVERY : 2 * EXPLORE_EVERY - 1] == [2] * (EXPLORE_EVERY - 1)  # and they were faster here
