@@ -48,8 +48,8 @@ class Settings(BaseSettings):
     torch_threads: int = Field(
         default=0,
         ge=0,
-        description="CPU threads for torch; 0: chosen per engine step - every core of the worker for a step with "
-        "large matrix products, one core fewer (left to the event loop and HTTP) for a small one.",
+        description="CPU threads for torch; 0: chosen per engine step size between every core of the worker and "
+        "one core fewer (left to the event loop and HTTP), by the steps' measured times.",
     )
     cpus: int = Field(
         default=0,
