@@ -17,8 +17,8 @@ That threshold is a first guess, not a fact about every CPU: on a 2-core Intel X
 streamed SmolLM2 19-59 % faster at 1, 4 and 16 concurrent requests with both threads on every step, while
 the AMD EPYC it was measured on lost 4-11 % at one (docs/benchmarks.md). So `ThreadTuner` keeps the
 plan only until the steps themselves have been timed: per step size (a power-of-two bucket of
-tokens) it keeps the forward's recent times at each of the two counts, runs the one whose median is
-lower, and now and then a step on the other, so a change in the machine's load is noticed. A median
+tokens) it times a few steps at each of the two counts, then runs the one whose recent median is
+lower and now and then a step on the other, so a change in the machine's load is noticed. A median
 of the last few, not an average: one step slowed by a preemption must not flip the choice.
 """
 
@@ -32,6 +32,7 @@ from statistics import median
 PARALLEL_STEP_WORK = 2_500_000
 EXPLORE_EVERY = 64  # steps on the faster count (per bucket, times how much slower the other was) between timings of the other
 RECENT_STEPS = 5  # forward times kept per bucket and thread count
+FIRST_STEPS = 3  # steps timed at each count of a bucket before the first choice
 MAX_EXPLORE_INTERVAL = 4096  # however slow the other count was once, it is timed again within this many steps
 
 
@@ -61,15 +62,21 @@ class _Bucket:
     since_explored: int = 0  # steps run on the best count since the other was last timed
     seconds: dict[int, deque[float]] = field(default_factory=dict)  # recent forward times per thread count
 
+    def timed(self, threads: int) -> int:
+        return len(self.seconds.get(threads, ()))
+
 
 @dataclass
 class ThreadTuner:
-    """Per step size, the thread count whose steps measured faster; the plan decides until both were timed.
+    """Per step size, the thread count whose steps measured faster; the plan's guess goes first.
 
     Pure bookkeeping: the engine asks `choose` before a forward and reports its time to `record`.
-    The other count is timed again after `EXPLORE_EVERY` steps times how much slower it was (a
-    model whose steps take 25x as long on two threads retries them every 1,600 steps), so trying
-    costs under 1 / `EXPLORE_EVERY` of the time however bad the other count is.
+    A bucket's first `FIRST_STEPS` steps run on the plan's guess and the next ones on the other
+    count, so a choice is made within a few steps (a server's load comes and goes; a short burst
+    must not run on the wrong count). After that the other count is timed again after
+    `EXPLORE_EVERY` steps times how much slower it was (a model whose steps take 25x as long on two
+    threads retries them every 1,600 steps), so trying costs under 1 / `EXPLORE_EVERY` of the time
+    however bad the other count is.
     """
 
     plan: ThreadPlan
@@ -79,24 +86,29 @@ class ThreadTuner:
         if self.plan.small == self.plan.large:
             return self.plan.small
         bucket = self._buckets.get(tokens.bit_length()) or _Bucket()
-        best, interval = self._best(bucket, tokens)
-        if bucket.since_explored >= interval - 1:
-            return self.plan.small if best == self.plan.large else self.plan.large
-        return best
+        guess = self.plan.for_step(tokens)
+        if bucket.timed(guess) < FIRST_STEPS:
+            return guess
+        if bucket.timed(self._other(guess)) < FIRST_STEPS:
+            return self._other(guess)
+        best, interval = self._best(bucket)
+        return self._other(best) if bucket.since_explored >= interval - 1 else best
 
     def record(self, tokens: int, threads: int, seconds: float) -> None:
         if self.plan.small == self.plan.large:
             return
         bucket = self._buckets.setdefault(tokens.bit_length(), _Bucket())
-        best, _ = self._best(bucket, tokens)
-        bucket.since_explored = bucket.since_explored + 1 if threads == best else 0
+        compared = min(bucket.timed(self.plan.small), bucket.timed(self.plan.large)) >= FIRST_STEPS
+        bucket.since_explored = bucket.since_explored + 1 if compared and threads == self._best(bucket)[0] else 0
         bucket.seconds.setdefault(threads, deque(maxlen=RECENT_STEPS)).append(seconds)
 
-    def _best(self, bucket: _Bucket, tokens: int) -> tuple[int, int]:
-        """The count to run, and how many steps it runs before the other is timed again."""
+    def _other(self, threads: int) -> int:
+        return self.plan.small if threads == self.plan.large else self.plan.large
+
+    @staticmethod
+    def _best(bucket: _Bucket) -> tuple[int, int]:
+        """The count with the lower median time, and how many steps it runs before the other is timed again."""
         times = {threads: median(recent) for threads, recent in bucket.seconds.items()}
-        if len(times) < 2:
-            return self.plan.for_step(tokens), EXPLORE_EVERY
         best = min(times, key=times.__getitem__)
         slower = max(times.values()) / max(times[best], 1e-9)
         return best, min(MAX_EXPLORE_INTERVAL, round(EXPLORE_EVERY * slower))

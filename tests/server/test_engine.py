@@ -18,7 +18,7 @@ from llmservice_server.events import Delta, Done, Event, Failed, Finished, Gener
 from llmservice_server.loader import LoadedModel, load
 from llmservice_server.ragged import ATTENTION, RaggedStep
 from llmservice_server.settings import Settings
-from llmservice_server.threads import EXPLORE_EVERY
+from llmservice_server.threads import EXPLORE_EVERY, FIRST_STEPS
 
 GREEDY = SamplingParams(temperature=0.0)
 TEXTS = [
@@ -293,14 +293,14 @@ def test_torch_gets_every_core_only_for_large_steps(tiny_model_dir: Path, torch_
 
 
 class SlowOnOneThread(ThreadRecorder):
-    """A CPU where a step the engine gives one thread takes 4 ms longer (the plan's guess for small steps
+    """A CPU where a step the engine gives one thread takes 10 ms longer (the plan's guess for small steps
     is wrong there). The model itself runs on one thread either way, so only that difference counts."""
 
     def __call__(self, **kwargs: Any) -> Any:
         chosen = torch.get_num_threads()
         self.steps.append((int(kwargs["input_ids"].shape[1]), chosen))
         if chosen == 1:
-            time.sleep(0.004)
+            time.sleep(0.01)
         torch.set_num_threads(1)
         try:
             return self.model(**kwargs)
@@ -325,6 +325,6 @@ def test_the_engine_moves_each_step_size_to_the_thread_count_it_measured_faster(
         engine.stop()
     decode = [threads for tokens, threads in recorder.steps if tokens == 1]
     assert len(decode) == 3 * EXPLORE_EVERY - 1  # the first token comes from the prompt's step
-    assert decode[: EXPLORE_EVERY - 1] == [1] * (EXPLORE_EVERY - 1)  # the plan: a one-token step leaves a core to HTTP
-    assert decode[EXPLORE_EVERY - 1] == 2  # then two threads, once, to compare
-    assert decode[EXPLORE_EVERY : 2 * EXPLORE_EVERY - 1] == [2] * (EXPLORE_EVERY - 1)  # and they were faster here
+    assert decode[:FIRST_STEPS] == [1] * FIRST_STEPS  # the plan: a one-token step leaves a core to HTTP
+    assert decode[FIRST_STEPS : 2 * FIRST_STEPS] == [2] * FIRST_STEPS  # then two threads, timed ...
+    assert decode[2 * FIRST_STEPS :].count(1) <= 1  # ... were faster here: one thread is only re-timed now and then

@@ -21,7 +21,7 @@ from llmservice_server.sampling import RowSampler, apply_penalties, select_token
 from llmservice_server.settings import Settings, parse_settings
 from llmservice_server.source import Source
 from llmservice_server.textstream import StopMatcher
-from llmservice_server.threads import EXPLORE_EVERY, MAX_EXPLORE_INTERVAL, ThreadPlan, ThreadTuner, plan_threads
+from llmservice_server.threads import EXPLORE_EVERY, FIRST_STEPS, MAX_EXPLORE_INTERVAL, ThreadPlan, ThreadTuner, plan_threads
 
 # --- sampling ---
 
@@ -246,24 +246,24 @@ def drive(tuner: ThreadTuner, tokens: int, steps: int, seconds: Callable[[int], 
     return chosen
 
 
-def test_the_tuner_follows_the_plan_until_the_other_count_was_timed_then_runs_the_faster() -> None:
+def test_the_tuner_times_both_counts_from_the_plans_guess_then_runs_the_faster() -> None:
     tuner = ThreadTuner(ThreadPlan(small=1, large=2, min_tokens=8))
-    two_threads_faster = drive(tuner, 4, 4 * EXPLORE_EVERY, lambda threads: 1.0 / threads)
-    assert two_threads_faster[: EXPLORE_EVERY - 1] == [1] * (EXPLORE_EVERY - 1)  # the plan: a small step
-    assert two_threads_faster[EXPLORE_EVERY - 1] == 2  # then the other count, once
-    # One thread was twice as slow: it is timed again after twice as many steps.
-    assert two_threads_faster[EXPLORE_EVERY:] == [2] * (2 * EXPLORE_EVERY - 1) + [1] + [2] * EXPLORE_EVERY
+    learn = 2 * FIRST_STEPS
+    two_threads_faster = drive(tuner, 4, learn + 3 * EXPLORE_EVERY, lambda threads: 1.0 / threads)
+    assert two_threads_faster[:learn] == [1] * FIRST_STEPS + [2] * FIRST_STEPS  # the plan's guess for a small step first
+    # One thread was twice as slow: it is timed again after twice EXPLORE_EVERY steps.
+    assert two_threads_faster[learn:] == [2] * (2 * EXPLORE_EVERY - 1) + [1] + [2] * EXPLORE_EVERY
     # Each size learns on its own: large steps still start from the plan's guess.
     assert tuner.choose(8) == 2 and tuner.choose(100) == 2
-    one_thread_faster = drive(tuner, 100, 2 * EXPLORE_EVERY, float)
-    assert one_thread_faster[EXPLORE_EVERY:] == [1] * EXPLORE_EVERY
+    one_thread_faster = drive(tuner, 100, learn + EXPLORE_EVERY, float)
+    assert one_thread_faster == [2] * FIRST_STEPS + [1] * (FIRST_STEPS + EXPLORE_EVERY)
 
 
 def test_a_much_slower_count_is_timed_rarely() -> None:
     tuner = ThreadTuner(ThreadPlan(small=1, large=2, min_tokens=8))
-    chosen = drive(tuner, 4, EXPLORE_EVERY + MAX_EXPLORE_INTERVAL, lambda threads: 1.0 if threads == 1 else 1000.0)
-    assert chosen.count(2) == 2  # at step EXPLORE_EVERY, then after the capped interval
-    assert chosen[-1] == 2 and chosen[EXPLORE_EVERY - 1] == 2
+    chosen = drive(tuner, 4, 2 * FIRST_STEPS + MAX_EXPLORE_INTERVAL, lambda threads: 1.0 if threads == 1 else 1000.0)
+    assert chosen.count(2) == FIRST_STEPS + 1  # while comparing, then once after the capped interval
+    assert chosen[-1] == 2
 
 
 def test_the_tuner_turns_back_when_the_machine_changes_and_ignores_one_slow_step() -> None:
@@ -273,7 +273,7 @@ def test_the_tuner_turns_back_when_the_machine_changes_and_ignores_one_slow_step
     tuner.record(4, 2, 100.0)  # one step preempted: the median of the recent ones holds
     assert tuner.choose(4) == 2
     busy = drive(tuner, 4, 4 * EXPLORE_EVERY, lambda threads: 3.0 if threads == 2 else 1.0)  # a neighbour took the second core
-    assert busy[-EXPLORE_EVERY:] == [1] * EXPLORE_EVERY
+    assert busy[:2] == [2, 2] and busy[-2 * EXPLORE_EVERY :] == [1] * (2 * EXPLORE_EVERY)
 
 
 def test_a_fixed_count_is_never_tuned() -> None:
