@@ -16,6 +16,7 @@ RICH: dict[str, Any] = {
     "model": {"source": {"huggingFace": {"repo": "org/model", "revision": "v1"}}, "maxContextLength": 4096},
     "resources": {"gpu": {"count": 0}, "cpu": {"request": "4"}, "memory": {"limit": "8Gi"}},
     "server": {"maxNumSeqs": 32, "maxQueue": 100, "prefillChunkTokens": 256, "drainSeconds": 45, "workers": 2,
+               "prefixCacheSize": "1536Mi",
                "requestTimeoutSeconds": 120, "apiKeySecretRef": {"name": "key", "key": "token"}},
 }
 
@@ -40,4 +41,5 @@ def test_the_server_reads_the_spec_back_from_the_rendered_env(monkeypatch: pytes
     assert (settings.max_num_seqs, settings.max_queue, settings.prefill_chunk_tokens) == (32, 100, 256)
     assert (settings.workers, settings.drain_seconds, settings.request_timeout_seconds) == (2, 45, 120)
     assert settings.cpus == 2  # 4 cores requested, 2 workers
+    assert settings.prefix_cache_mib == 1536
     assert settings.api_key_file is not None and settings.api_key_file.name == "token"

@@ -240,6 +240,7 @@ def server_env(service: LLMService) -> list[Manifest]:
     values["LLMSERVICE_MAX_NUM_SEQS"] = str(spec.server.max_num_seqs)
     values["LLMSERVICE_MAX_QUEUE"] = str(spec.server.max_queue)
     values["LLMSERVICE_PREFILL_CHUNK_TOKENS"] = str(spec.server.prefill_chunk_tokens)
+    values["LLMSERVICE_PREFIX_CACHE_MIB"] = str(spec.server.prefix_cache_mib)
     values["LLMSERVICE_REQUEST_TIMEOUT_SECONDS"] = str(spec.server.request_timeout_seconds)
     values["LLMSERVICE_DRAIN_SECONDS"] = str(spec.server.drain_seconds)
     values["LLMSERVICE_CACHE_DIR"] = f"{CACHE_MOUNT}/models"

@@ -110,12 +110,23 @@ class ServerSpec(_Model):
     max_num_seqs: int = Field(default=16, ge=1, le=4096)
     max_queue: int = Field(default=64, ge=0, le=100000)
     prefill_chunk_tokens: int = Field(default=512, ge=1, le=1048576)
+    prefix_cache_size: int | str = "128Mi"  # a quantity: int-or-string in the CRD
     torch_threads: int | None = Field(default=None, ge=1, le=1024)
     request_timeout_seconds: int = Field(default=600, ge=1, le=86400)
     drain_seconds: int = Field(default=30, ge=0, le=3600)
     api_key_secret_ref: SecretKeyRef | None = None
     env: tuple[dict[str, Any], ...] = ()
     args: tuple[str, ...] = ()
+
+    @model_validator(mode="after")
+    def _prefix_cache_quantity(self) -> ServerSpec:
+        quantity_value(str(self.prefix_cache_size))
+        return self
+
+    @property
+    def prefix_cache_mib(self) -> int:
+        """The prefix cache in whole MiB, as the server takes it (below 1Mi: off)."""
+        return int(quantity_value(str(self.prefix_cache_size)) // 2**20)
 
 
 AutoscalingMetric = Literal["requestsWaiting", "requestsRunning", "cpu"]

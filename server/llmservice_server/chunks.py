@@ -23,6 +23,7 @@ from .protocol import (
     Completion,
     CompletionChoice,
     CompletionLogprobs,
+    PromptTokensDetails,
     TokenLogprob,
     TopLogprob,
     Usage,
@@ -107,6 +108,7 @@ def usage_of(event: Done) -> Usage:
         prompt_tokens=event.prompt_tokens,
         completion_tokens=event.completion_tokens,
         total_tokens=event.prompt_tokens + event.completion_tokens,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=event.cached_tokens),
     )
 
 

@@ -14,6 +14,10 @@ running streams for more than one chunk), packed into one sequence with no paddi
 last chunk went through joins the batch in the same step, its first token sampled from that
 forward. Every row has its own positions and its own KV slot, so a row computes what it would
 compute alone: batched greedy output is the sequential greedy output.
+
+A newcomer's prompt is looked up in the prefix cache (`prefix_cache.py`) when it is admitted: the
+K/V of its longest cached beginning are copied into its buffer and reading starts after them.
+Every prompt read to its end leaves its blocks in the cache for the next ones.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import torch
 from .events import Delta, Done, Event, Failed, FailureKind, Finished, FinishReason, GenerationRequest, SamplingParams, Sink, TokenInfo
 from .loader import LoadedModel, load
 from .metrics import Metrics
+from .prefix_cache import PrefixCache
 from .ragged import Chunk, PromptKV, RaggedStep, Slots, UnsupportedModel, install
 from .sampling import Choice, RowSampler, select_tokens
 from .settings import Settings
@@ -66,6 +71,7 @@ class _Active:
     rows_left: int
     prompt_tokens: int
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
     first_token_at: float | None = None
     reasons: set[str] = field(default_factory=set)
 
@@ -90,6 +96,7 @@ class _Reading:
     """One prompt of a newcomer, read a chunk per step; its rows join the batch when it is through."""
 
     ticket: Ticket
+    ids: list[int]  # the prompt's tokens: its blocks' keys in the prefix cache
     prompt: PromptKV
     rows: list[_Row]  # n of them: choices of one prompt share its K/V
 
@@ -116,6 +123,7 @@ class Engine:
         self._slots: Slots | None = None
         self._threads = 0  # torch's CPU threads as last set by a step (0: not yet)
         self._tuner: ThreadTuner | None = None  # from the first served step: warm-up times are not representative
+        self._prefix_cache: PrefixCache | None = None  # from the first served request: warm-up prompts are not traffic
         self._stopping = False
         self._abort_message: str | None = None
         self._model: LoadedModel | None = None
@@ -212,6 +220,8 @@ class Engine:
         self._warm_up()
         if self._model.threads is not None:
             self._tuner = ThreadTuner(self._model.threads)
+        if self._settings.prefix_cache_mib > 0:
+            self._prefix_cache = PrefixCache(self._settings.prefix_cache_mib * 2**20)
         self.load_seconds = time.monotonic() - started
         if self._metrics is not None:
             self._metrics.model_load_seconds.set(self.load_seconds)
@@ -326,7 +336,21 @@ class Engine:
                     sampler = RowSampler.create(request.params, loaded.vocab_size, seed)
                     detok = IncrementalDetokenizer(loaded.tokenizer, prompt)
                     rows.append(_Row(active, index, len(prompt), request.max_tokens[p_index], sampler, detok, StopMatcher(request.stop)))
-                self._reading.append(_Reading(ticket, PromptKV.create(prompt, self._slots_or_fail().layers), rows))
+                prompt_kv = PromptKV.create(prompt, self._slots_or_fail().layers)
+                active.cached_tokens += self._reuse_prefix(prompt, prompt_kv)
+                self._reading.append(_Reading(ticket, prompt, prompt_kv, rows))
+
+    def _reuse_prefix(self, ids: list[int], prompt: PromptKV) -> int:
+        """Start reading `prompt` after its longest cached prefix; the tokens it skips."""
+        cache = self._prefix_cache
+        if cache is None:
+            return 0
+        prefix = cache.lookup(ids)
+        if prefix is not None:
+            prompt.begin_with(prefix)
+        if self._metrics is not None:
+            self._metrics.prefix_cache_lookup(len(ids), prompt.read)
+        return prompt.read
 
     def _slots_or_fail(self) -> Slots:
         if self._slots is None:
@@ -453,6 +477,8 @@ class Engine:
             slots.fill(first + i, reading.prompt)
             row.length = reading.prompt.length
         self._rows.extend(reading.rows)
+        if self._prefix_cache is not None:
+            self._prefix_cache.insert(reading.ids, reading.prompt.stacked)
 
     def _retire(self, finished: set[int]) -> None:
         """Drop rows by index; the last rows move into the freed slots (only moved rows are copied)."""
@@ -515,7 +541,7 @@ class Engine:
         active.reasons.add(reason)
         active.rows_left -= 1
         if active.rows_left == 0:
-            out.append(Done(active.prompt_tokens, active.completion_tokens))
+            out.append(Done(active.prompt_tokens, active.completion_tokens, active.cached_tokens))
             if self._metrics is not None:
                 self._metrics.finished("length" if "length" in active.reasons else "stop", now - active.ticket.submitted)
         return True

@@ -78,6 +78,7 @@ class Finished:
 class Done:
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # of the prompt tokens, those read from the prefix cache
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,8 @@ carries the label `model_name` (the served model name).
 | `vllm:request_queue_time_seconds` | histogram | arrival to joining the batch |
 | `vllm:prompt_tokens_total` | counter | prompt tokens prefilled |
 | `vllm:generation_tokens_total` | counter | tokens generated |
+| `vllm:prefix_cache_queries_total` | counter | prompt tokens looked up in the prefix cache |
+| `vllm:prefix_cache_hits_total` | counter | of those, tokens found (their K/V copied, not computed) |
 | `vllm:request_success_total` | counter | finished requests, label `finished_reason` = stop, length, abort |
 | `llmservice:requests_rejected_total` | counter | requests refused, label `reason` = queue_full, draining, not_ready |
 | `llmservice:model_load_seconds` | gauge | time to load and warm the model |
@@ -47,6 +49,9 @@ class Metrics:
         def gauge(name: str, doc: str, mode: str) -> Gauge:
             return Gauge(name, doc, labels, registry=registry, multiprocess_mode=mode)  # type: ignore[arg-type]
 
+        def counter(name: str, doc: str) -> Counter:
+            return Counter(name, doc, labels, registry=registry)
+
         def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
             return Histogram(name, doc, labels, registry=registry, buckets=buckets)
 
@@ -61,8 +66,10 @@ class Metrics:
         ).labels(model_name)
         self._e2e = histogram("vllm:e2e_request_latency_seconds", "Arrival to finish.", LATENCY_BUCKETS).labels(model_name)
         self._queue_time = histogram("vllm:request_queue_time_seconds", "Arrival to joining the batch.", LATENCY_BUCKETS).labels(model_name)
-        self._prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens prefilled.", labels, registry=registry).labels(model_name)
-        self.generation_tokens = Counter("vllm:generation_tokens", "Tokens generated.", labels, registry=registry).labels(model_name)
+        self._prompt_tokens = counter("vllm:prompt_tokens", "Prompt tokens prefilled.").labels(model_name)
+        self.generation_tokens = counter("vllm:generation_tokens", "Tokens generated.").labels(model_name)
+        self._cache_queries = counter("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.").labels(model_name)
+        self._cache_hits = counter("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.").labels(model_name)
         self._success = Counter("vllm:request_success", "Finished requests by reason.", [*labels, "finished_reason"], registry=registry)
         self._rejected = Counter("llmservice:requests_rejected", "Refused requests by reason.", [*labels, "reason"], registry=registry)
         self._model_name = model_name
@@ -74,6 +81,10 @@ class Metrics:
     def scheduled(self, queue_seconds: float, prompt_tokens: int) -> None:
         self._queue_time.observe(queue_seconds)
         self._prompt_tokens.inc(prompt_tokens)
+
+    def prefix_cache_lookup(self, queried: int, hit: int) -> None:
+        self._cache_queries.inc(queried)
+        self._cache_hits.inc(hit)
 
     def finished(self, reason: str, e2e_seconds: float) -> None:
         self._success.labels(self._model_name, reason).inc()

@@ -66,6 +66,26 @@ class PromptKV:
     def length(self) -> int:
         return int(self.tokens.shape[0])
 
+    def begin_with(self, prefix: torch.Tensor) -> None:
+        """Start from the K/V of the prompt's first `n` tokens, `[layers, 2, kv_heads, n, head_dim]`
+        (a prefix cache hit): reading goes on from token `n`."""
+        count = int(prefix.shape[3])
+        shape = (1, prefix.shape[2], self.length, prefix.shape[4])
+        for index in range(len(self.keys)):
+            keys, values = prefix.new_zeros(shape), prefix.new_zeros(shape)
+            keys[0, :, :count] = prefix[index, 0]
+            values[0, :, :count] = prefix[index, 1]
+            self.keys[index], self.values[index] = keys, values
+        self.read = count
+
+    def stacked(self, start: int, end: int) -> torch.Tensor:
+        """K/V of tokens `start..end` of every layer, `[layers, 2, kv_heads, end - start, head_dim]` (read ones only)."""
+        pairs = []
+        for keys, values in zip(self.keys, self.values, strict=True):
+            assert keys is not None and values is not None
+            pairs.append(torch.stack((keys[0, :, start:end], values[0, :, start:end])))
+        return torch.stack(pairs)
+
     def layer(self, index: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         keys, values = self.keys[index], self.values[index]
         if keys is None or values is None:  # zeros: masked-out columns must not hold NaN (0 * NaN)

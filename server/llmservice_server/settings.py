@@ -73,6 +73,12 @@ class Settings(BaseSettings):
         description="Prompt tokens (summed over newcomers) read per engine step, in the same forward as the running "
         "sequences' next tokens: bounds how much longer a step gets while new prompts are read.",
     )
+    prefix_cache_mib: int = Field(
+        default=128,
+        ge=0,
+        description="Memory (MiB, on the model's device) for the K/V of prompt beginnings already read; a prompt that "
+        "starts with one (a shared system prompt, a conversation's earlier turns) reads only the rest. 0: off.",
+    )
     request_timeout_seconds: float = Field(default=600.0, gt=0)
     drain_seconds: float = Field(default=30.0, ge=0, description="How long SIGTERM waits for streams.")
     api_key_file: Path | None = Field(default=None, description="File with the bearer token; auth is off if unset.")

@@ -58,6 +58,7 @@ def specs(draw: st.DrawFn) -> dict[str, Any]:
     spec["server"] = {
         "maxNumSeqs": draw(st.integers(1, 256)), "maxQueue": draw(st.integers(0, 1000)),
         "drainSeconds": draw(st.integers(0, 600)), "workers": draw(st.integers(1, 4)),
+        "prefixCacheSize": draw(st.sampled_from([0, "0", "64Mi", "1Gi", "500M"])),
     }
     if draw(st.booleans()):
         spec["server"]["apiKeySecretRef"] = {"name": "api-keys", "key": "key"}

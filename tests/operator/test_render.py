@@ -153,6 +153,7 @@ def test_user_env_replaces_ours_by_name() -> None:
     ({"model": {"source": {}}}, "exactly one"),
     ({**MINIMAL, "resources": {"memory": {"request": "8Gi", "limit": "4Gi"}}}, "below its request"),
     ({**MINIMAL, "resources": {"memory": {"limit": "lots"}}}, "not a Kubernetes quantity"),
+    ({**MINIMAL, "server": {"prefixCacheSize": "some"}}, "not a Kubernetes quantity"),
 ])
 def test_specs_we_cannot_serve_are_refused_with_a_readable_message(spec: dict[str, Any], message: str) -> None:
     with pytest.raises(SpecError, match=message):
@@ -177,3 +178,9 @@ def test_an_explicit_torch_thread_count_wins_over_the_pods_cpu() -> None:
     assert env_of(by_kind(render(service(whole), CONTEXT))["Deployment"])["LLMSERVICE_TORCH_THREADS"] == "2"
     gpu = {"model": {"source": {"bundled": {}}}, "resources": {"gpu": {"count": 1}}, "server": {"torchThreads": 4}}
     assert env_of(by_kind(render(service(gpu), CONTEXT))["Deployment"])["LLMSERVICE_TORCH_THREADS"] == "4"
+
+
+@pytest.mark.parametrize(("size", "mib"), [(None, "128"), ("1Gi", "1024"), ("100M", "95"), (0, "0"), ("512Ki", "0")])
+def test_the_prefix_cache_size_reaches_the_server_in_whole_mib(size: int | str | None, mib: str) -> None:
+    spec = MINIMAL if size is None else {**MINIMAL, "server": {"prefixCacheSize": size}}
+    assert env_of(by_kind(render(service(spec), CONTEXT))["Deployment"])["LLMSERVICE_PREFIX_CACHE_MIB"] == mib

@@ -47,8 +47,9 @@ def test_chat_delta_shape_follows_openai() -> None:
     assert role["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     end = json.loads(chunks.finished(Finished(0, "length", 3)).removeprefix("data: "))
     assert end["choices"][0]["finish_reason"] == "length" and end["choices"][0]["delta"] == {}
-    usage = json.loads(chunks.usage(Done(4, 3)).removeprefix("data: "))
-    assert usage["choices"] == [] and usage["usage"] == {"prompt_tokens": 4, "completion_tokens": 3, "total_tokens": 7}
+    usage = json.loads(chunks.usage(Done(4, 3, cached_tokens=2)).removeprefix("data: "))
+    assert usage["choices"] == []
+    assert usage["usage"] == {"prompt_tokens": 4, "completion_tokens": 3, "total_tokens": 7, "prompt_tokens_details": {"cached_tokens": 2}}
 
 
 def test_completion_logprob_offsets_run_on_per_choice() -> None:

@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM
 from llmservice_server.engine import Engine, Ticket
 from llmservice_server.events import Delta, Done, Event, Failed, Finished, GenerationRequest, SamplingParams
 from llmservice_server.loader import LoadedModel, load
+from llmservice_server.prefix_cache import BLOCK_TOKENS
 from llmservice_server.ragged import ATTENTION, RaggedStep
 from llmservice_server.settings import Settings
 from llmservice_server.threads import EXPLORE_EVERY, FIRST_STEPS
@@ -96,6 +97,10 @@ def test_batched_greedy_equals_sequential_greedy(engine: Engine, tiny_model_dir:
         expected = tokenizer.decode(generated, skip_special_tokens=True)
         assert together.text() == alone.text() == expected
         assert together.finish().completion_tokens == 48
+    # The prompts were read before, so the sequential runs began from the prefix cache (whole
+    # blocks, one token always left to read): cached K/V give the reference's tokens too.
+    cached = [next(e for e in alone.events if isinstance(e, Done)).cached_tokens for alone in sequential]
+    assert cached == [(len(p) - 1) // BLOCK_TOKENS * BLOCK_TOKENS for p in prompts] and max(cached) > 0
 
 
 def test_n_rows_share_a_prompt_and_count_usage(engine: Engine) -> None:
@@ -252,6 +257,33 @@ def test_running_streams_keep_decoding_while_a_long_prompt_is_read(tiny_model_di
         assert (running_before > 30) is interleaved, running_before
     finally:
         engine.stop()
+
+
+@pytest.mark.parametrize("prefix_cache_mib", [128, 0], ids=["cache", "no-cache"])
+def test_a_prompt_that_begins_like_an_earlier_one_reads_only_the_rest(tiny_model_dir: Path, prefix_cache_mib: int) -> None:
+    recorders: list[ThreadRecorder] = []
+
+    def loader(settings: Settings, stage: Callable[[str], None]) -> LoadedModel:
+        loaded = load(settings, stage)
+        recorders.append(ThreadRecorder(loaded.model))
+        return dataclasses.replace(loaded, model=recorders[-1])
+
+    shared = [10 + i for i in range(2 * BLOCK_TOKENS + 3)]  # a "system prompt": two whole blocks and some
+    first, second = [*shared, 200, 201, 202], [*shared, 300, 301]
+    engine = start_engine(tiny_model_dir, loader=loader, prefix_cache_mib=prefix_cache_mib)
+    try:
+        (earlier,) = run(engine, [GenerationRequest(prompts=[first], max_tokens=[8], params=GREEDY)])
+        recorders[0].steps.clear()
+        (later,) = run(engine, [GenerationRequest(prompts=[second], max_tokens=[24], params=GREEDY)])
+    finally:
+        engine.stop()
+    cached = 2 * BLOCK_TOKENS if prefix_cache_mib else 0
+    assert next(e for e in earlier.events if isinstance(e, Done)).cached_tokens == 0
+    assert next(e for e in later.events if isinstance(e, Done)) == Done(len(second), completion_tokens=24, cached_tokens=cached)
+    assert recorders[0].steps[0][0] == len(second) - cached  # its prompt's forward read only the rest
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    generated = reference.generate(torch.tensor([second]), max_new_tokens=24, min_new_tokens=24, do_sample=False)[0, len(second) :]
+    assert later.text() == engine.loaded.tokenizer.decode(generated, skip_special_tokens=True)
 
 
 class ThreadRecorder:

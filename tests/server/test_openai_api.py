@@ -10,7 +10,10 @@ import httpx
 import openai
 import pytest
 
+from llmservice_server.prefix_cache import BLOCK_TOKENS
+
 from .conftest import ServerProcess
+from .test_lifecycle import metric
 
 MESSAGES: list[Any] = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -37,6 +40,26 @@ def test_chat_usage_is_exact(client: openai.OpenAI, tokenizer: Any) -> None:
     assert reply.usage.prompt_tokens == chat_prompt_tokens(tokenizer, MESSAGES)
     assert reply.usage.completion_tokens == 12
     assert reply.usage.total_tokens == reply.usage.prompt_tokens + 12
+
+
+def test_a_conversations_next_turn_reads_the_earlier_turns_from_the_prefix_cache(
+    server: ServerProcess, client: openai.OpenAI, tokenizer: Any
+) -> None:
+    system = {"role": "system", "content": "You answer questions about the operator in one short sentence, politely."}
+    turn = [system, {"role": "user", "content": "What does a HorizontalPodAutoscaler scale on?"}]
+    hits_before = metric(server, "vllm:prefix_cache_hits_total")
+    first = client.chat.completions.create(model="tiny", messages=turn, max_tokens=6, temperature=0)
+    answer = first.choices[0].message.content
+    assert first.usage is not None and first.usage.prompt_tokens_details is not None
+    assert first.usage.prompt_tokens_details.cached_tokens == 0  # nothing began like this before
+    following = [*turn, {"role": "assistant", "content": answer}, {"role": "user", "content": "And the Service?"}]
+    second = client.chat.completions.create(model="tiny", messages=following, max_tokens=6, temperature=0)
+    assert second.usage is not None and second.usage.prompt_tokens_details is not None
+    # The whole blocks of the first turn's prompt, which the second one begins with.
+    first_prompt = first.usage.prompt_tokens
+    assert second.usage.prompt_tokens == chat_prompt_tokens(tokenizer, following) > first_prompt
+    assert second.usage.prompt_tokens_details.cached_tokens == first_prompt // BLOCK_TOKENS * BLOCK_TOKENS > 0
+    assert metric(server, "vllm:prefix_cache_hits_total") - hits_before == second.usage.prompt_tokens_details.cached_tokens
 
 
 def test_chat_stream_matches_non_stream_and_ends_with_usage(client: openai.OpenAI, tokenizer: Any) -> None:
@@ -196,7 +219,8 @@ def test_chat_stream_with_two_choices_indexes_each_and_ends_with_one_usage(serve
     *choice_chunks, last = chunks
     assert full.usage is not None
     assert last["choices"] == []
-    assert last["usage"] == full.usage.model_dump(include={"prompt_tokens", "completion_tokens", "total_tokens"})
+    counts = {"prompt_tokens", "completion_tokens", "total_tokens"}  # cached_tokens: the second read the first's prompt from the cache
+    assert {key: last["usage"][key] for key in counts} == full.usage.model_dump(include=counts)
     assert all(chunk.get("usage") is None for chunk in choice_chunks)  # exactly one usage chunk, the last
     assert all(len(chunk["choices"]) == 1 for chunk in choice_chunks)
     for index in (0, 1):
