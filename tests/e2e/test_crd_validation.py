@@ -137,6 +137,8 @@ INVALID = [
     ),
     ("not-a-quantity", with_changes(("resources.memory", {"request": "lots"})), "spec.resources.memory.request"),
     ("negative-quantity", with_changes(("resources.memory", {"request": -1})), "a quantity cannot be negative"),
+    ("prefix-cache-not-a-quantity", with_changes(("server.prefixCacheSize", "big")), "spec.server.prefixCacheSize"),
+    ("prefix-cache-negative", with_changes(("server.prefixCacheSize", "-1Gi")), "a quantity cannot be negative"),
     ("negative-gpu-count", with_changes(("resources.gpu", {"count": -1})), "should be greater than or equal to 0"),
     ("too-many-gpus", with_changes(("resources.gpu", {"count": 17})), "should be less than or equal to 16"),
     ("max-num-seqs-zero", with_changes(("server.maxNumSeqs", 0)), "should be greater than or equal to 1"),
@@ -188,6 +190,7 @@ def test_minimal_llmservice_is_accepted_and_defaulted(crd: ControlPlane, namespa
         "maxNumSeqs": 16,
         "maxQueue": 64,
         "prefillChunkTokens": 512,
+        "prefixCacheSize": "128Mi",
         "requestTimeoutSeconds": 600,
         "drainSeconds": 30,
     }
