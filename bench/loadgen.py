@@ -90,14 +90,23 @@ class RequestSpec:
     max_tokens: int
 
 
-def make_workload(n: int, seed: int, prompt_words: tuple[int, int], output_tokens: tuple[int, int]) -> list[RequestSpec]:
-    """`n` requests with prompt and output lengths drawn uniformly from the inclusive ranges."""
+def make_workload(
+    n: int, seed: int, prompt_words: tuple[int, int], output_tokens: tuple[int, int], variant: int = 0
+) -> list[RequestSpec]:
+    """`n` requests with prompt and output lengths drawn uniformly from the inclusive ranges.
+
+    Another `variant` of a seed has the same lengths and other words: a repeated run is the same
+    work, but none of its prompts is one a server with a prefix cache has read before.
+    """
     rng = random.Random(seed)
+    other_words = random.Random(f"{seed}/{variant}")
     specs: list[RequestSpec] = []
     for i in range(n):
         words = rng.randint(*prompt_words)
-        text = " ".join(rng.choice(_WORDS) for _ in range(words))
-        specs.append(RequestSpec(index=i, prompt=text, prompt_words=words, max_tokens=rng.randint(*output_tokens)))
+        chosen = [rng.choice(_WORDS) for _ in range(words)]  # drawn for every variant: the lengths after it stay
+        if variant:
+            chosen = [other_words.choice(_WORDS) for _ in range(words)]
+        specs.append(RequestSpec(index=i, prompt=" ".join(chosen), prompt_words=words, max_tokens=rng.randint(*output_tokens)))
     return specs
 
 

@@ -10,6 +10,7 @@ Systems (``--systems``):
   more than the design does (docs/benchmarks.md, "## Server"); ``ours-allcores``: ours with
   ``--torch-threads`` = every core this process may use for every step (as shipped the server
   chooses per step: every core for a step with large matrix products, one fewer for a small one);
+  ``ours-nocache``: ours with the prefix cache off (``LLMSERVICE_PREFIX_CACHE_MIB=0``);
 - ``seed``: the seed article's design as written, ``bench/baselines/seed_server.py`` (one
   ``model.generate`` thread per request streaming through a ``TextIteratorStreamer`` that the
   event loop waits on); ``seed-locked``: the same server with ``--design locked`` (one locked
@@ -20,7 +21,8 @@ Systems (``--systems``):
   (the ceiling is the better of the two), plus the memory-bandwidth / GEMM roofline measured now.
 
 Every server is started on a free loopback port, warmed up, and driven by bench/loadgen.py at each
-concurrency (``--concurrency``) with the same seeded mixed-length workload; /livez (or /health)
+concurrency (``--concurrency``) with the same seeded mixed-length workload (each repeat in other
+words of the same lengths, so no prompt is one a server read before); /livez (or /health)
 is polled every 50 ms from a separate thread during each run. The CPU used by other processes on
 the machine is measured per run (from /proc/stat minus this process and the server, a server
 being its whole session: server and engine process), because the machine is shared. Results:
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -71,11 +74,15 @@ log = logging.getLogger("bench.server")
 RESULTS_DIR = REPO / "bench" / "results"
 VENV_BIN = Path(sys.executable).parent
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-SERVER_SYSTEMS = ("ours", "ours-omp1", "ours-allcores", "ours-thread", "seed", "seed-omp1", "seed-locked", "tserve", "tserve-omp1")
+SERVER_SYSTEMS = (
+    *("ours", "ours-omp1", "ours-allcores", "ours-thread", "ours-nocache"),
+    *("seed", "seed-omp1", "seed-locked", "tserve", "tserve-omp1"),
+)
 ALL_SYSTEMS = (*SERVER_SYSTEMS, "inprocess")
 VARIANT_ENV = {
     "omp1": {"OMP_NUM_THREADS": "1"},  # one intra-op thread
     "thread": {"LLMSERVICE_ENGINE_PROCESS": "false"},  # ours: the engine on a thread of the server process
+    "nocache": {"LLMSERVICE_PREFIX_CACHE_MIB": "0"},  # ours without the prefix cache
 }
 DEFAULT_SYSTEMS = ("ours", "ours-omp1", "seed", "seed-locked", "tserve", "inprocess")
 TARGETS = {
@@ -350,9 +357,9 @@ class Server:
 # --- one system through all levels -----------------------------------------------------------------
 
 
-def level_workload(profile: ModelProfile, concurrency: int, seed: int, num_prompts: int | None) -> list[RequestSpec]:
+def level_workload(profile: ModelProfile, concurrency: int, seed: int, num_prompts: int | None, repeat: int = 0) -> list[RequestSpec]:
     n = num_prompts or max(profile.min_prompts, profile.prompts_per_stream * concurrency)
-    return make_workload(n, seed * 1000 + concurrency, profile.prompt_words, profile.output_tokens)
+    return make_workload(n, seed * 1000 + concurrency, profile.prompt_words, profile.output_tokens, variant=repeat)
 
 
 def level_config(server: Server, args: argparse.Namespace, profile: ModelProfile, *, concurrency: int | None, rate: float) -> LoadConfig:
@@ -431,17 +438,19 @@ def run_servers(args: argparse.Namespace, profile: ModelProfile, model_dir: Path
             results["systems"][system] = result
             if server is not None:
                 servers[system] = server
-        plan: list[tuple[str, str, int | None, float, list[RequestSpec]]] = []
+        # A workload per level and repeat: repeats have the same lengths and other words, so a prefix
+        # cache never finds a whole prompt it read in an earlier repeat (only what prompts share).
+        plan: list[tuple[str, str, int | None, float, Callable[[int], list[RequestSpec]]]] = []
         for c in args.concurrency:
-            plan.append(("levels", str(c), c, math.inf, level_workload(profile, c, args.seed, args.num_prompts)))
+            plan.append(("levels", str(c), c, math.inf, functools.partial(level_workload, profile, c, args.seed, args.num_prompts)))
         for rate in args.request_rate:
             n = args.num_prompts or max(profile.min_prompts, 32)
-            plan.append(
-                ("rates", f"{rate:g}", None, rate, make_workload(n, args.seed * 1000 + 7, profile.prompt_words, profile.output_tokens))
-            )
+            rated = functools.partial(make_workload, n, args.seed * 1000 + 7, profile.prompt_words, profile.output_tokens)
+            plan.append(("rates", f"{rate:g}", None, rate, rated))
         names = list(servers)
         for repeat in range(args.repeat):
-            for step, (kind, key, concurrency, rate, workload) in enumerate(plan):
+            for step, (kind, key, concurrency, rate, workload_of) in enumerate(plan):
+                workload = workload_of(repeat)
                 shift = (repeat + step) % max(1, len(names))
                 for system in names[shift:] + names[:shift]:
                     server = servers[system]

@@ -82,3 +82,13 @@ def test_a_kept_alive_connection_the_server_closed_is_replaced() -> None:
     texts, opened = asyncio.run(two_requests())
     assert texts == ["ok", "ok"]
     assert opened == 2
+
+
+def test_a_repeat_is_the_same_work_in_other_words() -> None:
+    first = make_workload(32, seed=5, prompt_words=(8, 24), output_tokens=(4, 40))
+    assert make_workload(32, seed=5, prompt_words=(8, 24), output_tokens=(4, 40)) == first
+    again = make_workload(32, seed=5, prompt_words=(8, 24), output_tokens=(4, 40), variant=1)
+    assert [(r.prompt_words, r.max_tokens) for r in again] == [(r.prompt_words, r.max_tokens) for r in first]
+    assert all(len(r.prompt.split()) == r.prompt_words for r in again)
+    # No prompt of a repeat is one read before: a prefix cache finds only what prompts share.
+    assert not {r.prompt for r in again} & {r.prompt for r in first}
