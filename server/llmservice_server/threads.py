@@ -61,6 +61,10 @@ def plan_threads(cores: int, hidden_size: int | None, explicit: int = 0) -> Thre
 class _Bucket:
     since_explored: int = 0  # steps run on the best count since the other was last timed
     seconds: dict[int, deque[float]] = field(default_factory=dict)  # recent forward times per thread count
+    # Derived from `seconds`, updated as a time is recorded (both run every step; a median is not free):
+    medians: dict[int, float] = field(default_factory=dict)
+    best: int = 0  # the count with the lower median
+    interval: int = 0  # steps on `best` before the other count is timed again
 
     def timed(self, threads: int) -> int:
         return len(self.seconds.get(threads, ()))
@@ -91,24 +95,25 @@ class ThreadTuner:
             return guess
         if bucket.timed(self._other(guess)) < FIRST_STEPS:
             return self._other(guess)
-        best, interval = self._best(bucket)
-        return self._other(best) if bucket.since_explored >= interval - 1 else best
+        return self._other(bucket.best) if bucket.since_explored >= bucket.interval - 1 else bucket.best
 
     def record(self, tokens: int, threads: int, seconds: float) -> None:
         if self.plan.small == self.plan.large:
             return
         bucket = self._buckets.setdefault(tokens.bit_length(), _Bucket())
         compared = min(bucket.timed(self.plan.small), bucket.timed(self.plan.large)) >= FIRST_STEPS
-        bucket.since_explored = bucket.since_explored + 1 if compared and threads == self._best(bucket)[0] else 0
-        bucket.seconds.setdefault(threads, deque(maxlen=RECENT_STEPS)).append(seconds)
+        bucket.since_explored = bucket.since_explored + 1 if compared and threads == bucket.best else 0
+        recent = bucket.seconds.setdefault(threads, deque(maxlen=RECENT_STEPS))
+        recent.append(seconds)
+        bucket.medians[threads] = median(recent)
+        bucket.best, bucket.interval = self._best(bucket.medians)
 
     def _other(self, threads: int) -> int:
         return self.plan.small if threads == self.plan.large else self.plan.large
 
     @staticmethod
-    def _best(bucket: _Bucket) -> tuple[int, int]:
+    def _best(times: dict[int, float]) -> tuple[int, int]:
         """The count with the lower median time, and how many steps it runs before the other is timed again."""
-        times = {threads: median(recent) for threads, recent in bucket.seconds.items()}
         best = min(times, key=times.__getitem__)
         slower = max(times.values()) / max(times[best], 1e-9)
         return best, min(MAX_EXPLORE_INTERVAL, round(EXPLORE_EVERY * slower))
