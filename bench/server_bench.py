@@ -16,9 +16,11 @@ Systems (``--systems``):
   event loop waits on); ``seed-locked``: the same server with ``--design locked`` (one locked
   ``model.generate`` per request in the default threadpool, nothing streamed);
 - ``tserve``: ``transformers serve --continuous-batching`` on the same model directory;
-- ``inprocess``: no HTTP at all - bare ``model.generate`` at batch 1 and a static left-padded batch
-  of N (the batching ceiling), each under the default thread setting and ``OMP_NUM_THREADS=1``
-  (the ceiling is the better of the two), plus the memory-bandwidth / GEMM roofline measured now.
+- ``inprocess``: no HTTP at all - bare ``model.generate`` at batch 1 and static left-padded batches
+  of N (the batching ceiling; ``STATIC_BATCHES`` of them timed together), each under the default
+  thread setting and ``OMP_NUM_THREADS=1`` (the ceiling is the better of the two), our engine
+  driven without HTTP, and the memory-bandwidth / GEMM roofline measured now; a round of these
+  runs before each repeat of the servers, so ceilings and servers meet the same machine.
 
 Every server is started on a free loopback port, warmed up, and driven by bench/loadgen.py at each
 concurrency (``--concurrency``) with the same seeded mixed-length workload (each repeat in other
@@ -427,9 +429,17 @@ def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return chosen
 
 
-def run_servers(args: argparse.Namespace, profile: ModelProfile, model_dir: Path, work: Path, results: dict[str, Any]) -> None:
+def run_servers(
+    args: argparse.Namespace,
+    profile: ModelProfile,
+    model_dir: Path,
+    work: Path,
+    results: dict[str, Any],
+    before_repeat: Callable[[int], None] | None = None,
+) -> None:
     """All servers up at once, paused; each level runs against one resumed server at a time, systems in
-    rotating order, so a shared machine's background load falls on every system alike."""
+    rotating order, so a shared machine's background load falls on every system alike.
+    `before_repeat(r)` runs before repeat `r`, every server paused (the in-process ceilings)."""
     servers: dict[str, Server] = {}
     try:
         for system in [s for s in args.systems if s in SERVER_SYSTEMS]:
@@ -449,6 +459,8 @@ def run_servers(args: argparse.Namespace, profile: ModelProfile, model_dir: Path
             plan.append(("rates", f"{rate:g}", None, rate, rated))
         names = list(servers)
         for repeat in range(args.repeat):
+            if before_repeat is not None:
+                before_repeat(repeat)
             for step, (kind, key, concurrency, rate, workload_of) in enumerate(plan):
                 workload = workload_of(repeat)
                 shift = (repeat + step) % max(1, len(names))
@@ -496,38 +508,55 @@ def _items(specs: Sequence[RequestSpec]) -> list[dict[str, Any]]:
     return [{"prompt": r.prompt, "max_tokens": r.max_tokens} for r in specs]
 
 
-def run_inprocess(model_dir: Path, args: argparse.Namespace, profile: ModelProfile, work: Path) -> dict[str, Any]:
-    """Both thread settings, `--repeat` times each, in fresh processes; per setting the median of each number."""
+STATIC_BATCHES = 4  # static batches timed per level and round: a burst of one batch is mostly noise here
+
+
+def inprocess_round(model_dir: Path, args: argparse.Namespace, profile: ModelProfile, work: Path, repeat: int) -> dict[str, Any]:
+    """One round of the in-process ceilings on repeat `repeat`'s workloads, both thread settings, each
+    in a fresh process. Run between the servers' repeats (`run_servers(before_repeat=...)`): measured
+    all before the servers, the ceilings and the servers met different machines (this one drifts by
+    a quarter within minutes, docs/benchmarks.md)."""
+
+    def workload(c: int) -> list[dict[str, Any]]:
+        return _items(level_workload(profile, c, args.seed, args.num_prompts, repeat=repeat))
+
     spec = {
         "model_dir": str(model_dir),
         "device": args.device,
         "dtype": args.dtype,
         # The very requests the servers get at one stream: their prompt / output mix sets tok/s.
-        "bare": _items(level_workload(profile, 1, args.seed, args.num_prompts)),
-        "static": {str(c): _items(level_workload(profile, c, args.seed, args.num_prompts)[:c]) for c in args.concurrency if c > 1},
-        "engine": {str(c): _items(level_workload(profile, c, args.seed, args.num_prompts)) for c in args.concurrency}
-        if args.engine
-        else {},
+        "bare": workload(1),
+        # The level's first requests, `STATIC_BATCHES` batches of `c`: what one batch of them costs, sustained.
+        "static": {str(c): workload(c)[: c * STATIC_BATCHES] for c in args.concurrency if c > 1},
+        "engine": {str(c): workload(c) for c in args.concurrency} if args.engine else {},
         "max_num_seqs": args.max_num_seqs,
+        "static_batch": {str(c): c for c in args.concurrency if c > 1},
     }
-    results: dict[str, Any] = {}
+    runs: dict[str, Any] = {}
     for label, env in (("default", {}), ("omp1", {"OMP_NUM_THREADS": "1"})):
-        runs: list[dict[str, Any]] = []
-        for repeat in range(args.repeat):
-            spec_path, out_path = work / f"inprocess-{label}-{repeat}.spec.json", work / f"inprocess-{label}-{repeat}.out.json"
-            spec_path.write_text(json.dumps(spec | {"roofline": label == "default" and repeat == 0}))
-            argv = [sys.executable, str(Path(__file__).resolve()), "--inprocess-worker", str(spec_path), str(out_path)]
-            with CpuMeter(None) as meter:
-                done = subprocess.run(
-                    argv, env=os.environ | env, capture_output=True, text=True, timeout=args.inprocess_timeout, check=False
-                )
-                cpu = meter.read()
-            if done.returncode != 0:
-                log.warning("in-process (%s) failed: %s", label, done.stderr[-500:])
-                continue
-            run = json.loads(out_path.read_text()) | {"env": env, "cpu": cpu}
-            log.info("in-process (%s) #%d: bare %.1f tok/s; static %s", label, repeat, run["bare"]["tok_s"], run["static_tok_s"])
-            runs.append(run)
+        spec_path, out_path = work / f"inprocess-{label}-{repeat}.spec.json", work / f"inprocess-{label}-{repeat}.out.json"
+        spec_path.write_text(json.dumps(spec | {"roofline": label == "default" and repeat == 0}))
+        argv = [sys.executable, str(Path(__file__).resolve()), "--inprocess-worker", str(spec_path), str(out_path)]
+        with CpuMeter(None) as meter:
+            done = subprocess.run(argv, env=os.environ | env, capture_output=True, text=True, timeout=args.inprocess_timeout, check=False)
+            cpu = meter.read()
+        if done.returncode != 0:
+            log.warning("in-process (%s) failed: %s", label, done.stderr[-500:])
+            continue
+        run = json.loads(out_path.read_text()) | {"env": env, "cpu": cpu}
+        log.info(
+            "in-process (%s) #%d: bare %.1f tok/s; static %s; engine %s",
+            *(label, repeat, run["bare"]["tok_s"], run["static_tok_s"], run.get("engine_tok_s")),
+        )
+        runs[label] = run
+    return runs
+
+
+def merge_inprocess(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per thread setting, the median round of each number (bare, each static batch, each engine level)."""
+    results: dict[str, Any] = {}
+    for label in ("default", "omp1"):
+        runs = [r[label] for r in rounds if label in r]
         if not runs:
             results[label] = {"error": "every run failed"}
             continue
@@ -535,7 +564,13 @@ def run_inprocess(model_dir: Path, args: argparse.Namespace, profile: ModelProfi
         merged["bare"] = _median_by([r["bare"] for r in runs])
         merged["static"] = {key: _median_by([r["static"][key] for r in runs]) for key in runs[0]["static"]}
         merged["static_tok_s"] = {k: round(v["tok_s"], 1) for k, v in merged["static"].items()}
-        merged["repeats"] = [{"bare_tok_s": r["bare"]["tok_s"], "static_tok_s": r["static_tok_s"], "cpu": r["cpu"]} for r in runs]
+        if "engine" in runs[0]:
+            merged["engine"] = {key: _median_by([r["engine"][key] for r in runs]) for key in runs[0]["engine"]}
+            merged["engine_tok_s"] = {k: round(v["tok_s"], 1) for k, v in merged["engine"].items()}
+        merged["repeats"] = [
+            {"bare_tok_s": r["bare"]["tok_s"], "static_tok_s": r["static_tok_s"], "engine_tok_s": r.get("engine_tok_s"), "cpu": r["cpu"]}
+            for r in runs
+        ]
         results[label] = merged
     return results
 
@@ -615,12 +650,16 @@ def inprocess_worker(spec_path: Path, out_path: Path) -> None:
     result["bare"] |= {f"tok_s_{k[:-2]}": bare_tokens / v for k, v in bare_where.items()}
     static: dict[str, Any] = {}
     for key, items in spec["static"].items():
-        prompts = [encode(item["prompt"]) for item in items]
-        new_tokens = round(sum(item["max_tokens"] for item in items) / len(items))
+        size = spec["static_batch"][key]
         where: dict[str, float] = {}
-        seconds = best(prompts, new_tokens, where)
-        static[key] = {"batch": len(prompts), "new_tokens": new_tokens, "seconds": seconds, "tok_s": len(prompts) * new_tokens / seconds}
-        static[key] |= {f"tok_s_{k[:-2]}": len(prompts) * new_tokens / v for k, v in where.items()}
+        tokens = 0
+        for first in range(0, len(items), size):  # each batch generates its requests' mean output length
+            batch = items[first : first + size]
+            new_tokens = round(sum(item["max_tokens"] for item in batch) / len(batch))
+            seconds = best([encode(item["prompt"]) for item in batch], new_tokens, where)
+            tokens += len(batch) * new_tokens
+        static[key] = {"batch": size, "batches": -(-len(items) // size), "tokens": tokens, "seconds": seconds, "tok_s": tokens / seconds}
+        static[key] |= {f"tok_s_{k[:-2]}": tokens / v for k, v in where.items()}
     result["static"] = static
     result["static_tok_s"] = {k: round(v["tok_s"], 1) for k, v in static.items()}
     if spec["engine"]:
@@ -1061,9 +1100,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         "systems": {},
     }
     log.info("Model %s at %s; work dir %s", label, model_dir, work)
-    if "inprocess" in args.systems:
-        results["systems"]["inprocess"] = run_inprocess(model_dir, args, profile, work)
-    run_servers(args, profile, model_dir, work, results)
+    rounds: list[dict[str, Any]] = []
+
+    def ceilings(repeat: int) -> None:
+        rounds.append(inprocess_round(model_dir, args, profile, work, repeat))
+
+    measure = ceilings if "inprocess" in args.systems else None
+    run_servers(args, profile, model_dir, work, results, before_repeat=measure)
+    if measure is not None:  # with no server system the repeats run the ceilings alone
+        results["systems"]["inprocess"] = merge_inprocess(rounds)
     results["duration_s"] = time.monotonic() - started
     results["machine"]["loadavg_at_end"] = Path("/proc/loadavg").read_text().split()[:3]
     results["analysis"] = analyse(results)
