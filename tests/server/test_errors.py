@@ -107,7 +107,8 @@ def test_context_overflow_counts_the_chat_template(server: ServerProcess, tokeni
     prompt_tokens = len(tokenizer(text, add_special_tokens=False).input_ids)
     room = 2048 - prompt_tokens
     assert 0 < room < 100
-    fits = httpx.post(server.url + "/v1/chat/completions", json={**CHAT, "messages": messages, "max_tokens": room, "temperature": 0}, timeout=60)
+    body = {**CHAT, "messages": messages, "max_tokens": room, "temperature": 0}
+    fits = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)
     assert fits.status_code == 200, fits.text
     usage = fits.json()["usage"]
     assert (usage["prompt_tokens"], usage["completion_tokens"], usage["total_tokens"]) == (prompt_tokens, room, 2048)
