@@ -35,6 +35,7 @@ from .errors import install_error_handlers
 from .logs import configure_logging, request_id_var
 from .metrics import Metrics, multiprocess_dir
 from .openapi import DocumentedApp
+from .placement import Placement
 from .routes import build_router
 from .serving import Serving
 from .settings import BUNDLED, Settings
@@ -119,11 +120,14 @@ def _read_api_key(path: Path | None) -> str | None:
     return key
 
 
-def create_app(settings: Settings, engine: Backend | None = None, registry: CollectorRegistry | None = None) -> FastAPI:
+def create_app(
+    settings: Settings, engine: Backend | None = None, registry: CollectorRegistry | None = None, placement: Placement | None = None
+) -> FastAPI:
+    """The server's app; `placement`: the cores of the engine process, if this process was pinned (`main`)."""
     model_name = served_model_name(settings)
     metrics = Metrics(registry if registry is not None else CollectorRegistry(), model_name)
     if engine is None and settings.engine_process:
-        engine = EngineProcess(settings, model_name)  # this process never imports torch
+        engine = EngineProcess(settings, model_name, placement)  # this process never imports torch
     elif engine is None:
         from .engine import Engine  # noqa: PLC0415  # torch: only where the model runs
 

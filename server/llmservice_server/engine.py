@@ -34,6 +34,7 @@ import torch
 from .events import Delta, Done, Event, Failed, FailureKind, Finished, FinishReason, GenerationRequest, SamplingParams, Sink, TokenInfo
 from .loader import LoadedModel, load
 from .metrics import Metrics
+from .placement import Placement, pin_thread
 from .prefix_cache import PrefixCache
 from .ragged import Chunk, PromptKV, RaggedStep, Slots, UnsupportedModel, install
 from .sampling import Choice, RowSampler, select_tokens
@@ -109,8 +110,10 @@ class Engine:
         loader: Callable[[Settings, Callable[[str], None]], LoadedModel] = load,
         on_stage: Callable[[str], None] | None = None,
         after_events: Callable[[], None] | None = None,
+        placement: Placement | None = None,
     ) -> None:
         self._settings = settings
+        self._placement = placement  # the engine thread's cores per step's threads; None: the kernel's choice
         self._on_stage = on_stage  # told every stage change, after `error` / `load_seconds` are set
         self._after_events = after_events  # on this thread, once the sinks of a step (or of the final failures) were fed
         self._metrics = metrics
@@ -220,6 +223,8 @@ class Engine:
         self._warm_up()
         if self._model.threads is not None:
             self._tuner = ThreadTuner(self._model.threads)
+        elif self._placement is not None:  # a GPU: no thread counts per step, the engine keeps off HTTP's core
+            pin_thread(self._placement.engine)
         if self._settings.prefix_cache_mib > 0:
             self._prefix_cache = PrefixCache(self._settings.prefix_cache_mib * 2**20)
         self.load_seconds = time.monotonic() - started
@@ -461,7 +466,11 @@ class Engine:
         if plan is None:
             return None
         threads = self._tuner.choose(tokens) if self._tuner is not None else plan.for_step(tokens)
-        if threads != self._threads:  # a cheap call, but only a change needs it
+        if threads != self._threads:  # cheap calls, but only a change needs them
+            if self._placement is not None:
+                # Cores first: torch's worker threads, started at the first step on more than one,
+                # take the cores of the thread that starts them.
+                pin_thread(self._placement.for_step(threads))
             torch.set_num_threads(threads)
             self._threads = threads
         return threads

@@ -38,6 +38,7 @@ from .backend import Cancellable
 from .events import Done, Event, Failed, FailureKind, GenerationRequest, Sink
 from .logs import configure_logging
 from .metrics import Metrics, multiprocess_dir
+from .placement import Placement, pin_process
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -115,8 +116,10 @@ class _Uplink:
             self._conn.send(items)
 
 
-def serve_child(settings: Settings, model_name: str, conn: Connection) -> None:
+def serve_child(settings: Settings, model_name: str, conn: Connection, placement: Placement | None = None) -> None:
     """The child process: an `Engine` fed from `conn`, its events and stages sent back on it."""
+    if placement is not None:  # started from the HTTP process, on its core: the engine's are all of them
+        pin_process(placement.every)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C reaches the whole group:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the parent drains first, then sends Stop
     configure_logging(settings.log_level)
@@ -140,7 +143,8 @@ def serve_child(settings: Settings, model_name: str, conn: Connection) -> None:
 
         return sink
 
-    engine = Engine(settings, Metrics(CollectorRegistry(), model_name), on_stage=on_stage, after_events=uplink.flush)
+    metrics = Metrics(CollectorRegistry(), model_name)
+    engine = Engine(settings, metrics, on_stage=on_stage, after_events=uplink.flush, placement=placement)
     engine.start()
     try:
         while True:
@@ -179,11 +183,12 @@ class RemoteTicket:
 class EngineProcess:
     """A `Backend` whose engine runs in a child process; a reader thread delivers its events."""
 
-    def __init__(self, settings: Settings, model_name: str) -> None:
+    def __init__(self, settings: Settings, model_name: str, placement: Placement | None = None) -> None:
         context = multiprocessing.get_context("spawn")  # never fork a process that has torch threads
         self._conn, child_conn = context.Pipe(duplex=True)
         self._child_conn: Connection | None = child_conn
-        self._process = context.Process(target=serve_child, args=(settings, model_name, child_conn), name="llmservice-engine")
+        args = (settings, model_name, child_conn, placement)
+        self._process = context.Process(target=serve_child, args=args, name="llmservice-engine")
         self._reader = threading.Thread(target=self._read, name="llmservice-engine-reader", daemon=True)
         # Commands are written by a thread of their own: a pipe write can block (a full buffer, the
         # GIL taken back after the syscall), and the event loop must not.

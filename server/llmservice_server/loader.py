@@ -19,6 +19,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
+from .placement import worker_cores
 from .settings import Settings
 from .source import Source, resolve_source
 from .threads import ThreadPlan, plan_threads
@@ -43,15 +44,6 @@ def pick_device(settings: Settings) -> torch.device:
     if settings.device == "cuda" or (settings.device == "auto" and torch.cuda.is_available()):
         return torch.device("cuda")
     return torch.device("cpu")
-
-
-def worker_cores(settings: Settings) -> int:
-    """The CPU cores one worker may use: the pod's share the operator passed, else the cores this
-    process may run on (a container sees every core of its node, so the operator's count wins)."""
-    if settings.cpus:
-        return settings.cpus
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // settings.workers)
 
 
 def thread_plan(settings: Settings, device: torch.device, config: Any) -> ThreadPlan | None:

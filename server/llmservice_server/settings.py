@@ -57,6 +57,11 @@ class Settings(BaseSettings):
         description="CPU cores one worker may use (the operator passes the pod's CPU per worker); "
         "0: the cores this process may run on, shared among the workers.",
     )
+    cpu_placement: bool = Field(
+        default=True,
+        description="On a worker that owns its cores (a cpuset no larger than its CPU), run the HTTP process on the "
+        "last core and the engine's steps that leave a core free on the others; off: the kernel places both.",
+    )
     host: str = "0.0.0.0"
     port: int = Field(default=8000, ge=0, le=65535)
     workers: int = Field(default=1, ge=1, description="uvicorn worker processes, each with its own model.")

@@ -1,0 +1,73 @@
+"""Which CPU cores the HTTP process and the engine run on, when the server owns its cores.
+
+Left to the kernel, the two processes meet on one core at every token. The engine writes a
+step's events to the pipe, and a pipe write is a "synchronous" wakeup: the scheduler puts the
+woken reader (the HTTP process) on the writer's core, expecting the writer to sleep. The engine
+does not sleep - it starts the next step - so the reader waits behind it or preempts it while
+the other core idles. Measured on 2 cores with the tiny model, servers side by side, rounds
+alternating (docs/benchmarks.md): the HTTP process on one core and the engine on the other
+streamed 9-56 % more tokens at 16 streams and up to 30 % more at one.
+
+So, on a worker that owns its cores (its affinity has no more cores than it may use: a cpuset
+given to the pod, or a machine to itself), the HTTP process runs on the last core and the engine
+thread, on a step with fewer threads than cores, on the others - the core `ThreadPlan` leaves to
+HTTP is then really HTTP's. A step on every core runs on every core (its extra thread shares
+HTTP's core; `ThreadTuner` times that against one thread fewer). A pod whose CPU is a quota on a
+larger node sees every core of the node and is left to the kernel, as are several workers (each
+pair of processes would need its own cores) and the engine on a thread of the HTTP process.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from .settings import Settings
+
+
+def available_cores() -> frozenset[int]:
+    """The cores this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return frozenset(os.sched_getaffinity(0))
+    return frozenset(range(os.cpu_count() or 1))
+
+
+def worker_cores(settings: Settings, available: int | None = None) -> int:
+    """The CPU cores one worker may use: the pod's share the operator passed, else the cores this
+    process may run on (a container sees every core of its node, so the operator's count wins)."""
+    if settings.cpus:
+        return settings.cpus
+    cores = len(available_cores()) if available is None else available
+    return max(1, cores // settings.workers)
+
+
+@dataclass(frozen=True)
+class Placement:
+    every: frozenset[int]  # the worker's cores: the engine process starts on all of them
+    http: frozenset[int]  # the HTTP process: the last core
+    engine: frozenset[int]  # the engine thread on a step that leaves HTTP its core: the others
+
+    def for_step(self, threads: int) -> frozenset[int]:
+        """The engine thread's cores for a step on `threads` torch threads."""
+        return self.engine if threads <= len(self.engine) else self.every
+
+
+def plan_placement(settings: Settings, available: frozenset[int]) -> Placement | None:
+    """Where the two processes run, or None to leave it to the kernel (see the module doc)."""
+    if not settings.cpu_placement or not settings.engine_process or settings.workers != 1:
+        return None
+    if len(available) < 2 or len(available) > worker_cores(settings, len(available)):
+        return None
+    ordered = sorted(available)
+    return Placement(every=frozenset(ordered), http=frozenset(ordered[-1:]), engine=frozenset(ordered[:-1]))
+
+
+def pin_process(cores: frozenset[int]) -> None:
+    """Move every thread of this process onto `cores` (threads started later inherit it)."""
+    for task in os.listdir("/proc/self/task"):
+        os.sched_setaffinity(int(task), cores)
+
+
+def pin_thread(cores: frozenset[int]) -> None:
+    """Move the calling thread onto `cores`."""
+    os.sched_setaffinity(0, cores)
