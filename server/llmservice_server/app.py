@@ -123,7 +123,7 @@ def _read_api_key(path: Path | None) -> str | None:
 def create_app(
     settings: Settings, engine: Backend | None = None, registry: CollectorRegistry | None = None, placement: Placement | None = None
 ) -> FastAPI:
-    """The server's app; `placement`: the cores of the engine process, if this process was pinned (`main`)."""
+    """The server's app; `placement`: where the server's two processes may run (`main` passes it)."""
     model_name = served_model_name(settings)
     metrics = Metrics(registry if registry is not None else CollectorRegistry(), model_name)
     if engine is None and settings.engine_process:

@@ -148,6 +148,11 @@ class Engine:
             raise RuntimeError("model not loaded")
         return self._model
 
+    @property
+    def placement(self) -> Placement | None:
+        """The cores the engine keeps to, once loaded (None: the kernel places it, and HTTP is not pinned)."""
+        return self._placement
+
     def alive(self) -> bool:
         return self._thread.is_alive() or self.stage == "stopped"
 
@@ -219,12 +224,13 @@ class Engine:
         self._model = self._loader(self._settings, self._set_stage)
         install(self._model.model)
         self._slots = Slots(layers=self._model.model.config.num_hidden_layers, max_rows=self._settings.max_num_seqs)
+        plan = self._model.threads
+        if plan is None or (self._placement is not None and not self._placement.suits(plan, self._settings.max_num_seqs)):
+            self._placement = None  # a GPU, or decode steps on every core: the kernel places the threads
         self._set_stage("warming")
         self._warm_up()
-        if self._model.threads is not None:
-            self._tuner = ThreadTuner(self._model.threads)
-        elif self._placement is not None:  # a GPU: no thread counts per step, the engine keeps off HTTP's core
-            pin_thread(self._placement.engine)
+        if plan is not None:
+            self._tuner = ThreadTuner(plan)
         if self._settings.prefix_cache_mib > 0:
             self._prefix_cache = PrefixCache(self._settings.prefix_cache_mib * 2**20)
         self.load_seconds = time.monotonic() - started

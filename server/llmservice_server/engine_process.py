@@ -56,6 +56,7 @@ class Facts:
 
     tokenizer: PreTrainedTokenizerBase
     max_model_len: int
+    http_cores: frozenset[int] | None = None  # where the HTTP process is to run (`placement`); None: anywhere
 
 
 @dataclass(frozen=True)
@@ -118,8 +119,6 @@ class _Uplink:
 
 def serve_child(settings: Settings, model_name: str, conn: Connection, placement: Placement | None = None) -> None:
     """The child process: an `Engine` fed from `conn`, its events and stages sent back on it."""
-    if placement is not None:  # started from the HTTP process, on its core: the engine's are all of them
-        pin_process(placement.every)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C reaches the whole group:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the parent drains first, then sends Stop
     configure_logging(settings.log_level)
@@ -130,7 +129,10 @@ def serve_child(settings: Settings, model_name: str, conn: Connection, placement
     filing = threading.Lock()  # a request can end before `submit` has returned its ticket
 
     def on_stage(stage: str) -> None:
-        facts = Facts(engine.loaded.tokenizer, engine.loaded.max_model_len) if stage == "ready" else None
+        facts = None
+        if stage == "ready":
+            placed = engine.placement
+            facts = Facts(engine.loaded.tokenizer, engine.loaded.max_model_len, placed.http if placed is not None else None)
         uplink.put(Stage(stage, engine.error, engine.load_seconds, facts))
         uplink.flush()  # stages change outside steps too (loading, stopping): send them now
 
@@ -184,6 +186,8 @@ class EngineProcess:
     """A `Backend` whose engine runs in a child process; a reader thread delivers its events."""
 
     def __init__(self, settings: Settings, model_name: str, placement: Placement | None = None) -> None:
+        """`placement`: the cores to keep the two processes on, if the model suits it (the engine decides);
+        only a server process passes one - this process pins itself to its HTTP core."""
         context = multiprocessing.get_context("spawn")  # never fork a process that has torch threads
         self._conn, child_conn = context.Pipe(duplex=True)
         self._child_conn: Connection | None = child_conn
@@ -291,6 +295,9 @@ class EngineProcess:
     def _on_stage(self, stage: Stage) -> None:
         if stage.facts is not None:
             self._facts = stage.facts
+            if stage.facts.http_cores is not None:
+                pin_process(stage.facts.http_cores)
+                log.info("CPU placement", extra={"http_cores": sorted(stage.facts.http_cores)})
         self.error = stage.error
         self.load_seconds = stage.load_seconds
         self.stage = stage.stage  # last: "ready" is seen only with the facts in place

@@ -8,7 +8,6 @@ process), Prometheus multiprocess mode gets a fresh directory.
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import signal
@@ -21,10 +20,8 @@ import uvicorn
 from uvicorn.supervisors import Multiprocess
 
 from .logs import configure_logging
-from .placement import available_cores, pin_process, plan_placement
+from .placement import available_cores, plan_placement
 from .settings import Settings, parse_settings
-
-log = logging.getLogger(__name__)
 
 # After the drain, uvicorn's remaining connections get this long before they are closed.
 GRACEFUL_SHUTDOWN_SECONDS = 5
@@ -74,11 +71,8 @@ def run(settings: Settings) -> None:
 def _serve(settings: Settings) -> None:
     from .app import create_app  # noqa: PLC0415  # torch/transformers: only where a model is served
 
+    # The engine process decides once its model is loaded; then this process moves to its core.
     placement = plan_placement(settings, available_cores())
-    if placement is not None:
-        # Before uvicorn starts a thread: every thread of this process then stays on HTTP's core.
-        pin_process(placement.http)
-        log.info("CPU placement", extra={"http_cores": sorted(placement.http), "engine_cores": sorted(placement.engine)})
     config = _config(settings, create_app(settings, placement=placement))
     signal.signal(signal.SIGTERM, _after_shutdown)
     uvicorn.Server(config).run()

@@ -5,16 +5,21 @@ step's events to the pipe, and a pipe write is a "synchronous" wakeup: the sched
 woken reader (the HTTP process) on the writer's core, expecting the writer to sleep. The engine
 does not sleep - it starts the next step - so the reader waits behind it or preempts it while
 the other core idles. Measured on 2 cores with the tiny model, servers side by side, rounds
-alternating (docs/benchmarks.md): the HTTP process on one core and the engine on the other
-streamed 9-56 % more tokens at 16 streams and up to 30 % more at one.
+alternating ("Results: CPU placement" in docs/benchmarks.md): 5-22 % more tokens per round at 16
+streams and a median 13 % more at one while the machine ran slowly; level with the kernel's
+placement while it ran twice as fast (the HTTP side then had the idle time to spare).
 
 So, on a worker that owns its cores (its affinity has no more cores than it may use: a cpuset
-given to the pod, or a machine to itself), the HTTP process runs on the last core and the engine
-thread, on a step with fewer threads than cores, on the others - the core `ThreadPlan` leaves to
-HTTP is then really HTTP's. A step on every core runs on every core (its extra thread shares
-HTTP's core; `ThreadTuner` times that against one thread fewer). A pod whose CPU is a quota on a
-larger node sees every core of the node and is left to the kernel, as are several workers (each
-pair of processes would need its own cores) and the engine on a thread of the HTTP process.
+given to the pod, or a machine to itself), and for a model whose decode steps leave a core to
+HTTP (`ThreadPlan`: steps under its work threshold run on one core fewer), the HTTP process runs
+on the last core and the engine thread, on a step with fewer threads than cores, on the others -
+the core the plan leaves to HTTP is then really HTTP's. A step on every core still runs on every
+core. A model whose decode steps take every core (SmolLM2 at 8 rows and more) is left to the
+kernel: pinned, the event loop shared its core with torch's extra thread and `/livez` p99 went
+from 7 to 39 ms at one stream. So are a pod whose CPU is a quota on a larger node (it sees every
+core of the node), several workers (each pair of processes would need its own cores) and the
+engine on a thread of the HTTP process (one process). The engine decides once its model is
+loaded (the plan needs the model's width) and the HTTP process pins itself when told.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import os
 from dataclasses import dataclass
 
 from .settings import Settings
+from .threads import ThreadPlan
 
 
 def available_cores() -> frozenset[int]:
@@ -50,6 +56,12 @@ class Placement:
     def for_step(self, threads: int) -> frozenset[int]:
         """The engine thread's cores for a step on `threads` torch threads."""
         return self.engine if threads <= len(self.engine) else self.every
+
+    def suits(self, plan: ThreadPlan, max_rows: int) -> bool:
+        """Whether decode steps (at most `max_rows` tokens) leave HTTP its core: a model whose decode
+        steps run on every core would have torch's extra thread and the pinned event loop contend for
+        one core while the other core's time goes unused."""
+        return plan.large <= len(self.engine) or plan.min_tokens > max_rows
 
 
 def plan_placement(settings: Settings, available: frozenset[int]) -> Placement | None:

@@ -10,6 +10,7 @@ import pytest
 
 from llmservice_server.placement import Placement, plan_placement
 from llmservice_server.settings import Settings
+from llmservice_server.threads import ThreadPlan, plan_threads
 
 from .conftest import ServerProcess
 
@@ -46,6 +47,17 @@ def test_a_cpuset_smaller_than_the_cpus_passed_is_still_owned() -> None:
     assert plan_placement(Settings(cpus=4), frozenset({0, 1})) is not None
 
 
+def test_only_a_model_whose_decode_steps_leave_a_core_free_is_placed() -> None:
+    placement = plan_placement(Settings(), frozenset({0, 1}))
+    assert placement is not None
+    tiny, smollm2 = plan_threads(cores=2, hidden_size=64), plan_threads(cores=2, hidden_size=576)
+    assert placement.suits(tiny, max_rows=32)  # one thread below 611 tokens: decode never takes both cores
+    assert not placement.suits(smollm2, max_rows=32)  # 8 rows and up run on both cores
+    assert placement.suits(smollm2, max_rows=7)
+    assert placement.suits(ThreadPlan(1, 1, 1), max_rows=32)  # an explicit count under the cores
+    assert not placement.suits(ThreadPlan(2, 2, 1), max_rows=32)
+
+
 # --- a real server ---
 
 
@@ -62,20 +74,28 @@ def _engine_child(pid: int) -> int:
     raise AssertionError(f"no engine process under {pid}")
 
 
-@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores to split")
-@pytest.mark.parametrize("placement", [True, False])
-def test_a_served_step_runs_the_engine_off_the_http_core(tiny_model_dir: Path, tmp_path: Path, placement: bool) -> None:
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) != 2, reason="the thread counts below are those of two cores")
+@pytest.mark.parametrize(
+    ("enabled", "torch_threads", "placed"),
+    [
+        (True, 1, True),  # one thread on every step: the engine thread's cores are the same at every step
+        (False, 1, False),  # turned off
+        (True, 2, False),  # every step on both cores: nothing to keep off HTTP's core
+    ],
+)
+def test_a_served_step_runs_the_engine_off_the_http_core(
+    tiny_model_dir: Path, tmp_path: Path, enabled: bool, torch_threads: int, placed: bool
+) -> None:
     every = frozenset(os.sched_getaffinity(0))
     last = frozenset({max(every)})
-    # One torch thread on every step: the engine thread's cores are then the same at every step.
-    env = {"LLMSERVICE_CPU_PLACEMENT": str(placement).lower()}
-    proc = ServerProcess(tiny_model_dir, tmp_path / "server.log", env=env, torch_threads=1)
+    env = {"LLMSERVICE_CPU_PLACEMENT": str(enabled).lower()}
+    proc = ServerProcess(tiny_model_dir, tmp_path / "server.log", env=env, torch_threads=torch_threads)
     try:
         proc.wait_ready()
         body = {"model": "tiny", "prompt": "Hello", "max_tokens": 4, "temperature": 0}
         assert httpx.post(proc.url + "/v1/completions", json=body, timeout=30).status_code == 200
         http, engine = _threads(proc.proc.pid), _threads(_engine_child(proc.proc.pid))
-        if placement:
+        if placed:
             assert set(http) == {last}, "every thread of the HTTP process is on the last core"
             assert sorted(map(sorted, engine)).count(sorted(every - last)) == 1, "the engine thread is on the others"
             assert set(engine) == {every, every - last}, "the rest of the engine process keeps every core"
