@@ -59,8 +59,8 @@ class Settings(BaseSettings):
     )
     cpu_placement: bool = Field(
         default=True,
-        description="On a worker that owns its cores (a cpuset no larger than its CPU), run the HTTP process on the "
-        "last core and the engine's steps that leave a core free on the others; off: the kernel places both.",
+        description="On a worker that owns its cores (a cpuset no larger than its CPU), for a model whose decode steps "
+        "leave a core free, run the HTTP process on the last core and those steps on the others; off: the kernel places both.",
     )
     host: str = "0.0.0.0"
     port: int = Field(default=8000, ge=0, le=65535)
