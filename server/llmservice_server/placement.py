@@ -7,7 +7,8 @@ does not sleep - it starts the next step - so the reader waits behind it or pree
 the other core idles. Measured on 2 cores with the tiny model, servers side by side, rounds
 alternating ("Results: CPU placement" in docs/benchmarks.md): 5-22 % more tokens per round at 16
 streams and a median 13 % more at one while the machine ran slowly; level with the kernel's
-placement while it ran twice as fast (the HTTP side then had the idle time to spare).
+placement while it ran twice as fast, and behind it at one stream on a 3 M-parameter model
+(85 % of bare `generate` against 95 %): a measured gain, not yet a settled one.
 
 So, on a worker that owns its cores (its affinity has no more cores than it may use: a cpuset
 given to the pod, or a machine to itself), and for a model whose decode steps leave a core to
