@@ -473,10 +473,10 @@ class Engine:
             return None
         threads = self._tuner.choose(tokens) if self._tuner is not None else plan.for_step(tokens)
         if threads != self._threads:  # cheap calls, but only a change needs them
-            if self._placement is not None:
-                # Cores first: torch's worker threads, started at the first step on more than one,
-                # take the cores of the thread that starts them.
-                pin_thread(self._placement.for_step(threads))
+            # Cores first: torch's worker threads, started at the first step on more than one,
+            # take the cores of the thread that starts them. Refused once: not tried again.
+            if self._placement is not None and not pin_thread(self._placement.for_step(threads)):
+                self._placement = None
             torch.set_num_threads(threads)
             self._threads = threads
         return threads

@@ -295,8 +295,7 @@ class EngineProcess:
     def _on_stage(self, stage: Stage) -> None:
         if stage.facts is not None:
             self._facts = stage.facts
-            if stage.facts.http_cores is not None:
-                pin_process(stage.facts.http_cores)
+            if stage.facts.http_cores is not None and pin_process(stage.facts.http_cores):
                 log.info("CPU placement", extra={"http_cores": sorted(stage.facts.http_cores)})
         self.error = stage.error
         self.load_seconds = stage.load_seconds

@@ -25,11 +25,15 @@ loaded (the plan needs the model's width) and the HTTP process pins itself when 
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 from dataclasses import dataclass
 
 from .settings import Settings
 from .threads import ThreadPlan
+
+log = logging.getLogger(__name__)
 
 
 def available_cores() -> frozenset[int]:
@@ -50,9 +54,13 @@ def worker_cores(settings: Settings, available: int | None = None) -> int:
 
 @dataclass(frozen=True)
 class Placement:
-    every: frozenset[int]  # the worker's cores: the engine process starts on all of them
     http: frozenset[int]  # the HTTP process: the last core
     engine: frozenset[int]  # the engine thread on a step that leaves HTTP its core: the others
+
+    @property
+    def every(self) -> frozenset[int]:
+        """The worker's cores: a step on all of them runs on all of them."""
+        return self.http | self.engine
 
     def for_step(self, threads: int) -> frozenset[int]:
         """The engine thread's cores for a step on `threads` torch threads."""
@@ -69,18 +77,35 @@ def plan_placement(settings: Settings, available: frozenset[int]) -> Placement |
     """Where the two processes run, or None to leave it to the kernel (see the module doc)."""
     if not settings.cpu_placement or not settings.engine_process or settings.workers != 1:
         return None
+    if not hasattr(os, "sched_setaffinity") or not os.path.isdir("/proc/self/task"):
+        return None  # not Linux: nothing to pin with
     if len(available) < 2 or len(available) > worker_cores(settings, len(available)):
         return None
     ordered = sorted(available)
-    return Placement(every=frozenset(ordered), http=frozenset(ordered[-1:]), engine=frozenset(ordered[:-1]))
+    return Placement(http=frozenset(ordered[-1:]), engine=frozenset(ordered[:-1]))
 
 
-def pin_process(cores: frozenset[int]) -> None:
-    """Move every thread of this process onto `cores` (threads started later inherit it)."""
-    for task in os.listdir("/proc/self/task"):
-        os.sched_setaffinity(int(task), cores)
+# Placement is an optimization: a pin the kernel refuses (a cpuset changed under the pod) is logged
+# and serving goes on where the kernel put it - it must never fail a step or stop the event reader.
 
 
-def pin_thread(cores: frozenset[int]) -> None:
-    """Move the calling thread onto `cores`."""
-    os.sched_setaffinity(0, cores)
+def pin_process(cores: frozenset[int]) -> bool:
+    """Move every thread of this process onto `cores` (threads started later inherit it); False if refused."""
+    try:
+        for task in os.listdir("/proc/self/task"):
+            with contextlib.suppress(ProcessLookupError):  # a thread that ended since the listing
+                os.sched_setaffinity(int(task), cores)
+    except OSError as exc:
+        log.warning("CPU placement refused: the HTTP process stays where it is", extra={"cores": sorted(cores), "error": str(exc)})
+        return False
+    return True
+
+
+def pin_thread(cores: frozenset[int]) -> bool:
+    """Move the calling thread onto `cores`; False if the kernel refused."""
+    try:
+        os.sched_setaffinity(0, cores)
+    except OSError as exc:
+        log.warning("CPU placement refused: the engine thread stays where it is", extra={"cores": sorted(cores), "error": str(exc)})
+        return False
+    return True

@@ -8,7 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from llmservice_server.placement import Placement, plan_placement
+from llmservice_server.placement import Placement, pin_process, pin_thread, plan_placement
 from llmservice_server.settings import Settings
 from llmservice_server.threads import ThreadPlan, plan_threads
 
@@ -17,7 +17,8 @@ from .conftest import ServerProcess
 
 def test_a_worker_that_owns_its_cores_gives_http_the_last() -> None:
     placement = plan_placement(Settings(), frozenset({0, 1}))
-    assert placement == Placement(every=frozenset({0, 1}), http=frozenset({1}), engine=frozenset({0}))
+    assert placement == Placement(http=frozenset({1}), engine=frozenset({0}))
+    assert placement.every == {0, 1}
     assert placement.for_step(1) == {0}  # the plan's small step leaves HTTP its core
     assert placement.for_step(2) == {0, 1}  # a step on every core runs on every core
 
@@ -56,6 +57,16 @@ def test_only_a_model_whose_decode_steps_leave_a_core_free_is_placed() -> None:
     assert placement.suits(smollm2, max_rows=7)
     assert placement.suits(ThreadPlan(1, 1, 1), max_rows=32)  # an explicit count under the cores
     assert not placement.suits(ThreadPlan(2, 2, 1), max_rows=32)
+
+
+def test_a_pin_the_kernel_refuses_is_logged_not_raised(caplog: pytest.LogCaptureFixture) -> None:
+    before = os.sched_getaffinity(0)
+    nowhere = frozenset({max(before) + 4096})  # no such core: the kernel answers EINVAL
+    assert pin_thread(nowhere) is False
+    assert pin_process(nowhere) is False
+    assert os.sched_getaffinity(0) == before
+    assert [r.message for r in caplog.records].count("CPU placement refused: the engine thread stays where it is") == 1
+    assert any("the HTTP process stays" in r.message for r in caplog.records)
 
 
 # --- a real server ---
