@@ -52,6 +52,7 @@ import os
 import platform
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -71,6 +72,8 @@ if str(REPO) not in sys.path:  # run as a script: make `bench` and `tests` impor
 
 from bench.loadgen import SLO, LoadConfig, RequestSpec, make_workload, run_benchmark  # noqa: E402
 from bench.loadgen import run as run_loadgen  # noqa: E402
+from bench.paired_ceiling import PairedCeiling  # noqa: E402
+from bench.paired_ceiling import fraction as paired_fraction  # noqa: E402
 from bench.plots import pyplot  # noqa: E402
 
 log = logging.getLogger("bench.server")
@@ -429,6 +432,9 @@ def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     ordered = sorted(runs, key=lambda r: float(r["output_throughput"]))
     chosen = dict(ordered[(len(ordered) - 1) // 2])
     chosen["repeats_output_throughput"] = [r["output_throughput"] for r in runs]
+    if all("paired_ceiling" in r for r in runs):
+        chosen["repeats_paired_fraction"] = [r["paired_ceiling"]["fraction"] for r in runs]
+        chosen["repeats_paired_ceiling_tok_s"] = [r["paired_ceiling"]["ceiling_tok_s"] for r in runs]
     return chosen
 
 
@@ -439,10 +445,12 @@ def run_servers(
     work: Path,
     results: dict[str, Any],
     before_repeat: Callable[[int], None] | None = None,
+    paired: PairedCeiling | None = None,
 ) -> None:
     """All servers up at once, paused; each level runs against one resumed server at a time, systems in
     rotating order, so a shared machine's background load falls on every system alike.
-    `before_repeat(r)` runs before repeat `r`, every server paused (the in-process ceilings)."""
+    `before_repeat(r)` runs before repeat `r`, every server paused (the in-process ceilings);
+    `paired` times the level's static batch before its first server and after each one."""
     servers: dict[str, Server] = {}
     try:
         for system in [s for s in args.systems if s in SERVER_SYSTEMS]:
@@ -467,6 +475,11 @@ def run_servers(
             for step, (kind, key, concurrency, rate, workload_of) in enumerate(plan):
                 workload = workload_of(repeat)
                 shift = (repeat + step) % max(1, len(names))
+                probe = None
+                if paired is not None and concurrency is not None:  # fixed concurrency: a static batch of that size
+                    items = _items(workload if concurrency == 1 else workload[: concurrency * STATIC_BATCHES])
+                    probe = functools.partial(paired.measure, concurrency, items)
+                before = probe() if probe is not None else {}
                 for system in names[shift:] + names[:shift]:
                     server = servers[system]
                     if server.proc is None or server.proc.poll() is not None:
@@ -479,6 +492,10 @@ def run_servers(
                     config = level_config(server, args, profile, concurrency=concurrency, rate=rate)
                     summary = run_level(server, config, workload, args.per_request)
                     summary["repeat"] = repeat
+                    if probe is not None:
+                        after = probe()
+                        summary["paired_ceiling"] = paired_fraction(float(summary["output_throughput"]), before, after)
+                        before = after
                     results["systems"][system]["runs"].append({"kind": kind, "key": key, "summary": summary})
                     log.info(
                         "%s %s=%s #%d: %.1f tok/s, TTFT p50 %.0f ms, %d/%d ok, other load %.2f cores",
@@ -586,55 +603,19 @@ def _median_by(measurements: list[dict[str, Any]]) -> dict[str, Any]:
 def inprocess_worker(spec_path: Path, out_path: Path) -> None:
     """Runs in a fresh process: roofline, bare generate at batch 1, static batches. Writes JSON."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from bench.padded import PaddedModel
 
     spec = json.loads(spec_path.read_text())
-    device = torch.device(spec["device"])
-    tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
-    model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=getattr(torch, spec["dtype"])).eval()  # type: ignore[no-untyped-call]  # untyped in transformers
-    model.to(device)
-
-    def synchronize() -> None:  # a CUDA call returns before the GPU is done: time what it did
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-    def encode(prompt: str) -> list[int]:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
-        return list(tokenizer(str(text), add_special_tokens=False).input_ids)
-
-    def generate(prompts: list[list[int]], new_tokens: int) -> float:
-        longest = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), longest), pad, dtype=torch.long)
-        mask = torch.zeros((len(prompts), longest), dtype=torch.long)
-        for row, prompt in enumerate(prompts):  # left padding
-            ids[row, longest - len(prompt) :] = torch.tensor(prompt)
-            mask[row, longest - len(prompt) :] = 1
-        ids, mask = ids.to(device), mask.to(device)
-        synchronize()
-        started = time.perf_counter()
-        with torch.inference_mode():
-            out = model.generate(
-                ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad
-            )
-        synchronize()
-        elapsed = time.perf_counter() - started
-        assert out.shape[1] - longest == new_tokens
-        return elapsed
+    padded = PaddedModel(spec["model_dir"], spec["device"], spec["dtype"])
+    model, device, encode, synchronize = padded.model, padded.device, padded.encode, padded.synchronize
+    generate, in_thread = padded.generate, padded.generate_in_thread
 
     result: dict[str, Any] = {
         "torch_threads": torch.get_num_threads(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "parallel_info": torch.__config__.parallel_info().splitlines()[:4],
     }
-
-    def in_thread(prompts: list[list[int]], new_tokens: int) -> float:
-        elapsed: list[float] = []
-        worker = threading.Thread(target=lambda: elapsed.append(generate(prompts, new_tokens)))
-        worker.start()
-        worker.join()
-        return elapsed[0]
 
     def best(prompts: list[list[int]], new_tokens: int, where: dict[str, float]) -> float:
         # The thread that runs torch matters here (see docs/benchmarks.md): time the call on the main
@@ -878,6 +859,7 @@ def analyse(results: dict[str, Any]) -> dict[str, Any]:
         engine = max(engines) if engines else None
         ours = tput("ours")
         roof_c = roofline_at(roof, c)
+        paired = {s: _paired(systems.get(s), key, "repeats_paired_fraction") for s in SERVER_SYSTEMS}
         row: dict[str, Any] = {
             "concurrency": c,
             "tok_s": {s: tput(s) for s in SERVER_SYSTEMS},
@@ -894,6 +876,10 @@ def analyse(results: dict[str, Any]) -> dict[str, Any]:
             "ours_fraction_of_inprocess": _ratio(ours, ceiling),
             "best_ours_fraction_of_inprocess": _ratio(best("ours"), ceiling),
             "roofline_tok_s": roof_c,
+            # Each run against the static batch timed right before and after it (bench/paired_ceiling.py), median over repeats.
+            "paired_fraction": paired,
+            "paired_ceiling_tok_s": {s: _paired(systems.get(s), key, "repeats_paired_ceiling_tok_s") for s in SERVER_SYSTEMS},
+            "best_ours_paired_fraction": max((v for s in ("ours", "ours-omp1", "ours-allcores") if (v := paired[s])), default=None),
             "ours_fraction_of_roofline": _ratio(ours, roof_c),
             "best_ours_fraction_of_roofline": _ratio(best("ours"), roof_c),
             "ttft_ms": {s: _get(systems.get(s), "levels", key, "ttft_ms") for s in SERVER_SYSTEMS},
@@ -907,6 +893,12 @@ def analyse(results: dict[str, Any]) -> dict[str, Any]:
         }
         rows.append(row)
     return {"rows": rows, "targets": TARGETS}
+
+
+def _paired(system: dict[str, Any] | None, key: str, field: str) -> float | None:
+    """The median over repeats of a level's paired-ceiling numbers (None without them)."""
+    values = _get(system, "levels", key, field)
+    return float(statistics.median(values)) if values else None
 
 
 def _server_cpu_per_token(system: dict[str, Any] | None, key: str) -> float | None:
@@ -937,27 +929,32 @@ def markdown(results: dict[str, Any]) -> str:
         cells += [_fmt(r["inprocess_ceiling_tok_s"], ".1f"), _fmt(r.get("engine_tok_s"), ".1f"), _fmt(r["roofline_tok_s"], ".0f")]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Ratios - as shipped (default threads) | each at its best thread setting (best of X, X-omp1, X-allcores):", ""]
-    head = ["streams", "ours/seed", "ours/seed-locked", "ours/tserve", "ours / ceiling", "ours % roofline"]
-    head += ["best ours / best seed", "best ours / best tserve", "best ours / ceiling", "best ours % roofline", "best ours / engine"]
+    head = ["streams", "ours/seed", "ours/seed-locked", "ours/tserve", "ours / ceiling", "ours / ceiling beside it", "ours % roofline"]
+    head += ["best ours / best seed", "best ours / best tserve", "best ours / ceiling", "best ours / ceiling beside it"]
+    head += ["best ours % roofline", "best ours / engine"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [str(r["concurrency"]), _fmt(r["ours_over_seed"], ".2f", "x"), _fmt(r.get("ours_over_seed_locked"), ".2f", "x")]
         cells += [_fmt(r["ours_over_tserve"], ".2f", "x")]
-        cells += [_fmt(_pct(r["ours_fraction_of_inprocess"]), ".0f", " %"), _fmt(_pct(r["ours_fraction_of_roofline"]), ".1f", " %")]
+        cells += [_fmt(_pct(r["ours_fraction_of_inprocess"]), ".0f", " %")]
+        cells += [_fmt(_pct(r.get("paired_fraction", {}).get("ours")), ".0f", " %")]
+        cells += [_fmt(_pct(r["ours_fraction_of_roofline"]), ".1f", " %")]
         cells += [_fmt(r["best_ours_over_best_seed"], ".2f", "x"), _fmt(r["best_ours_over_best_tserve"], ".2f", "x")]
         cells += [
             _fmt(_pct(r["best_ours_fraction_of_inprocess"]), ".0f", " %"),
+            _fmt(_pct(r.get("best_ours_paired_fraction")), ".0f", " %"),
             _fmt(_pct(r["best_ours_fraction_of_roofline"]), ".1f", " %"),
             _fmt(_pct(r.get("best_ours_fraction_of_engine")), ".0f", " %"),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     title = (
         "Latency (TTFT p50 / p99, TPOT p50: ms), goodput, /livez p99 (ms), CPU per output token (us; the server"
-        " is all its processes, the client the load generator's own process), CPU used by other processes (cores):"
+        " is all its processes, the client the load generator's own process), CPU used by other processes (cores),"
+        " and the run against the static batch timed right before and after it (its tok/s; median over repeats):"
     )
     lines += ["", title, ""]
     head = ["streams", "system", "done", "TTFT p50", "TTFT p99", "TPOT p50", "goodput req/s", "/livez p99", "server CPU/token"]
-    head += ["client CPU/token", "other load"]
+    head += ["client CPU/token", "other load", "of the ceiling beside it", "ceiling beside it"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         for s in present:
@@ -966,6 +963,7 @@ def markdown(results: dict[str, Any]) -> str:
             cells += [_fmt(r["tpot_p50_ms"][s], ".1f"), _fmt(r["goodput"][s], ".2f"), _fmt(r["livez_p99_ms"][s], ".1f")]
             cells += [_fmt(r.get("server_us_per_token", {}).get(s), ".0f"), _fmt(r.get("client_us_per_token", {}).get(s), ".0f")]
             cells += [_fmt(r["other_cores"][s], ".2f")]
+            cells += [_fmt(_pct(r.get("paired_fraction", {}).get(s)), ".0f", " %"), _fmt(r.get("paired_ceiling_tok_s", {}).get(s), ".0f")]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -1061,6 +1059,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--slo-tpot-ms", type=float, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-engine", dest="engine", action="store_false", help="skip the engine-without-HTTP measurement")
+    parser.add_argument(
+        "--no-paired-ceiling",
+        dest="paired_ceiling",
+        action="store_false",
+        help="skip the static batch timed beside every server run (bench/paired_ceiling.py; on with inprocess)",
+    )
     parser.add_argument("--repeat", type=int, default=1, help="run every level this many times per system (median reported)")
     parser.add_argument("--startup-timeout", type=float, default=300.0)
     parser.add_argument("--inprocess-timeout", type=float, default=900.0)
@@ -1109,7 +1113,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         rounds.append(inprocess_round(model_dir, args, profile, work, repeat))
 
     measure = ceilings if "inprocess" in args.systems else None
-    run_servers(args, profile, model_dir, work, results, before_repeat=measure)
+    paired = PairedCeiling(model_dir, args.device, args.dtype, work) if measure is not None and args.paired_ceiling else None
+    try:
+        run_servers(args, profile, model_dir, work, results, before_repeat=measure, paired=paired)
+    finally:
+        if paired is not None:
+            paired.close()
     if measure is not None:  # with no server system the repeats run the ceilings alone
         results["systems"]["inprocess"] = merge_inprocess(rounds)
     results["duration_s"] = time.monotonic() - started
