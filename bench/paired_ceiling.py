@@ -87,16 +87,19 @@ class PairedCeiling:
             by_setting[label] = self._read(label)
         return {"tok_s": max(float(m["tok_s"]) for m in by_setting.values()), "by_setting": by_setting, "at": time.time()}
 
-    def close(self) -> None:
+    def close(self) -> dict[str, int]:
+        """Ends both workers (killed if they do not end within 30 s); their exit codes."""
         for proc in self._workers.values():
             if proc.stdin is not None:
                 proc.stdin.close()  # the worker's loop ends at EOF
-        for proc in self._workers.values():
+        codes: dict[str, int] = {}
+        for label, proc in self._workers.items():
             try:
-                proc.wait(timeout=30)
+                codes[label] = proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 proc.kill()
-                proc.wait()
+                codes[label] = proc.wait()
+        return codes
 
     def _read(self, label: str) -> dict[str, Any]:
         proc = self._workers[label]

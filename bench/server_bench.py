@@ -22,7 +22,9 @@ Systems (``--systems``):
   of N (the batching ceiling; ``STATIC_BATCHES`` of them timed together), each under the default
   thread setting and ``OMP_NUM_THREADS=1`` (the ceiling is the better of the two), our engine
   driven without HTTP, and the memory-bandwidth / GEMM roofline measured now; a round of these
-  runs before each repeat of the servers, so ceilings and servers meet the same machine.
+  runs before each repeat of the servers, so ceilings and servers meet the same machine; and the
+  level's static batch is timed again beside every server run (``bench/paired_ceiling.py``: before a
+  level's first server and after each one), because the machine's speed drifts within seconds.
 
 Every server is started on a free loopback port, warmed up, and driven by bench/loadgen.py at each
 concurrency (``--concurrency``) with the same seeded mixed-length workload (each repeat in other
