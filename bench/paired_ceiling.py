@@ -19,6 +19,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -26,7 +27,13 @@ REPO = Path(__file__).resolve().parents[1]
 SETTINGS = {"default": {}, "omp1": {"OMP_NUM_THREADS": "1"}}
 
 
-def burst(generate: Any, encode: Any, batch: int, items: list[dict[str, Any]], min_seconds: float) -> dict[str, Any]:
+def burst(
+    generate: Callable[[list[list[int]], int], float],
+    encode: Callable[[str], list[int]],
+    batch: int,
+    items: list[dict[str, Any]],
+    min_seconds: float,
+) -> dict[str, Any]:
     """Static batches of `batch` rows over `items`, in order, until `min_seconds` have been timed
     (at least one batch, at most every item once); each generates its requests' mean output length."""
     tokens, seconds, batches = 0, 0.0, 0

@@ -5,10 +5,11 @@ step's events to the pipe, and a pipe write is a "synchronous" wakeup: the sched
 woken reader (the HTTP process) on the writer's core, expecting the writer to sleep. The engine
 does not sleep - it starts the next step - so the reader waits behind it or preempts it while
 the other core idles. Measured on 2 cores with the tiny model, servers side by side, rounds
-alternating ("Results: CPU placement" in docs/benchmarks.md): 5-22 % more tokens per round at 16
-streams and a median 13 % more at one while the machine ran slowly; level with the kernel's
-placement while it ran twice as fast, and behind it at one stream on a 3 M-parameter model
-(85 % of bare `generate` against 95 %): a measured gain, not yet a settled one.
+alternating ("Results: CPU placement" and "Results: the ceiling timed beside every run" in
+docs/benchmarks.md): 5-22 % more tokens per round at 16 streams and a median 13 % more at one
+while the machine ran slowly; over 16 rounds across its speeds a median 7 % more at 16 streams
+(ahead in 11) and 4 % more at one (ahead in 10), never behind by more than the machine's drift.
+The price: the event loop's `/livez` p99 about 2 ms higher, the load generator sharing its core.
 
 So, on a worker that owns its cores (its affinity has no more cores than it may use: a cpuset
 given to the pod, or a machine to itself), and for a model whose decode steps leave a core to
