@@ -12,7 +12,8 @@ Systems (``--systems``):
   chooses per step: every core for a step with large matrix products, one fewer for a small one);
   ``ours-nocache``: ours with the prefix cache off (``LLMSERVICE_PREFIX_CACHE_MIB=0``);
   ``ours-noplace``: ours with CPU placement off (``LLMSERVICE_CPU_PLACEMENT=false``: the kernel
-  places the HTTP and the engine process);
+  places the HTTP and the engine process); ``ours-unfused``: ours with transformers' forward
+  instead of the engine's own (``LLMSERVICE_FUSED_FORWARD=false``, ``decoder.py``);
 - ``seed``: the seed article's design as written, ``bench/baselines/seed_server.py`` (one
   ``model.generate`` thread per request streaming through a ``TextIteratorStreamer`` that the
   event loop waits on); ``seed-locked``: the same server with ``--design locked`` (one locked
@@ -84,7 +85,7 @@ RESULTS_DIR = REPO / "bench" / "results"
 VENV_BIN = Path(sys.executable).parent
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 SERVER_SYSTEMS = (
-    *("ours", "ours-omp1", "ours-allcores", "ours-thread", "ours-nocache", "ours-noplace"),
+    *("ours", "ours-omp1", "ours-allcores", "ours-thread", "ours-nocache", "ours-noplace", "ours-unfused"),
     *("seed", "seed-omp1", "seed-locked", "tserve", "tserve-omp1"),
 )
 ALL_SYSTEMS = (*SERVER_SYSTEMS, "inprocess")
@@ -93,6 +94,7 @@ VARIANT_ENV = {
     "thread": {"LLMSERVICE_ENGINE_PROCESS": "false"},  # ours: the engine on a thread of the server process
     "nocache": {"LLMSERVICE_PREFIX_CACHE_MIB": "0"},  # ours without the prefix cache
     "noplace": {"LLMSERVICE_CPU_PLACEMENT": "false"},  # ours with the kernel placing both processes
+    "unfused": {"LLMSERVICE_FUSED_FORWARD": "false"},  # ours with transformers' forward instead of the engine's own
 }
 DEFAULT_SYSTEMS = ("ours", "ours-omp1", "seed", "seed-locked", "tserve", "inprocess")
 TARGETS = {

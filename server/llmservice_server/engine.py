@@ -13,7 +13,8 @@ the newcomers' prompts (at most `prefill_chunk_tokens` of them, so a long prompt
 running streams for more than one chunk), packed into one sequence with no padding. A prompt whose
 last chunk went through joins the batch in the same step, its first token sampled from that
 forward. Every row has its own positions and its own KV slot, so a row computes what it would
-compute alone: batched greedy output is the sequential greedy output.
+compute alone: batched greedy output is the sequential greedy output. For Llama-family models
+the forward is the engine's own (`decoder.py`), over the same weights; others run `model(...)`.
 
 A newcomer's prompt is looked up in the prefix cache (`prefix_cache.py`) when it is admitted: the
 K/V of its longest cached beginning are copied into its buffer and reading starts after them.
@@ -31,6 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .decoder import FusedDecoder, adopt
 from .events import Delta, Done, Event, Failed, FailureKind, Finished, FinishReason, GenerationRequest, SamplingParams, Sink, TokenInfo
 from .loader import LoadedModel, load
 from .metrics import Metrics
@@ -124,6 +126,7 @@ class Engine:
         self._rows: list[_Row] = []  # the running batch: row i's K/V is in slot i
         self._reading: list[_Reading] = []  # newcomers' prompts, oldest first
         self._slots: Slots | None = None
+        self._decoder: FusedDecoder | None = None  # the engine's own forward, for the architectures it knows
         self._threads = 0  # torch's CPU threads as last set by a step (0: not yet)
         self._tuner: ThreadTuner | None = None  # from the first served step: warm-up times are not representative
         self._prefix_cache: PrefixCache | None = None  # from the first served request: warm-up prompts are not traffic
@@ -223,6 +226,8 @@ class Engine:
         self._set_stage("loading")
         self._model = self._loader(self._settings, self._set_stage)
         install(self._model.model)
+        self._decoder = adopt(self._model.model) if self._settings.fused_forward else None
+        log.info("Decoder forward", extra={"forward": "fused" if self._decoder is not None else "transformers"})
         self._slots = Slots(layers=self._model.model.config.num_hidden_layers, max_rows=self._settings.max_num_seqs)
         plan = self._model.threads
         if plan is None or (self._placement is not None and not self._placement.suits(plan, self._settings.max_num_seqs)):
@@ -450,19 +455,20 @@ class Engine:
         step = RaggedStep(slots, len(rows), lengths, kv_len, uniform, chunks)
         threads = self._step_threads(offset)
         started = time.perf_counter()
+        input_ids, position_ids = torch.cat(ids).to(device), torch.cat(positions).to(device)
+        kept = torch.tensor(keep or [0], dtype=torch.long, device=device)
         with torch.inference_mode():
-            out = loaded.model(
-                input_ids=torch.cat(ids).to(device)[None],
-                position_ids=torch.cat(positions).to(device)[None],
-                use_cache=False,
-                logits_to_keep=torch.tensor(keep or [0], dtype=torch.long, device=device),
-                ragged=step,
-            )
+            if self._decoder is not None:
+                logits = self._decoder(input_ids, position_ids, step, kept)
+            else:
+                out = loaded.model(
+                    input_ids=input_ids[None], position_ids=position_ids[None], use_cache=False, logits_to_keep=kept, ragged=step
+                )
+                logits = out.logits[0]
         if self._tuner is not None and threads is not None:
             self._tuner.record(offset, threads, time.perf_counter() - started)
         if step.calls != slots.layers:
             raise UnsupportedModel(f"the model made {step.calls} attention calls for {slots.layers} layers: not all of it is batched")
-        logits: torch.Tensor = out.logits[0]
         return logits
 
     def _step_threads(self, tokens: int) -> int | None:

@@ -70,6 +70,11 @@ class Settings(BaseSettings):
         description="Run the model in a child process, so the event loop and the engine do not share one GIL; "
         "off: a thread of the server process (one process, ~7 % less memory, slower streaming on CPU).",
     )
+    fused_forward: bool = Field(
+        default=True,
+        description="For Llama, Mistral and Qwen2 models, run decode steps through the server's own forward over the model's "
+        "weights (q/k/v and gate/up as one matmul each, none of transformers' per-call wrapping); off: transformers' forward.",
+    )
     max_num_seqs: int = Field(default=16, ge=1, description="Sequences decoded together (running batch).")
     max_queue: int = Field(default=64, ge=0, description="Sequences admitted but waiting for a batch slot.")
     prefill_chunk_tokens: int = Field(

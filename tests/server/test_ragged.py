@@ -57,10 +57,14 @@ def engine_with(tiny_model_dir: Path, build: Callable[[int], Any], **settings: A
 
 @pytest.mark.parametrize("build", [mistral, qwen2], ids=["mistral-window-6", "qwen2-full-then-window-5"])
 @pytest.mark.parametrize("chunk", [512, 4], ids=["whole-prompts", "4-token-chunks"])
-def test_sliding_window_models_decode_as_transformers_does(tiny_model_dir: Path, build: Callable[[int], Any], chunk: int) -> None:
-    engine, reference = engine_with(tiny_model_dir, build, max_num_seqs=4, prefill_chunk_tokens=chunk)
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-forward", "transformers-forward"])
+def test_sliding_window_models_decode_as_transformers_does(
+    tiny_model_dir: Path, build: Callable[[int], Any], chunk: int, fused: bool
+) -> None:
+    engine, reference = engine_with(tiny_model_dir, build, max_num_seqs=4, prefill_chunk_tokens=chunk, fused_forward=fused)
     try:
         assert engine.ready, engine.error
+        assert (engine._decoder is not None) == fused
         prompts = [[5 + i for i in range(length)] for length in (3, 9, 14)]  # shorter and longer than the windows
         lengths = [20, 7, 12]
         greedy = SamplingParams(temperature=0.0)
