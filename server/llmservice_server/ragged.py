@@ -190,6 +190,12 @@ class RaggedStep:
     calls: int = 0  # attention calls seen (checked against the model's layers)
     row_masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
 
+    @property
+    def positions_below(self) -> int:
+        """A bound on the step's positions, known without reading a tensor: a row's token is at its
+        length (below `kv_len`), a chunk's below its end."""
+        return max([self.kv_len, *(chunk.end for chunk in self.chunks)])
+
     def row_mask(self, window: int | None) -> torch.Tensor | None:
         """[rows, 1, 1, kv_len] True = attend: a row's tokens up to the one written this step.
 

@@ -43,7 +43,17 @@ def qwen2() -> Any:  # biases on q, k, v; layer 0 full attention, layers 1-2 a w
     return Qwen2ForCausalLM(Qwen2Config(initializer_range=0.3, use_sliding_window=True, sliding_window=5, max_window_layers=1, **SIZE))
 
 
-BUILDS = [llama, llama_with_biases, mistral, qwen2]
+def llama3_scaled_rope() -> Any:  # frequencies fixed at init: cos/sin come from the decoder's table
+    rope = {"rope_type": "llama3", "factor": 8.0, "rope_theta": 500000.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+    return LlamaForCausalLM(LlamaConfig(initializer_range=0.3, rope_parameters=rope | {"original_max_position_embeddings": 32}, **SIZE))
+
+
+def llama_dynamic_rope() -> Any:  # frequencies recomputed past 64 positions: cos/sin from the rotary module every step
+    rope = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+    return LlamaForCausalLM(LlamaConfig(initializer_range=0.3, rope_parameters=rope, max_position_embeddings=64, **SIZE))
+
+
+BUILDS = [llama, llama_with_biases, mistral, qwen2, llama3_scaled_rope, llama_dynamic_rope]
 
 
 def built(build: Callable[[], Any]) -> Any:
@@ -57,19 +67,20 @@ def built(build: Callable[[], Any]) -> Any:
     return model
 
 
-def a_ragged_step(model: Any) -> tuple[RaggedStep, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Three running rows of different lengths and the second chunk of a 10-token prompt; their K/V so far random."""
+def a_ragged_step(model: Any, later: int = 0) -> tuple[RaggedStep, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Three running rows of different lengths (`later` tokens longer each) and the second chunk of a
+    10-token prompt; their K/V so far random."""
     config = model.config
     head_dim = config.hidden_size // config.num_attention_heads
     generator = torch.Generator().manual_seed(1)
     slots = Slots(config.num_hidden_layers, max_rows=3)
-    slots.reserve(3, 16, torch.zeros(1, config.num_key_value_heads, 1, head_dim))
+    slots.reserve(3, 16 + later, torch.zeros(1, config.num_key_value_heads, 1, head_dim))
     for tensor in slots.keys + slots.values:
         tensor.normal_(generator=generator)
     prompt = PromptKV.create(list(range(20, 30)), config.num_hidden_layers)
     prompt.begin_with(torch.randn(config.num_hidden_layers, 2, config.num_key_value_heads, 4, head_dim, generator=generator))
-    lengths = torch.tensor([5, 9, 2])
-    step = RaggedStep(slots, 3, lengths, kv_len=10, uniform=False, chunks=[Chunk(prompt, 4, 10, offset=3)])
+    lengths = torch.tensor([5, 9, 2]) + later
+    step = RaggedStep(slots, 3, lengths, kv_len=10 + later, uniform=False, chunks=[Chunk(prompt, 4, 10, offset=3)])
     ids = torch.cat((torch.tensor([7, 8, 9]), prompt.tokens[4:]))
     positions = torch.cat((lengths, torch.arange(4, 10)))
     return step, ids, positions, torch.tensor([0, 1, 2, 8])  # every row's logits, and the prompt's last
@@ -81,7 +92,14 @@ def test_fused_forward_gives_transformers_logits_and_kv(build: Callable[[], Any]
     reference = copy.deepcopy(model)
     decoder = adopt(model)
     assert decoder is not None and decoder.layers == model.config.num_hidden_layers
-    ours, theirs = a_ragged_step(model), a_ragged_step(reference)
+    # Early positions, then rows 300 tokens on: past the first rotary table (256 positions), which
+    # must grow, and past the dynamic RoPE's 64, whose frequencies must change.
+    for later in (0, 300):
+        agree_with_transformers(model, reference, decoder, later)
+
+
+def agree_with_transformers(model: Any, reference: Any, decoder: Any, later: int) -> None:
+    ours, theirs = a_ragged_step(model, later), a_ragged_step(reference, later)
     with torch.inference_mode():
         step, ids, positions, keep = ours
         logits = decoder(ids, positions, step, keep)
