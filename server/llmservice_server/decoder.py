@@ -11,11 +11,12 @@ What it computes is transformers' arithmetic in transformers' order: RMSNorm in 
 scaled after the cast back, the model's own rotary module (so every RoPE scaling it knows
 applies), rotate-half rotary, residual after attention and after the MLP, the final norm and
 the output layer on the kept positions only (a norm is per position, so this equals norming
-all and slicing). The changes, none of which changes a bit of the result: q/k/v and gate/up each run as one
-matmul, over weights concatenated once at adoption (the modules' own parameters become views
-into those, so memory does not grow and `model(...)` still runs on the same tensors:
-`Settings.fused_forward=False`, and the tests that compare the two); q and k are rotated in one
-pass over their common view; and for RoPE types whose frequencies do not depend on the sequence
+all and slicing). The changes: q/k/v and gate/up each run as one matmul, over weights
+concatenated once at adoption (the modules' own parameters become views into those, so memory
+does not grow and `model(...)` still runs on the same tensors: `Settings.fused_forward=False`, and
+the tests that compare the two; the products are the same, a wider GEMM may round them
+differently in the last bits); and, changing no bit, q and k are rotated in one pass over their
+common view, and for RoPE types whose frequencies do not depend on the sequence
 length (all but "dynamic" and "longrope") the rotary module's cos/sin are computed once for a
 range of positions and looked up per step. The module computes each position on its own
 (`position * inv_freq`, then cos and sin elementwise), so a looked-up row is the row it would
