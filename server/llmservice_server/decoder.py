@@ -129,8 +129,7 @@ class FusedDecoder:
         first = inner.layers[0].self_attn
         self._head_dim = int(first.head_dim)
         self._heads = int(first.q_proj.out_features) // self._head_dim
-        self._q = int(first.q_proj.out_features)
-        self._kv = int(first.k_proj.out_features)
+        self._qk_width = int(first.q_proj.out_features + first.k_proj.out_features)  # q and k columns of qkv, v after
         self._intermediate = int(inner.layers[0].mlp.gate_proj.out_features)
         self._layers = [self._adopt_layer(layer, window(layer.self_attn, config)) for layer in inner.layers]
 
@@ -174,7 +173,7 @@ class FusedDecoder:
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, step: RaggedStep, keep: torch.Tensor) -> torch.Tensor:
         """Logits `[len(keep), vocab]` of the packed tokens `ids` `[T]` at `positions` `[T]`, rows picked by `keep`."""
         tokens, head_dim, heads = int(ids.shape[0]), self._head_dim, self._heads
-        k_end, intermediate = self._q + self._kv, self._intermediate
+        k_end, intermediate = self._qk_width, self._intermediate
         x = embedding(ids, self._embed)[None]  # [1, T, hidden]
         cos, sin = self._cos_sin(x, positions, step.positions_below)
         for index, layer in enumerate(self._layers):
