@@ -11,6 +11,7 @@ from typing import Protocol
 from transformers import PreTrainedTokenizerBase
 
 from .events import GenerationRequest, Sink
+from .startup import StageClock
 
 
 class ModelFacts(Protocol):
@@ -28,9 +29,10 @@ class Cancellable(Protocol):
 
 
 class Backend(Protocol):
-    stage: str  # starting, delayed, loading, loading_model, warming, ready, failed, stopped
+    stage: str  # starting, delayed, fetching, loading, loading_model, warming, ready, failed, stopped
     error: str | None
     load_seconds: float | None
+    stages: StageClock  # seconds per start-up phase (fetch, load, warmup)
 
     @property
     def ready(self) -> bool: ...

@@ -41,6 +41,7 @@ from .prefix_cache import PrefixCache
 from .ragged import Chunk, PromptKV, RaggedStep, Slots, UnsupportedModel, install
 from .sampling import Choice, RowSampler, select_tokens
 from .settings import Settings
+from .startup import StageClock
 from .textstream import IncrementalDetokenizer, StopMatcher
 from .threads import ThreadTuner
 
@@ -136,6 +137,7 @@ class Engine:
         self.stage = "starting"
         self.error: str | None = None
         self.load_seconds: float | None = None
+        self.stages = StageClock()  # seconds per start-up phase, for /startupz
         self._settled = threading.Event()  # the model loaded, failed to load, or the engine stopped
         self._thread = threading.Thread(target=self._run, name="llmservice-engine", daemon=True)
 
@@ -249,6 +251,7 @@ class Engine:
             self._after_events()
 
     def _set_stage(self, stage: str) -> None:
+        self.stages.mark(stage)
         self.stage = stage
         if self._on_stage is not None:
             self._on_stage(stage)

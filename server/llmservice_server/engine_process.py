@@ -40,6 +40,7 @@ from .logs import configure_logging
 from .metrics import Metrics, multiprocess_dir
 from .placement import Placement, pin_process
 from .settings import Settings
+from .startup import StageClock
 
 log = logging.getLogger(__name__)
 
@@ -208,6 +209,7 @@ class EngineProcess:
         self.stage = "starting"
         self.error: str | None = None
         self.load_seconds: float | None = None
+        self.stages = StageClock()  # seconds per start-up phase, from the child's stage changes as they arrive
 
     @property
     def ready(self) -> bool:
@@ -299,6 +301,7 @@ class EngineProcess:
                 log.info("CPU placement", extra={"http_cores": sorted(stage.facts.http_cores)})
         self.error = stage.error
         self.load_seconds = stage.load_seconds
+        self.stages.mark(stage.stage)
         self.stage = stage.stage  # last: "ready" is seen only with the facts in place
         if stage.stage in _SETTLED:
             self._settled.set()

@@ -19,9 +19,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
+from .fetch import fetch, progress_writer
 from .placement import worker_cores
 from .settings import Settings
-from .source import Source, resolve_source
+from .source import Source, hub_layout, offline, resolve_source
 from .threads import ThreadPlan, plan_threads
 
 log = logging.getLogger(__name__)
@@ -61,10 +62,6 @@ def pick_dtype(settings: Settings, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
-
-
 def converted_dir(settings: Settings, source: Source) -> Path:
     """Cache dir for a dequantized GGUF, keyed by what the file holds, not where it lies.
 
@@ -87,7 +84,7 @@ def _from_pretrained(settings: Settings, location: str, gguf_file: str | None, d
     kwargs: dict[str, Any] = {
         "revision": settings.revision,
         "trust_remote_code": settings.trust_remote_code,
-        "local_files_only": _offline() or Path(location).is_dir(),
+        "local_files_only": offline() or Path(location).is_dir(),
     }
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
@@ -105,6 +102,15 @@ def load(settings: Settings, on_stage: Callable[[str], None]) -> LoadedModel:
         # Loading (GGUF dequantization) gets every core the worker has, or the count asked for.
         torch.set_num_threads(settings.torch_threads or worker_cores(settings))
     location, gguf_file = source.location, source.gguf_file
+    layout = hub_layout(settings)
+    if layout is not None:
+        # Downloaded checked and resumable, with bytes done for /startupz, then loaded from disk.
+        on_stage("fetching")
+        fetched = fetch(layout.repo, settings.revision, layout.root, endpoint=os.environ.get("HF_ENDPOINT") or None,
+                        report=progress_writer(layout))
+        if not fetched.ok or fetched.path is None:
+            raise RuntimeError(f"{fetched.reason}: {fetched.message}")
+        location = fetched.path
     converted = converted_dir(settings, source) if gguf_file else None
     if converted is not None and (converted / "config.json").is_file():
         location, gguf_file = str(converted), None

@@ -320,6 +320,12 @@ class Health(BaseModel):
     stage: str
     error: str | None = None
     uptime_seconds: float | None = None
+    stages: dict[str, float] | None = Field(
+        default=None, description="/startupz: seconds spent in each start-up phase so far (fetch, load, warmup)."
+    )
+    progress: dict[str, int] | None = Field(
+        default=None, description="/startupz while the model downloads: bytes_done, bytes_total, files_done, files_total."
+    )
 
 
 # --- server-sent events (documentation of the stream format in the OpenAPI document) -----------

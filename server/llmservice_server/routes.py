@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from .errors import APIError
 from .metrics import Metrics
+from .model_cache import read_progress
 from .openapi import Responses, errors, generation
 from .protocol import (
     ChatCompletion,
@@ -24,6 +25,7 @@ from .protocol import (
     ModelList,
 )
 from .serving import Serving
+from .source import hub_layout
 
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 PROBE: Responses = {200: {"model": Health, "description": "The probe passes."}, 503: {"model": Health, "description": "The probe fails."}}
@@ -46,6 +48,7 @@ def build_router(serving: Serving, metrics: Metrics, api_key: str | None, starte
     health = APIRouter()
     engine = serving.engine
     admission = serving.admission
+    fetch_layout = hub_layout(serving.settings)  # where a download reports progress
 
     @api.post("/chat/completions", responses=generation(ChatCompletion, ChatStreamEvent))
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
@@ -75,7 +78,12 @@ def build_router(serving: Serving, metrics: Metrics, api_key: str | None, starte
     async def startupz() -> JSONResponse:
         started = engine.load_seconds is not None
         uptime = round(time.time() - started_at, 3)
-        return probe(Health(status="started" if started else "starting", stage=engine.stage, uptime_seconds=uptime), started)
+        progress = None
+        if engine.stage == "fetching" and fetch_layout is not None:
+            progress = await asyncio.to_thread(read_progress, fetch_layout.progress)
+        health_ = Health(status="started" if started else "starting", stage=engine.stage, uptime_seconds=uptime,
+                         stages=engine.stages.seconds(), progress=progress)
+        return probe(health_, started)
 
     @health.get("/metrics", response_class=PlainTextResponse)
     async def prometheus() -> Response:

