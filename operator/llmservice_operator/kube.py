@@ -54,6 +54,8 @@ RESOURCES: dict[str, Resource] = {
     "ServiceMonitor": Resource("monitoring.coreos.com/v1", "servicemonitors"),
     "PodMonitor": Resource("monitoring.coreos.com/v1", "podmonitors"),
     "Pod": Resource("v1", "pods"),
+    "PersistentVolumeClaim": Resource("v1", "persistentvolumeclaims"),
+    "Job": Resource("batch/v1", "jobs"),
     "Event": Resource("events.k8s.io/v1", "events"),
 }
 

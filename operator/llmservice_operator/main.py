@@ -14,7 +14,7 @@ import aiohttp
 import kopf
 from prometheus_client import CollectorRegistry, start_http_server
 
-from llmservice_operator import handlers
+from llmservice_operator import handlers, podprobe
 from llmservice_operator.kube import Kube, KubeError, http_client, load_credentials
 from llmservice_operator.logs import configure_logging
 from llmservice_operator.metrics import OperatorMetrics
@@ -79,6 +79,7 @@ class Operator:
         for kind in WATCHED_KINDS:
             metrics.stored_objects.labels(kind=kind).set_function(functools.partial(self.store.count, kind))
         self._session: aiohttp.ClientSession | None = None
+        self._pod_session: aiohttp.ClientSession | None = None
         self._kube: Kube | None = None
         self._reconciler: Reconciler | None = None
         self._resync_task: asyncio.Task[None] | None = None
@@ -123,7 +124,11 @@ class Operator:
             queued = await resync.once()
         except KubeError as error:
             raise kopf.TemporaryError(f"Could not list the watched objects: {error}", delay=5) from error
-        self._reconciler = Reconciler(kube, self.store, self.metrics, self.settings.server_image)
+        if self._pod_session is None:
+            self._pod_session = podprobe.session()
+        self._reconciler = Reconciler(
+            kube, self.store, self.metrics, self.settings.server_image, read_stages=podprobe.StageProbe(self._pod_session)
+        )
         self.queue.start()
         if self.settings.resync_seconds:
             self._resync_task = asyncio.create_task(resync.run(self.settings.resync_seconds), name="resync")
@@ -138,6 +143,8 @@ class Operator:
         await self.queue.stop()
         if self._session is not None:
             await self._session.close()
+        if self._pod_session is not None:
+            await self._pod_session.close()
 
     async def run(self) -> None:
         liveness = f"http://0.0.0.0:{self.settings.health_port}/healthz" if self.settings.health_port else None

@@ -25,6 +25,14 @@ class OperatorMetrics:
             ["verb", "code"],
             registry=registry,
         )
+        self.cold_start = Histogram(
+            "llmservice_operator_cold_start_seconds",
+            "Seconds of each phase of a replica's cold start (scheduling, image, fetch, load, warmup, other, total), "
+            "observed once per pod when it first becomes ready.",
+            ["phase"],
+            buckets=(1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0),
+            registry=registry,
+        )
         self.stored_objects = Gauge(
             "llmservice_operator_stored_objects",
             "Objects held in the operator's in-memory store, by kind.",

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from llmservice_operator import naming, status
+from llmservice_operator import cache, naming, startup, status
 from llmservice_operator.diff import contains
 from llmservice_operator.kube import Kube, KubeError
 from llmservice_operator.metrics import OperatorMetrics
@@ -26,9 +26,15 @@ from llmservice_operator.workqueue import RetryLater
 
 log = logging.getLogger(__name__)
 
-CHILD_KINDS = ("Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget")
+CHILD_KINDS = ("PersistentVolumeClaim", "Job", "Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget")
+# A Job's pod template cannot change: one that differs from the rendered one is replaced.
+REPLACED_KINDS = frozenset({"Job"})
 CAPABILITY_TTL_SECONDS = 60.0
-ROUTINE_REASONS = frozenset({"Creating", "RollingOut"})
+ROUTINE_REASONS = frozenset({"Creating", "RollingOut", "CacheFetching"})
+STAGE_MEMORY = 4096  # pods whose server stages were asked for, remembered so each is asked once
+
+# Asks a ready server pod for its start-up stages (its /startupz); None when it cannot be asked.
+StageReader = Callable[[Manifest], Awaitable[dict[str, float] | None]]
 
 
 @dataclass(frozen=True)
@@ -68,7 +74,7 @@ class CapabilityCache:
 class Reconciler:
     def __init__(
         self, kube: Kube, store: ObjectStore, metrics: OperatorMetrics, default_image: str,
-        clock: Callable[[], str] = utc_now,
+        clock: Callable[[], str] = utc_now, read_stages: StageReader | None = None,
     ) -> None:
         self._kube = kube
         self._store = store
@@ -76,6 +82,8 @@ class Reconciler:
         self._default_image = default_image
         self._capabilities = CapabilityCache(kube)
         self._now = clock
+        self._read_stages = read_stages
+        self._stages: dict[str, dict[str, float] | None] = {}  # pod uid -> its server's stages (or None)
 
     async def __call__(self, key: Key) -> None:
         started = time.perf_counter()
@@ -106,8 +114,12 @@ class Reconciler:
             return "invalid"
 
         capabilities = await self._capabilities.get()
-        desired = render(service, RenderContext(self._default_image, capabilities))
         observed = self._observe_children(service, capabilities)
+        cache_state, model_revision = None, None
+        if service.spec.model.cache is not None:
+            cache_state = cache.observe(service, observed.get(("Job", cache.job_name(key.name))), self._pods(key, cache.FETCH_APP))
+            model_revision = cache.serving_revision(service, cache_state, observed.get(("Deployment", key.name)))
+        desired = render(service, RenderContext(self._default_image, capabilities, model_revision))
         try:
             deployment, applied = await self._apply_changed(service, desired, observed)
         except KubeError as error:
@@ -125,8 +137,54 @@ class Reconciler:
             pods = tuple(pod for pod in self._store.pods(key.namespace, key.name)
                          if selector <= ((pod["metadata"].get("labels") or {}).items()))
             settled = status.compute(service, status.Observed(deployment, pods, capabilities), previous, self._now())
+        if cache_state is not None:
+            settled = self._with_cache(service, settled, cache_state, model_revision, previous)
+        settled = await self._with_startup(key, settled, previous)
         wrote = await self._write_status(body, settled)
         return "applied" if applied or pruned or wrote else "unchanged"
+
+    def _pods(self, key: Key, app: str) -> list[Manifest]:
+        return [pod for pod in self._store.pods(key.namespace, key.name)
+                if (pod["metadata"].get("labels") or {}).get("app.kubernetes.io/name") == app]
+
+    def _with_cache(
+        self, service: LLMService, settled: dict[str, Any], state: cache.CacheState, serving: str | None,
+        previous: dict[str, Any] | None,
+    ) -> dict[str, Any]:
+        settled = {**settled, "cache": state.to_status()}
+        waiting = cache.readiness(state, serving)
+        if waiting is None:
+            return settled
+        reason, message, degraded = waiting
+        generation, now = service.ref.generation, self._now()
+        if serving is None:
+            settled = status.override(settled, "Ready", False, reason, message, generation, previous, now)
+            settled = status.override(settled, "Progressing", not degraded, reason, message, generation, previous, now)
+        if degraded:
+            settled = status.override(settled, "Degraded", True, reason, message, generation, previous, now)
+        return settled
+
+    async def _with_startup(self, key: Key, settled: dict[str, Any], previous: dict[str, Any] | None) -> dict[str, Any]:
+        """status.startup for the replica that most recently became ready (kept when none is ready now)."""
+        pod = startup.latest_ready(self._pods(key, naming.SERVER_APP))
+        if pod is None:
+            kept = (previous or {}).get("startup")
+            return {**settled, "startup": kept} if kept else settled
+        uid = str(pod["metadata"].get("uid"))
+        breakdown = startup.breakdown(pod, None)
+        if breakdown is None:
+            return settled
+        if uid not in self._stages:  # asked once per pod, the first time it is seen ready; counted then
+            self._stages[uid] = await self._read_stages(pod) if self._read_stages is not None else None
+            while len(self._stages) > STAGE_MEMORY:
+                del self._stages[next(iter(self._stages))]
+            breakdown = startup.breakdown(pod, self._stages[uid]) or breakdown
+            for phase in startup.PHASES:
+                if phase in breakdown:
+                    self._metrics.cold_start.labels(phase=phase).observe(breakdown[phase])
+        else:
+            breakdown = startup.breakdown(pod, self._stages[uid]) or breakdown
+        return {**settled, "startup": breakdown}
 
     def _observe_children(self, service: LLMService, capabilities: Capabilities) -> dict[tuple[str, str], Manifest]:
         kinds = list(CHILD_KINDS)
@@ -147,6 +205,12 @@ class Reconciler:
         wrote = False
         for manifest in desired:
             current = observed.get((manifest["kind"], manifest["metadata"]["name"]))
+            if current is not None and manifest["kind"] in REPLACED_KINDS and not contains(current, manifest):
+                name = manifest["metadata"]["name"]
+                await self._kube.delete(manifest["kind"], service.ref.namespace, name, current["metadata"]["uid"])
+                self._store.remove(manifest["kind"], service.ref.namespace, name, uid=current["metadata"]["uid"])
+                log.info("Deleted %s %s/%s to re-create it: its template changed", manifest["kind"], service.ref.namespace, name)
+                current = None
             if current is None or not contains(current, manifest):
                 current = await self._kube.apply(manifest)
                 self._store.upsert(manifest["kind"], current)

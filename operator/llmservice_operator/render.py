@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from llmservice_operator import naming
+from llmservice_operator import cache, naming
 from llmservice_operator.spec import LLMService, LLMServiceSpec, quantity_value
 
 Manifest = dict[str, Any]
@@ -46,12 +46,24 @@ class Capabilities:
 class RenderContext:
     default_image: str
     capabilities: Capabilities = field(default_factory=Capabilities)
+    # With spec.model.cache: the revision complete on the volume that replicas load
+    # (cache.serving_revision); None holds them at zero until one is.
+    model_revision: str | None = None
+
+
+def held_for_cache(service: LLMService, context: RenderContext) -> bool:
+    """Replicas wait at zero: the model cache has no complete revision to load yet."""
+    return service.spec.model.cache is not None and context.model_revision is None
 
 
 def render(service: LLMService, context: RenderContext) -> list[Manifest]:
     """Every child the LLMService should have, in apply order."""
-    children = [deployment(service, context), kubernetes_service(service)]
-    if service.spec.autoscaling is not None:
+    children = []
+    if service.spec.model.cache is not None:
+        children += [cache.persistent_volume_claim(service), cache.fetch_job(service, context.default_image)]
+    children += [deployment(service, context), kubernetes_service(service)]
+    if service.spec.autoscaling is not None and not held_for_cache(service, context):
+        # An HPA does not scale a Deployment held at zero (it reads 0 as "scaling disabled").
         children.append(horizontal_pod_autoscaler(service))
     if _max_replicas(service.spec) > 1:
         children.append(pod_disruption_budget(service))
@@ -98,6 +110,8 @@ def deployment(service: LLMService, context: RenderContext) -> Manifest:
             "prometheus.io/port": str(naming.SERVER_PORT),
             "prometheus.io/path": "/metrics",
         }
+    if spec.model.cache is not None and context.model_revision is not None:
+        pod_annotations[cache.REVISION_ANNOTATION] = context.model_revision
     deployment_spec: Manifest = {
         "selector": {"matchLabels": naming.selector_labels(service.ref.name)},
         "strategy": {"type": "RollingUpdate", "rollingUpdate": _rolling_update(spec)},
@@ -106,7 +120,9 @@ def deployment(service: LLMService, context: RenderContext) -> Manifest:
             "spec": _pod_spec(service, context),
         },
     }
-    if spec.desired_replicas is not None:
+    if held_for_cache(service, context):
+        deployment_spec = {"replicas": 0, **deployment_spec}
+    elif spec.desired_replicas is not None:
         # Left out under an HPA: applying it would fight the autoscaler on every reconcile.
         deployment_spec = {"replicas": spec.desired_replicas, **deployment_spec}
     if gpus:
@@ -150,7 +166,7 @@ def _pod_spec(service: LLMService, context: RenderContext) -> Manifest:
         },
         "terminationGracePeriodSeconds": PRESTOP_SECONDS + spec.server.drain_seconds + EXIT_MARGIN_SECONDS,
         "containers": [_container(service, context)],
-        "volumes": _volumes(spec),
+        "volumes": _volumes(service),
     }
     if spec.server.image_pull_secrets:
         pod["imagePullSecrets"] = [{"name": s.name} for s in spec.server.image_pull_secrets]
@@ -174,7 +190,7 @@ def _container(service: LLMService, context: RenderContext) -> Manifest:
         "image": spec.server.image or context.default_image,
         "imagePullPolicy": spec.server.image_pull_policy,
         "ports": [{"name": naming.PORT_NAME, "containerPort": naming.SERVER_PORT, "protocol": "TCP"}],
-        "env": server_env(service),
+        "env": server_env(service, context.model_revision),
         "resources": _resources(spec),
         "volumeMounts": _volume_mounts(spec),
         "startupProbe": _probe("/startupz", period=STARTUP_PERIOD_SECONDS, failures=STARTUP_FAILURE_THRESHOLD),
@@ -205,13 +221,17 @@ def _probe(path: str, *, period: int, failures: int) -> Manifest:
     }
 
 
-def server_env(service: LLMService) -> list[Manifest]:
+def server_env(service: LLMService, model_revision: str | None = None) -> list[Manifest]:
     """The server's settings as environment variables; user `env` entries win by name."""
     spec = service.spec
     model = spec.model
     source = model.source
     values: dict[str, str] = {}
-    if source.hugging_face is not None:
+    if source.hugging_face is not None and model.cache is not None:
+        # The revision's directory on the cache volume: loaded from disk, never from the network.
+        values["LLMSERVICE_MODEL"] = cache.model_dir(MODEL_MOUNT, source.hugging_face.repo, model_revision or cache.revision(service))
+        values["HF_HUB_OFFLINE"] = "1"
+    elif source.hugging_face is not None:
         values["LLMSERVICE_MODEL"] = source.hugging_face.repo
         if source.hugging_face.revision:
             values["LLMSERVICE_REVISION"] = source.hugging_face.revision
@@ -283,7 +303,8 @@ def _resources(spec: LLMServiceSpec) -> Manifest:
     return {"requests": dict(sorted(requests.items())), "limits": dict(sorted(limits.items()))}
 
 
-def _volumes(spec: LLMServiceSpec) -> list[Manifest]:
+def _volumes(service: LLMService) -> list[Manifest]:
+    spec = service.spec
     volumes: list[Manifest] = [
         {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": spec.resources.shm_size}},
         {"name": "cache", "emptyDir": {}},
@@ -292,6 +313,10 @@ def _volumes(spec: LLMServiceSpec) -> list[Manifest]:
     if spec.model.source.pvc is not None:
         volumes.append(
             {"name": "model", "persistentVolumeClaim": {"claimName": spec.model.source.pvc.claim_name, "readOnly": True}}
+        )
+    elif spec.model.cache is not None:
+        volumes.append(
+            {"name": "model", "persistentVolumeClaim": {"claimName": cache.pvc_name(service.ref.name), "readOnly": True}}
         )
     if spec.server.api_key_secret_ref is not None:
         ref = spec.server.api_key_secret_ref
@@ -307,7 +332,7 @@ def _volume_mounts(spec: LLMServiceSpec) -> list[Manifest]:
         {"name": "cache", "mountPath": CACHE_MOUNT},
         {"name": "tmp", "mountPath": "/tmp"},  # noqa: S108 - a writable /tmp under a read-only root
     ]
-    if spec.model.source.pvc is not None:
+    if spec.model.source.pvc is not None or spec.model.cache is not None:
         mounts.append({"name": "model", "mountPath": MODEL_MOUNT, "readOnly": True})
     if spec.server.api_key_secret_ref is not None:
         mounts.append({"name": "api-key", "mountPath": API_KEY_MOUNT, "readOnly": True})

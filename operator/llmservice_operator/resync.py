@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 # kopf starts watching them when the CRDs appear, and the LIST answers 404 (nothing) until then.
 WATCHED_KINDS = (
     KIND, "Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "ServiceMonitor", "PodMonitor", "Pod",
+    "PersistentVolumeClaim", "Job",
 )
 
 

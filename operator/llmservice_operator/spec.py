@@ -86,6 +86,16 @@ class ModelSource(_Model):
 
 
 Dtype = Literal["auto", "float32", "float16", "bfloat16"]
+AccessMode = Literal["ReadWriteOnce", "ReadWriteMany", "ReadOnlyMany", "ReadWriteOncePod"]
+QUANTITY_PATTERN = r"^(\d+(\.\d+)?|\.\d+)(Ki|Mi|Gi|Ti|Pi|Ei|[numkMGTPE]|[eE][+-]?\d+)?$"
+
+
+class ModelCacheSpec(_Model):
+    """A volume the model is downloaded to once, by a Job, and that every replica loads from."""
+
+    size: str = Field(max_length=64, pattern=QUANTITY_PATTERN)
+    storage_class_name: str | None = Field(default=None, max_length=253)
+    access_mode: AccessMode = "ReadWriteOnce"
 
 
 class ModelSpec(_Model):
@@ -96,6 +106,16 @@ class ModelSpec(_Model):
     max_context_length: int | None = Field(default=None, ge=16)
     token_secret_ref: SecretKeyRef | None = None
     trust_remote_code: bool = False
+    cache: ModelCacheSpec | None = None
+
+    @model_validator(mode="after")
+    def _cache_needs_the_hub(self) -> ModelSpec:
+        if self.cache is not None and self.source.hugging_face is None:
+            raise SpecError(
+                "spec.model.cache fills a volume from a Hugging Face repository: it needs spec.model.source.huggingFace "
+                "(a pvc or image source is already on disk)"
+            )
+        return self
 
 
 class LocalObjectReference(_Model):

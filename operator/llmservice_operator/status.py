@@ -97,6 +97,15 @@ def invalid(generation: int, message: str, previous: dict[str, Any] | None, now:
     return status
 
 
+def override(
+    state: dict[str, Any], kind: str, ok: bool, reason: str, message: str, generation: int,
+    previous: dict[str, Any] | None, now: str,
+) -> dict[str, Any]:
+    """`state` with its condition `kind` replaced, for checks made outside `compute` (the model cache)."""
+    new = _stamp(_cond(kind, ok, reason, message), generation, previous, now)
+    return {**state, "conditions": [new if c.get("type") == kind else c for c in state.get("conditions") or []]}
+
+
 def _counts(deployment: Manifest | None) -> tuple[int, int, bool]:
     if deployment is None:
         return 0, 0, False

@@ -44,6 +44,8 @@ NAMESPACED_RULES: list[dict[str, list[str]]] = [
         for group, resources in (
             ("apps", ["deployments"]),
             ("", ["services"]),
+            ("", ["persistentvolumeclaims"]),
+            ("batch", ["jobs"]),
             ("autoscaling", ["horizontalpodautoscalers"]),
             ("policy", ["poddisruptionbudgets"]),
             ("monitoring.coreos.com", ["servicemonitors", "podmonitors"]),

@@ -68,6 +68,8 @@ SERVICES = "v1/services"
 HPAS = "autoscaling/v2/horizontalpodautoscalers"
 PDBS = "policy/v1/poddisruptionbudgets"
 EVENTS = "events.k8s.io/v1/events"
+PVCS = "v1/persistentvolumeclaims"
+JOBS = "batch/v1/jobs"
 
 # Paths as the API server serves them, also written out: they are the contract under test.
 LLMSERVICE_PATH = f"/apis/llmservice.io/v1alpha1/namespaces/{NAMESPACE}/llmservices/{NAME}"
@@ -79,6 +81,8 @@ COLLECTIONS = {
     "HorizontalPodAutoscaler": f"/apis/autoscaling/v2/namespaces/{NAMESPACE}/horizontalpodautoscalers",
     "PodDisruptionBudget": f"/apis/policy/v1/namespaces/{NAMESPACE}/poddisruptionbudgets",
     "Pod": f"/api/v1/namespaces/{NAMESPACE}/pods",
+    "PersistentVolumeClaim": f"/api/v1/namespaces/{NAMESPACE}/persistentvolumeclaims",
+    "Job": f"/apis/batch/v1/namespaces/{NAMESPACE}/jobs",
 }
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
@@ -90,8 +94,10 @@ _DECLARED = {
     PDBS: ResourceInfo(kind="PodDisruptionBudget", namespaced=True, subresources={"status"}),
     "v1/pods": ResourceInfo(kind="Pod", namespaced=True, subresources={"status"}),
     EVENTS: ResourceInfo(kind="Event", namespaced=True),
+    PVCS: ResourceInfo(kind="PersistentVolumeClaim", namespaced=True, subresources={"status"}),
+    JOBS: ResourceInfo(kind="Job", namespaced=True, subresources={"status"}),
 }
-_BUILTIN_GROUPS = frozenset({"", "apps", "autoscaling", "policy", "events.k8s.io"})
+_BUILTIN_GROUPS = frozenset({"", "apps", "autoscaling", "policy", "events.k8s.io", "batch"})
 
 
 class ApiServer(KubernetesEmulator):
