@@ -5,7 +5,9 @@
 3. run the operator as the chart's ServiceAccount;
 4. `kubectl apply` the example LLMServices and watch them become Ready;
 5. run the inference server here with the environment the operator rendered for one of them,
-   and ask it a question through the official `openai` client.
+   and ask it a question through the official `openai` client;
+6. print where that replica's cold start went: status.startup (the kwok pod's timestamps) and the
+   real server's own fetch / load / warmup seconds from its /startupz.
 
 Nothing is left running unless --keep is given.
 """
@@ -149,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
                 answer, usage = ask(port, env["LLMSERVICE_SERVED_MODEL_NAME"])
                 sys.stdout.write(f"\n{answer.strip()}\n\n")
                 log.info("    usage: %s", json.dumps(usage))
+                step(f"Where {SERVED_EXAMPLE}'s cold start went (docs/cold-start.md)")
+                print_startup(plane, namespace, port)
             finally:
                 server.terminate()
                 server.wait(60)
@@ -159,6 +163,21 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
     step("Done")
     return 0
+
+
+def print_startup(plane: ControlPlane, namespace: str, port: int) -> None:
+    """status.startup of the kwok replica, then the stages the server here measured while it started."""
+    startup = get_json(plane, "llmsvc", SERVED_EXAMPLE, "-n", namespace).get("status", {}).get("startup") or {}
+    log.info("    status.startup (pod %s; a kwok node runs no server, so its container time is all 'other'):",
+             startup.get("pod", "?"))
+    for phase in ("scheduling", "image", "fetch", "load", "warmup", "other", "total"):
+        if phase in startup:
+            log.info("      %-10s %8.1f s", phase, startup[phase])
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/startupz", timeout=5) as response:
+        stages = json.loads(response.read()).get("stages") or {}
+    log.info("    the server here, /startupz (what a real replica adds to status.startup):")
+    for phase in ("fetch", "load", "warmup"):
+        log.info("      %-10s %8.1f s", phase, stages.get(phase, 0.0))
 
 
 def _ready_condition(plane: ControlPlane, namespace: str, name: str) -> dict[str, Any]:

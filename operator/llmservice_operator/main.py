@@ -127,7 +127,8 @@ class Operator:
         if self._pod_session is None:
             self._pod_session = podprobe.session()
         self._reconciler = Reconciler(
-            kube, self.store, self.metrics, self.settings.server_image, read_stages=podprobe.StageProbe(self._pod_session)
+            kube, self.store, self.metrics, self.settings.server_image,
+            read_stages=podprobe.StageProbe(self._pod_session), wake=self.queue.add,
         )
         self.queue.start()
         if self.settings.resync_seconds:

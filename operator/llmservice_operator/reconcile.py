@@ -8,6 +8,7 @@ API server sees only writes, and a settled LLMService costs no request at all.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -75,6 +76,7 @@ class Reconciler:
     def __init__(
         self, kube: Kube, store: ObjectStore, metrics: OperatorMetrics, default_image: str,
         clock: Callable[[], str] = utc_now, read_stages: StageReader | None = None,
+        wake: Callable[[Key], object] | None = None,
     ) -> None:
         self._kube = kube
         self._store = store
@@ -84,6 +86,10 @@ class Reconciler:
         self._now = clock
         self._read_stages = read_stages
         self._stages: dict[str, dict[str, float] | None] = {}  # pod uid -> its server's stages (or None)
+        self._counted: dict[str, None] = {}  # pod uids whose phases went into the histogram (ordered, bounded)
+        self._asking: set[str] = set()
+        self._probes: set[asyncio.Task[None]] = set()
+        self._wake = wake
 
     async def __call__(self, key: Key) -> None:
         started = time.perf_counter()
@@ -139,7 +145,7 @@ class Reconciler:
             settled = status.compute(service, status.Observed(deployment, pods, capabilities), previous, self._now())
         if cache_state is not None:
             settled = self._with_cache(service, settled, cache_state, model_revision, previous)
-        settled = await self._with_startup(key, settled, previous)
+        settled = self._with_startup(key, settled, previous)
         wrote = await self._write_status(body, settled)
         return "applied" if applied or pruned or wrote else "unchanged"
 
@@ -164,27 +170,43 @@ class Reconciler:
             settled = status.override(settled, "Degraded", True, reason, message, generation, previous, now)
         return settled
 
-    async def _with_startup(self, key: Key, settled: dict[str, Any], previous: dict[str, Any] | None) -> dict[str, Any]:
-        """status.startup for the replica that most recently became ready (kept when none is ready now)."""
+    def _with_startup(self, key: Key, settled: dict[str, Any], previous: dict[str, Any] | None) -> dict[str, Any]:
+        """status.startup for the replica that most recently became ready (kept when none is ready now).
+
+        The server's own stages are asked for in the background, once per pod: a pod that does not
+        answer (a NetworkPolicy, a fake node) must not hold up this reconcile. When the answer comes
+        the LLMService is woken to write it; each pod's phases go into the histogram once, then.
+        """
+        kept = (previous or {}).get("startup")
         pod = startup.latest_ready(self._pods(key, naming.SERVER_APP))
-        if pod is None:
-            kept = (previous or {}).get("startup")
+        breakdown = startup.breakdown(pod, None) if pod is not None else None
+        if pod is None or breakdown is None:
             return {**settled, "startup": kept} if kept else settled
         uid = str(pod["metadata"].get("uid"))
-        breakdown = startup.breakdown(pod, None)
-        if breakdown is None:
-            return settled
-        if uid not in self._stages:  # asked once per pod, the first time it is seen ready; counted then
-            self._stages[uid] = await self._read_stages(pod) if self._read_stages is not None else None
-            while len(self._stages) > STAGE_MEMORY:
-                del self._stages[next(iter(self._stages))]
+        if uid in self._stages:
             breakdown = startup.breakdown(pod, self._stages[uid]) or breakdown
-            for phase in startup.PHASES:
-                if phase in breakdown:
-                    self._metrics.cold_start.labels(phase=phase).observe(breakdown[phase])
-        else:
-            breakdown = startup.breakdown(pod, self._stages[uid]) or breakdown
+            if uid not in self._counted:
+                self._counted[uid] = None
+                for phase in startup.PHASES:
+                    if phase in breakdown:
+                        self._metrics.cold_start.labels(phase=phase).observe(breakdown[phase])
+        elif uid not in self._asking:
+            self._asking.add(uid)
+            task = asyncio.create_task(self._ask_stages(key, uid, pod), name=f"startupz-{uid}")
+            self._probes.add(task)
+            task.add_done_callback(self._probes.discard)
         return {**settled, "startup": breakdown}
+
+    async def _ask_stages(self, key: Key, uid: str, pod: Manifest) -> None:
+        try:
+            self._stages[uid] = await self._read_stages(pod) if self._read_stages is not None else None
+        finally:
+            self._asking.discard(uid)
+        for memory in (self._stages, self._counted):
+            while len(memory) > STAGE_MEMORY:
+                del memory[next(iter(memory))]
+        if self._wake is not None:
+            self._wake(key)
 
     def _observe_children(self, service: LLMService, capabilities: Capabilities) -> dict[tuple[str, str], Manifest]:
         kinds = list(CHILD_KINDS)

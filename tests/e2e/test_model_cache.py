@@ -15,16 +15,25 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.cluster import ControlPlane, wait_for
+from tests.e2e.operator_harness import OperatorProcess, apply_manifest, condition, get_json, service_account_kubeconfig
+from tests.e2e.test_operator import llmservice, wait_ready
+from tests.fakehub import FakeHub
 
 from llmservice_server.fetch import fetch
 from llmservice_server.model_cache import FetchResult
-from tests.cluster import ControlPlane, wait_for
-from tests.e2e.operator_harness import OperatorProcess, apply_manifest, condition, get_json
-from tests.e2e.test_operator import llmservice, operator, wait_ready  # noqa: F401 - the module's operator fixture
-from tests.fakehub import FakeHub
 
 TIMEOUT = 90
 FILES = {"config.json": b'{"model_type": "llama"}', "model.safetensors": bytes(range(256)) * 64, "tokenizer.json": b"{}"}
+
+
+@pytest.fixture(scope="module")
+def operator(cluster: ControlPlane, chart: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
+    workdir = tmp_path_factory.mktemp("operator")
+    process = OperatorProcess(service_account_kubeconfig(cluster, workdir / "kubeconfig"), workdir / "operator.log")
+    process.start()
+    yield process
+    process.stop()
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +90,7 @@ def _bind_volume(cluster: ControlPlane, namespace: str, claim: str, path: Path) 
     return name
 
 
-def test_a_cached_model_is_fetched_once_then_served(cluster: ControlPlane, operator: OperatorProcess,  # noqa: F811
+def test_a_cached_model_is_fetched_once_then_served(cluster: ControlPlane, operator: OperatorProcess,
                                                     namespace: str, hub: FakeHub, tmp_path: Path) -> None:
     commit = hub.add_repo("acme/tiny", FILES)
     apply_manifest(cluster, llmservice("chat", namespace, model={
@@ -121,7 +130,7 @@ def test_a_cached_model_is_fetched_once_then_served(cluster: ControlPlane, opera
         cluster.kubectl("delete", "pv", volume, "--wait=false", check=False)
 
 
-def test_a_missing_repo_fails_the_cache_in_words(cluster: ControlPlane, operator: OperatorProcess,  # noqa: F811
+def test_a_missing_repo_fails_the_cache_in_words(cluster: ControlPlane, operator: OperatorProcess,
                                                  namespace: str, hub: FakeHub, tmp_path: Path) -> None:
     apply_manifest(cluster, llmservice("gone", namespace, model={
         "source": {"huggingFace": {"repo": "acme/missing"}}, "cache": {"size": "1Gi"}}))
@@ -138,7 +147,7 @@ def test_a_missing_repo_fails_the_cache_in_words(cluster: ControlPlane, operator
     assert get_json(cluster, "deployment", "gone", "-n", namespace)["spec"]["replicas"] == 0
 
 
-def test_startup_phases_add_up_for_a_ready_service(cluster: ControlPlane, operator: OperatorProcess,  # noqa: F811
+def test_startup_phases_add_up_for_a_ready_service(cluster: ControlPlane, operator: OperatorProcess,
                                                    namespace: str) -> None:
     apply_manifest(cluster, llmservice("quick", namespace))
     obj = wait_ready(cluster, operator, "quick", namespace)
@@ -150,4 +159,5 @@ def test_startup_phases_add_up_for_a_ready_service(cluster: ControlPlane, operat
     assert abs(sum(parts.values()) - startup["total"]) <= 1.0
     pod = get_json(cluster, "pod", startup["pod"], "-n", namespace)
     assert pod["metadata"]["labels"]["llmservice.io/name"] == "quick"
-    assert operator.metric('llmservice_operator_cold_start_seconds_count{phase="total"}') >= 1
+    wait_for(lambda: operator.metric('llmservice_operator_cold_start_seconds_count{phase="total"}') >= 1, TIMEOUT,
+             "the cold start in the operator's histogram")
