@@ -9,6 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from llmservice_server.fetch import fetch
 from llmservice_server.startup import StageClock
 from tests.fakehub import FakeHub
 from tests.server.conftest import STARTUP_DEADLINE, ServerProcess
@@ -101,3 +102,21 @@ def _startupz(server: ServerProcess) -> dict[str, object]:
             pass
         assert time.monotonic() < deadline, f"/startupz never reported the download:\n{server.logs()}"
         time.sleep(0.1)
+
+
+def test_a_model_from_the_cache_volume_loads_offline_with_no_fetch(hub: FakeHub, tiny_model_dir: Path, tmp_path: Path) -> None:
+    # What a replica with spec.model.cache does: the Job fetched the revision; the pod loads its directory offline.
+    files = {str(p.relative_to(tiny_model_dir)): p.read_bytes() for p in sorted(tiny_model_dir.rglob("*")) if p.is_file()}
+    commit = hub.add_repo("acme/tiny", files)
+    fetched = fetch("acme/tiny", commit, tmp_path / "volume", endpoint=hub.url)
+    assert fetched.ok and fetched.path is not None
+    requests_before = len(hub.requests)
+
+    server = ServerProcess(Path(fetched.path), tmp_path / "server.log", env={"HF_HUB_OFFLINE": "1", "HF_ENDPOINT": hub.url})
+    try:
+        server.wait_ready()
+        stages = server.get("/startupz").json()["stages"]
+        assert "fetch" not in stages and stages["load"] > 0
+        assert len(hub.requests) == requests_before, "a cached replica never asks the Hub"
+    finally:
+        server.stop()
