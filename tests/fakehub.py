@@ -36,6 +36,10 @@ class _Repo:
     token: str | None = None  # private: only this bearer token reads it
     gated: bool = False
     served: dict[str, bytes] = field(default_factory=dict)  # what is sent instead, where it differs
+    digests: dict[str, tuple[str, str]] = field(default_factory=dict)  # name -> (sha256, git blob id), once
+
+    def __post_init__(self) -> None:
+        self.digests = {name: (hashlib.sha256(data).hexdigest(), git_blob_id(data)) for name, data in self.files.items()}
 
 
 @dataclass
@@ -54,7 +58,9 @@ class Request:
 
 
 def git_blob_id(content: bytes) -> str:
-    return hashlib.sha1(b"blob %d\0" % len(content) + content, usedforsecurity=False).hexdigest()
+    hasher = hashlib.sha1(b"blob %d\0" % len(content), usedforsecurity=False)
+    hasher.update(content)
+    return hasher.hexdigest()
 
 
 class FakeHub:
@@ -193,9 +199,10 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             siblings = []
             for name in sorted(entry.files):
                 content = entry.files[name]
-                sibling: dict[str, object] = {"rfilename": name, "size": len(content), "blobId": git_blob_id(content)}
+                sha256, blob_id = entry.digests[name]
+                sibling: dict[str, object] = {"rfilename": name, "size": len(content), "blobId": blob_id}
                 if len(content) >= LFS_THRESHOLD:
-                    sibling["lfs"] = {"size": len(content), "sha256": hashlib.sha256(content).hexdigest(), "pointerSize": 134}
+                    sibling["lfs"] = {"size": len(content), "sha256": sha256, "pointerSize": 134}
                 siblings.append(sibling)
             body = json.dumps({"id": repo, "modelId": repo, "sha": commit, "private": entry.token is not None,
                                "gated": "auto" if entry.gated else False, "siblings": siblings}).encode()
@@ -230,7 +237,8 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                     self._error(416, "", "Range Not Satisfiable", head=head, commit=commit)
                     return
             lfs = len(listed) >= LFS_THRESHOLD
-            etag = hashlib.sha256(listed).hexdigest() if lfs else git_blob_id(listed)
+            sha256, blob_id = entry.digests[name]
+            etag = sha256 if lfs else blob_id
             self.send_response(206 if match else 200)
             self.send_header("X-Repo-Commit", commit)
             self.send_header("ETag", f'"{etag}"')
