@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 from huggingface_hub.constants import DOWNLOAD_CHUNK_SIZE
 
+from llmservice_server import fetch as fetch_module
 from llmservice_server.fetch import fetch
 from llmservice_server.model_cache import MARKER, FetchResult, Layout, UnsafePath, read_progress, relative_file
 from tests.fakehub import FakeHub
@@ -167,3 +169,18 @@ def test_an_unreachable_hub_is_retryable(tmp_path: Path) -> None:
 def test_file_names_that_leave_the_cache_are_refused(name: str) -> None:
     with pytest.raises(UnsafePath):
         relative_file(name)
+
+
+def test_a_volume_too_small_is_refused_before_downloading(hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    hub.add_repo(REPO, FILES)
+    real = shutil.disk_usage
+
+    def nearly_full(path: object) -> object:
+        usage = real(path)  # type: ignore[arg-type]
+        return usage._replace(free=len(WEIGHTS) // 2)
+
+    monkeypatch.setattr(fetch_module.shutil, "disk_usage", nearly_full)
+    result = fetch(REPO, None, tmp_path, endpoint=hub.url)
+    assert (result.reason, result.exit_code) == ("DiskFull", 2)
+    assert "spec.model.cache.size" in result.message and str(len(WEIGHTS) // 2) in result.message
+    assert not [r for r in hub.requests if "/resolve/" in r.path], "nothing downloaded into a volume that cannot hold it"
