@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
+import fcntl
 import hashlib
 import json
 import logging
@@ -51,6 +52,7 @@ log = logging.getLogger(__name__)
 
 TERMINATION_LOG = Path("/dev/termination-log")
 PROGRESS_INTERVAL_SECONDS = 0.5
+_COMMIT_FILE = ".llmservice-commit"  # in the working directory: the commit its files were checked against
 _HASH_CHUNK = 8 * 2**20
 
 
@@ -114,27 +116,47 @@ def fetch(
     token: str | None = None,
     report: Callable[[Progress], None] | None = None,
 ) -> FetchResult:
-    """Fetch `repo` at `revision` into `root`; never raises for a failure it can name."""
+    """Fetch `repo` at `revision` into `root`; never raises for a failure it can name.
+
+    One fetch of a revision at a time (a file lock beside it): server workers that start together
+    wait for the first, then find its copy complete.
+    """
     layout = Layout(root, repo, revision or DEFAULT_REVISION)
+    try:
+        layout.repo_dir.mkdir(parents=True, exist_ok=True)
+        lock = layout.repo_dir / f".{layout.final.name}.lock"
+        with lock.open("a") as held:
+            fcntl.flock(held, fcntl.LOCK_EX)
+            return _fetch_locked(layout, endpoint, token, report)
+    except OSError as error:
+        reason, message = _os_failure(error, layout)
+        return FetchResult(ok=False, reason=reason, message=message, repo=repo, revision=layout.revision)
+
+
+def _fetch_locked(
+    layout: Layout, endpoint: str | None, token: str | None, report: Callable[[Progress], None] | None
+) -> FetchResult:
+    repo, revision = layout.repo, layout.revision
     started = time.monotonic()
     if layout.complete():
         cached = FetchResult.from_json(layout.marker.read_text())
-        return dataclasses.replace(cached, seconds=0.0, message=f"{repo}@{layout.revision} is already cached.")
+        return dataclasses.replace(cached, seconds=0.0, message=f"{repo}@{revision} is already cached.")
     done_files, done_bytes = 0, 0
     try:
         commit, files = _listing(repo, revision, endpoint, token)
         total = sum(f.size for f in files)
-        layout.partial.mkdir(parents=True, exist_ok=True)
+        _start_partial(layout, commit)
         _check_space(layout, files)
         reporter = _Reporter(total, len(files), report)
         for remote in files:
             _fetch_file(layout, repo, commit, remote, endpoint, token, reporter)
             done_files, done_bytes = reporter.progress.files_done, reporter.progress.done
         result = FetchResult(
-            ok=True, reason="Fetched", message=f"Fetched {len(files)} files ({total} bytes) of {repo}@{layout.revision}.",
-            repo=repo, revision=layout.revision, commit=commit, files=len(files), bytes=total,
+            ok=True, reason="Fetched", message=f"Fetched {len(files)} files ({total} bytes) of {repo}@{revision}.",
+            repo=repo, revision=revision, commit=commit, files=len(files), bytes=total,
             seconds=round(time.monotonic() - started, 3), path=str(layout.final),
         )
+        (layout.partial / _COMMIT_FILE).unlink()
         (layout.partial / layout.marker.name).write_text(result.to_json())
         _move_into_place(layout)
         layout.progress.unlink(missing_ok=True)
@@ -144,9 +166,23 @@ def fetch(
     except OSError as error:
         reason, message = _os_failure(error, layout)
     return FetchResult(
-        ok=False, reason=reason, message=message, repo=repo, revision=layout.revision,
+        ok=False, reason=reason, message=message, repo=repo, revision=revision,
         files=done_files, bytes=done_bytes, seconds=round(time.monotonic() - started, 3),
     )
+
+
+def _start_partial(layout: Layout, commit: str) -> None:
+    """The working directory, kept from an interrupted run only when that run fetched the same commit.
+
+    A branch can move between two runs; files checked against the old commit's metadata must not
+    be mixed with the new commit's.
+    """
+    stamp = layout.partial / _COMMIT_FILE
+    if layout.partial.is_dir() and (not stamp.is_file() or stamp.read_text().strip() != commit):
+        log.info("Discarding an interrupted download of another commit", extra={"path": str(layout.partial)})
+        shutil.rmtree(layout.partial)
+    layout.partial.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(commit)
 
 
 def _listing(repo: str, revision: str | None, endpoint: str | None, token: str | None) -> tuple[str, list[RemoteFile]]:

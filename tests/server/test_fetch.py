@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -184,3 +185,27 @@ def test_a_volume_too_small_is_refused_before_downloading(hub: FakeHub, tmp_path
     assert (result.reason, result.exit_code) == ("DiskFull", 2)
     assert "spec.model.cache.size" in result.message and str(len(WEIGHTS) // 2) in result.message
     assert not [r for r in hub.requests if "/resolve/" in r.path], "nothing downloaded into a volume that cannot hold it"
+
+
+def test_a_branch_that_moved_since_an_interrupted_run_starts_over(hub: FakeHub, tmp_path: Path) -> None:
+    hub.add_repo(REPO, FILES)
+    hub.corrupt(REPO, "model.safetensors")  # the first run stops there, with config.json already checked
+    assert fetch(REPO, None, tmp_path, endpoint=hub.url).reason == "Corrupt"
+    layout = Layout(tmp_path, REPO)
+    assert (layout.partial / "config.json").read_bytes() == FILES["config.json"]
+
+    moved = {**FILES, "config.json": b'{"model_type": "qwen2"}'}  # same size would not tell them apart
+    hub.add_repo(REPO, moved)
+    result = fetch(REPO, None, tmp_path, endpoint=hub.url)
+    assert result.ok
+    assert (layout.final / "config.json").read_bytes() == moved["config.json"]
+
+
+def test_fetches_of_one_revision_at_once_download_it_once(hub: FakeHub, tmp_path: Path) -> None:
+    hub.add_repo(REPO, FILES)
+    with ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(lambda _: fetch(REPO, None, tmp_path, endpoint=hub.url), range(3)))
+    assert all(r.ok for r in results)
+    assert sum("already cached" in r.message for r in results) == 2
+    assert len(hub.ranges("model.safetensors")) == 1
+    assert (Layout(tmp_path, REPO).final / "model.safetensors").read_bytes() == WEIGHTS
