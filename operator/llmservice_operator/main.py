@@ -124,11 +124,13 @@ class Operator:
             queued = await resync.once()
         except KubeError as error:
             raise kopf.TemporaryError(f"Could not list the watched objects: {error}", delay=5) from error
-        if self._pod_session is None:
-            self._pod_session = podprobe.session()
+        read_stages = None
+        if self.settings.probe_pods:
+            if self._pod_session is None:
+                self._pod_session = podprobe.session()
+            read_stages = podprobe.StageProbe(self._pod_session)
         self._reconciler = Reconciler(
-            kube, self.store, self.metrics, self.settings.server_image,
-            read_stages=podprobe.StageProbe(self._pod_session), wake=self.queue.add,
+            kube, self.store, self.metrics, self.settings.server_image, read_stages=read_stages, wake=self.queue.add,
         )
         self.queue.start()
         if self.settings.resync_seconds:

@@ -30,6 +30,11 @@ class OperatorSettings(BaseSettings):
         default=600.0, ge=0,
         description="Re-list every watched kind this often, to repair deletions a watch missed; 0 disables.",
     )
+    probe_pods: bool = Field(
+        default=False,
+        description="Ask each server pod that becomes ready for its fetch/load/warmup stages (GET /startupz on the"
+        " pod IP) for status.startup; needs the operator to reach pod IPs. Off outside the chart.",
+    )
     watch_timeout_seconds: int | None = Field(
         default=None, ge=1, description="Ask the API server to end each watch after this long (kopf then re-lists)."
     )

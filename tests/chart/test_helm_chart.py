@@ -413,19 +413,21 @@ def test_values_override_images(helm: Path) -> None:
     env = {e["name"]: e["value"] for e in container["env"]}
     assert env["LLMSERVICE_OPERATOR_SERVER_IMAGE"] == "registry.local/server:cpu"
     assert env["LLMSERVICE_OPERATOR_LOG_LEVEL"] == "DEBUG"
+    assert env["LLMSERVICE_OPERATOR_PROBE_PODS"] == "true"  # on by default where the chart runs it
 
 
 def test_values_tune_the_reconciler_and_the_operator_reads_them(helm: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    rendered = render(helm, {"reconcileWorkers": "32", "resyncSeconds": "0"})
+    rendered = render(helm, {"reconcileWorkers": "32", "resyncSeconds": "0", "probePods": "false"})
     container = rendered.one("Deployment")["spec"]["template"]["spec"]["containers"][0]
     env = {e["name"]: e["value"] for e in container["env"]}
     assert (env["LLMSERVICE_OPERATOR_WORKERS"], env["LLMSERVICE_OPERATOR_RESYNC_SECONDS"]) == ("32", "0")
+    assert env["LLMSERVICE_OPERATOR_PROBE_PODS"] == "false"
     # The rendered variables are the operator's own settings, read as the operator reads them.
     for name, value in env.items():
         if name.startswith("LLMSERVICE_OPERATOR_"):
             monkeypatch.setenv(name, value)
     settings = OperatorSettings()
-    assert (settings.workers, settings.resync_seconds) == (32, 0.0)
+    assert (settings.workers, settings.resync_seconds, settings.probe_pods) == (32, 0.0, False)
 
 
 # --- the schema rejects typos and nonsense ----------------------------------------------------
