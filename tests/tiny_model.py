@@ -25,7 +25,8 @@ SPECIAL_TOKENS = [EOS, PAD, "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
 # `apply_chat_template`, so prompt token counts in tests come from the same template. Tools are
 # written the Hermes/Qwen2.5 way (a `<tools>` list first, calls as `<tool_call>` JSON, results as
 # `<tool_response>`), so the server finds the tool-call format from the template as it does for real
-# models; without tools the rendering is the plain one.
+# models; without tools the rendering is the plain one. `enable_thinking=False` (Qwen3's switch,
+# passed as vLLM's `chat_template_kwargs`) closes an empty think block, as Qwen3's template does.
 CHAT_TEMPLATE = (
     "{% if tools %}<|system|>You may call these tools; answer a call as "
     '<tool_call>{"name": ..., "arguments": ...}</tool_call>.<tools>'
@@ -38,7 +39,8 @@ CHAT_TEMPLATE = (
     "{% elif message['role'] == 'tool' %}<|user|><tool_response>{{ message['content'] }}</tool_response><|end|>"
     "{% else %}<|{{ message['role'] }}|>{{ message['content'] }}<|end|>{% endif %}"
     "{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    "{% if add_generation_prompt %}<|assistant|>"
+    "{% if enable_thinking is defined and not enable_thinking %}<think></think>{% endif %}{% endif %}"
 )
 
 _CORPUS = """\

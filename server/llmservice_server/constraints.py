@@ -81,7 +81,7 @@ class Grammars:
                 body = xgrammar.Grammar.from_json_schema(grammar.schema, any_whitespace=False, strict_mode=True)
             parts = [_literal(grammar.prefix), body, _literal(grammar.suffix)]
             compiled = self._compiler.compile_grammar(xgrammar.Grammar.concat(*[p for p in parts if p is not None]))
-        except (RuntimeError, ValueError, TypeError) as exc:
+        except Exception as exc:  # xgrammar's C++ errors come in several types; all are the schema's fault
             raise InvalidGrammar(str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__) from exc
         self._compiled[grammar] = compiled
         if len(self._compiled) > COMPILED_CACHE_SIZE:

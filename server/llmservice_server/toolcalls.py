@@ -100,7 +100,7 @@ def parse(fmt: ToolFormat, text: str) -> Parsed:
     body = text.strip().removeprefix(_PYTHON_TAG).strip()
     if not body.startswith("{"):
         return Parsed(text or None)
-    parts = [_call(_json(part), "parameters") for part in _split_objects(body)]
+    parts = [_call(item, "parameters") for item in _split_objects(body)]
     if not parts or any(c is None for c in parts):
         return Parsed(text or None)
     return Parsed(None, [c for c in parts if c is not None])

@@ -27,11 +27,16 @@ CONTEXT = 2048
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 GENERATING = {"/v1/chat/completions", "/v1/completions"}
 # OpenAI fields the server accepts only at their "off" value (anything else is a 400 by design).
-REFUSED_BY_DESIGN = ("tools", "tool_choice", "parallel_tool_calls", "response_format", "logit_bias", "echo", "best_of", "suffix")
+REFUSED_BY_DESIGN = ("logit_bias", "best_of", "suffix")
 OPERATIONS = [
     ("POST", "/v1/chat/completions"),
     ("POST", "/v1/completions"),
     ("GET", "/v1/models"),
+    ("GET", "/v1/models/{model_id}"),
+    ("POST", "/tokenize"),
+    ("POST", "/detokenize"),
+    ("GET", "/health"),
+    ("GET", "/version"),
     ("GET", "/livez"),
     ("GET", "/readyz"),
     ("GET", "/startupz"),
