@@ -82,7 +82,8 @@ def test_json_object_is_an_object(grammars: Grammars, tiny_tokenizer: Any) -> No
 
 
 def test_forced_tool_call_is_one_call_of_an_offered_tool(grammars: Grammars, tiny_tokenizer: Any) -> None:
-    tools = [("get_weather", {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8}}, "required": ["city"]}), ("noop", None)]
+    weather = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8}}, "required": ["city"]}
+    tools: list[tuple[str, dict[str, Any] | None]] = [("get_weather", weather), ("noop", None)]
     grammar = call_grammar("hermes", tools)
     for seed in range(10):
         (text,) = generate(grammars, tiny_tokenizer, grammar, seed)
@@ -133,7 +134,8 @@ def test_a_stream_sends_content_and_holds_a_call_until_it_is_whole() -> None:
 
 def test_tool_choice_must_name_an_offered_tool() -> None:
     base = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": {"name": "f"}}]}
-    assert ChatCompletionRequest.model_validate({**base, "tool_choice": {"type": "function", "function": {"name": "f"}}}).tool_mode() == "named"
+    named = ChatCompletionRequest.model_validate({**base, "tool_choice": {"type": "function", "function": {"name": "f"}}})
+    assert named.tool_mode() == "named"
     with pytest.raises(ValueError, match="not among the tools"):
         ChatCompletionRequest.model_validate({**base, "tool_choice": {"type": "function", "function": {"name": "g"}}})
     with pytest.raises(ValueError, match="tool_call_id"):

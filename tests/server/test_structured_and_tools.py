@@ -28,7 +28,12 @@ WEATHER = {
     "required": ["city", "days"],
     "additionalProperties": False,
 }
-TIME = {"type": "object", "properties": {"zone": {"type": "string", "enum": ["UTC", "CET"]}}, "required": ["zone"], "additionalProperties": False}
+TIME = {
+    "type": "object",
+    "properties": {"zone": {"type": "string", "enum": ["UTC", "CET"]}},
+    "required": ["zone"],
+    "additionalProperties": False,
+}
 TOOLS: list[Any] = [
     {"type": "function", "function": {"name": "get_weather", "description": "Weather forecast", "parameters": WEATHER}},
     {"type": "function", "function": {"name": "get_time", "description": "Current time", "parameters": TIME}},
@@ -66,7 +71,8 @@ def test_json_object_answers_an_object_streamed_and_not(client: openai.OpenAI) -
 
 def test_a_schema_that_cannot_be_compiled_is_a_400(server: ServerProcess) -> None:
     schema = {"type": "object", "properties": {"a": {"$ref": "#/nowhere"}}, "required": ["a"]}
-    body = {"model": "tiny", "messages": MESSAGES, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}}
+    response_format = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+    body = {"model": "tiny", "messages": MESSAGES, "response_format": response_format}
     response = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)
     assert response.status_code == 400, response.text
     assert response.json()["error"]["type"] == "invalid_request_error"
