@@ -85,22 +85,9 @@ class ToolCall(Strict):
     function: FunctionCall
 
 
-class ChatMessage(Strict):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+class _Message(Strict):
     content: str | list[TextPart] | None = None
     name: str | None = None
-    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls, in the history
-    tool_call_id: str | None = None  # a tool message: the call it answers
-
-    @model_validator(mode="after")
-    def _shape(self) -> ChatMessage:
-        if self.content is None and not (self.role == "assistant" and self.tool_calls):
-            raise ValueError("content is required (it may be null only in an assistant message with tool_calls)")
-        if self.role == "tool" and not self.tool_call_id:
-            raise ValueError("a tool message needs the tool_call_id it answers")
-        if self.tool_calls and self.role != "assistant":
-            raise ValueError("only assistant messages carry tool_calls")
-        return self
 
     def text(self) -> str:
         if self.content is None:
@@ -108,6 +95,29 @@ class ChatMessage(Strict):
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
+
+
+class PromptMessage(_Message):
+    role: Literal["system", "developer", "user"]
+    content: str | list[TextPart]
+
+
+class AssistantTurn(_Message):
+    """An earlier assistant turn: text, calls, or both (content may be null or left out with calls, as OpenAI allows)."""
+
+    role: Literal["assistant"]
+    tool_calls: list[ToolCall] | None = None
+
+
+class ToolMessage(_Message):
+    """A tool's result, answering the call `tool_call_id`."""
+
+    role: Literal["tool"]
+    content: str | list[TextPart]
+    tool_call_id: str
+
+
+ChatMessage = Annotated[PromptMessage | AssistantTurn | ToolMessage, Field(discriminator="role")]
 
 
 class FunctionDefinition(Strict):

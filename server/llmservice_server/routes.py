@@ -89,7 +89,9 @@ def build_router(serving: Serving, metrics: Metrics, api_key: str | None, starte
     async def detokenize(body: DetokenizeRequest) -> Detokenized:
         return await serving.detokenize(body)
 
-    @health.get("/health", responses={200: {"description": "The model is loaded and the server takes requests."}, **errors(503)})
+    @health.get(
+        "/health", response_class=Response, responses={200: {"description": "Serving: the model is loaded (empty body)."}, **errors(503)}
+    )
     async def health_check() -> Response:
         # vLLM's health check: an empty 200 once serving, 503 before (and while draining).
         if not engine.ready or admission.draining:

@@ -31,6 +31,7 @@ from .handoff import Handoff
 from .metrics import Metrics
 from .protocol import (
     AssistantMessage,
+    AssistantTurn,
     ChatChoice,
     ChatCompletion,
     ChatCompletionRequest,
@@ -49,6 +50,7 @@ from .protocol import (
     TokenizeChat,
     TokenizeCompletion,
     Tokenized,
+    ToolMessage,
     Usage,
 )
 from .settings import Settings
@@ -507,12 +509,12 @@ def _with_chat_constraints(params: SamplingParams, body: ChatCompletionRequest, 
 def _template_message(message: ChatMessage) -> dict[str, Any]:
     """A message as chat templates read it (transformers' convention: a call's arguments as a mapping)."""
     rendered: dict[str, Any] = {"role": "system" if message.role == "developer" else message.role, "content": message.text()}
-    if message.tool_calls:
+    if isinstance(message, AssistantTurn) and message.tool_calls:
         rendered["tool_calls"] = [
             {"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": _arguments(c.function.arguments)}}
             for c in message.tool_calls
         ]
-    if message.tool_call_id is not None:
+    if isinstance(message, ToolMessage):
         rendered["tool_call_id"] = message.tool_call_id
     if message.name is not None:
         rendered["name"] = message.name

@@ -138,7 +138,7 @@ def test_tool_choice_must_name_an_offered_tool() -> None:
     assert named.tool_mode() == "named"
     with pytest.raises(ValueError, match="not among the tools"):
         ChatCompletionRequest.model_validate({**base, "tool_choice": {"type": "function", "function": {"name": "g"}}})
-    with pytest.raises(ValueError, match="tool_call_id"):
+    with pytest.raises(ValueError, match="tool_call_id"):  # a tool result answers a call
         ChatCompletionRequest.model_validate({**base, "messages": [{"role": "tool", "content": "x"}]})
 
 
