@@ -62,9 +62,11 @@ class Grammars:
         self.vocab_size = vocab_size
         words: list[bytes] = list(info.decoded_vocab)
         special = set(info.special_token_ids) | set(info.stop_token_ids)
-        self._banned = torch.tensor([i not in special and _unparseable(w) for i, w in enumerate(words)], dtype=torch.bool)
-        self._surrogate_tail = torch.tensor([i not in special and w[:1] >= b"\xa0" and w[:1] <= b"\xbf" for i, w in enumerate(words)])
+        # Added to a masked row: -inf on the tokens JSON parsers refuse (see the module's doc).
+        self._ban = _bias([i not in special and _unparseable(w) for i, w in enumerate(words)])
+        self._surrogate_tail = _bias([i not in special and b"\xa0" <= w[:1] <= b"\xbf" for i, w in enumerate(words)])
         self.ends_with_ed = frozenset(i for i, w in enumerate(words) if i not in special and w.endswith(b"\xed"))
+        self._bitmask = xgrammar.allocate_token_bitmask(1, vocab_size)  # grown to the most constrained rows seen
 
     def constraint(self, grammar: Grammar) -> Constraint:
         return Constraint(self, xgrammar.GrammarMatcher(self._compile(grammar)))
@@ -90,22 +92,34 @@ class Grammars:
 
     def mask(self, logits: torch.Tensor, rows: list[tuple[int, Constraint]]) -> None:
         """Set to -inf, in place, every logit of `logits[row]` its constraint does not allow next."""
-        bitmask = xgrammar.allocate_token_bitmask(len(rows), self.vocab_size)
+        if self._bitmask.shape[0] < len(rows):
+            self._bitmask = xgrammar.allocate_token_bitmask(len(rows), self.vocab_size)
+        bitmask = self._bitmask[: len(rows)]
         self._batch.batch_fill_next_token_bitmask([c.matcher for _, c in rows], bitmask)
-        # The batch's rows that are constrained take the masks in order.
-        width = min(logits.shape[-1], self.vocab_size)
+        width = min(logits.shape[-1], self.vocab_size, self._ban.shape[0])
         index = torch.tensor([row for row, _ in rows], dtype=torch.long, device=logits.device)
-        picked = logits[index, :width].contiguous()
+        picked = logits[index, :width]  # a copy: the constrained rows, in the masks' order
         xgrammar.apply_token_bitmask_inplace(picked, bitmask.to(logits.device), vocab_size=width)
-        banned = self._banned[:width].to(logits.device).expand(len(rows), width).clone()
+        ban, surrogate_tail = self._biases(logits.device)
+        cleaned = picked + ban[:width]
         for i, (_, constraint) in enumerate(rows):
             if constraint.after_ed:
-                banned[i] |= self._surrogate_tail[:width].to(logits.device)
-        cleaned = picked.masked_fill(banned, float("-inf"))
+                cleaned[i] += surrogate_tail[:width]
         keep = torch.isfinite(cleaned).any(dim=-1, keepdim=True)
         logits[index, :width] = torch.where(keep, cleaned, picked)
         if logits.shape[-1] > width:  # the model's padded tail ids are no tokens at all
             logits[index, width:] = float("-inf")
+
+
+    def _biases(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two bias rows on the logits' device (copied there once, not every step)."""
+        if self._ban.device != device:
+            self._ban, self._surrogate_tail = self._ban.to(device), self._surrogate_tail.to(device)
+        return self._ban, self._surrogate_tail
+
+
+def _bias(banned: list[bool]) -> torch.Tensor:
+    return torch.tensor([float("-inf") if b else 0.0 for b in banned], dtype=torch.float32)
 
 
 def _unparseable(word: bytes) -> bool:
