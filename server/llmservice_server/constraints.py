@@ -99,7 +99,14 @@ class Grammars:
         width = min(logits.shape[-1], self.vocab_size, self._ban.shape[0])
         index = torch.tensor([row for row, _ in rows], dtype=torch.long, device=logits.device)
         picked = logits[index, :width]  # a copy: the constrained rows, in the masks' order
-        xgrammar.apply_token_bitmask_inplace(picked, bitmask.to(logits.device), vocab_size=width)
+        # On an accelerator, plain torch ops: xgrammar's default there is a Triton kernel, compiled on
+        # first use, which needs a C compiler in the image; 16 rows of masking are cheap either way.
+        on_cpu = logits.device.type == "cpu"
+        device_mask = bitmask.to(logits.device)
+        if on_cpu:
+            xgrammar.apply_token_bitmask_inplace(picked, device_mask, vocab_size=width, backend="cpu")
+        else:
+            xgrammar.apply_token_bitmask_inplace(picked, device_mask, vocab_size=width, backend="torch_native")
         ban, surrogate_tail = self._biases(logits.device)
         cleaned = picked + ban[:width]
         for i, (_, constraint) in enumerate(rows):

@@ -296,6 +296,8 @@ class CompletionRequest(SamplingFields):
         return self.max_tokens
 
     def unsupported_field(self) -> str | None:
+        if self.echo and self.logprobs is not None:
+            return "echo"  # with logprobs it would need the prompt's logprobs, which are not computed
         if self.best_of is not None and self.best_of != self.n:
             return "best_of"
         if self.suffix:

@@ -107,6 +107,7 @@ class ToolUse:
 
     fmt: ToolFormat
     forced: bool
+    parallel: bool = True  # parallel_tool_calls: false keeps only the first call of an answer
 
 
 @dataclass
@@ -215,7 +216,7 @@ class Serving:
         fmt = detect_format(getattr(self.engine.loaded.tokenizer, "chat_template", None))
         if fmt is None:
             raise bad_request("this model's chat template does not support tools", "tools", "unsupported_parameter")
-        return ToolUse(fmt, forced=mode in ("required", "named"))
+        return ToolUse(fmt, forced=mode in ("required", "named"), parallel=body.parallel_tool_calls is not False)
 
     def render_chat(self, body: ChatCompletionRequest | TokenizeChat) -> list[int]:
         """The prompt's token ids: the messages (and tools) through the model's chat template."""
@@ -407,7 +408,7 @@ class Serving:
             for i, c in enumerate(choices):
                 text = "".join(c.text)
                 parsed = parse(prepared.tools.fmt, text) if prepared.tools is not None else Parsed(text)
-                calls = _response_calls(parsed)
+                calls = _response_calls(parsed, prepared.tools)
                 if calls and reasons[i] == "stop":
                     reasons[i] = "tool_calls"
                 messages.append(AssistantMessage(content=parsed.content if calls else text, tool_calls=calls or None))
@@ -472,7 +473,7 @@ class Serving:
                             parsed = streams[event.index].finish()
                             if parsed.content:
                                 parts.append(chunks.delta(Delta(event.index, parsed.content, [])))
-                            calls = _response_calls(parsed)
+                            calls = _response_calls(parsed, tools)
                             if calls:
                                 parts.append(chunks.tool_calls(event.index, [(c.id, c.function.name, c.function.arguments) for c in calls]))
                                 reason = "tool_calls" if reason == "stop" else reason
@@ -529,10 +530,11 @@ def _arguments(text: str) -> Any:
     return value if isinstance(value, dict) else text
 
 
-def _response_calls(parsed: Parsed) -> list[ResponseToolCall]:
+def _response_calls(parsed: Parsed, tools: ToolUse | None) -> list[ResponseToolCall]:
+    calls = parsed.calls if tools is None or tools.parallel else parsed.calls[:1]
     return [
         ResponseToolCall(id=f"call_{uuid.uuid4().hex[:24]}", function=FunctionCall(name=call.name, arguments=call.arguments))
-        for call in parsed.calls
+        for call in calls
     ]
 
 

@@ -169,7 +169,13 @@ def test_openai_fields_that_change_nothing_are_accepted(client: openai.OpenAI) -
 
 @pytest.mark.parametrize(
     ("extra", "param"),
-    [({"top_k": -2}, "top_k"), ({"min_p": 1.5}, "min_p"), ({"repetition_penalty": 0}, "repetition_penalty"), ({"min_tokens": 50}, "")],
+    [
+        ({"top_k": -2}, "top_k"),
+        ({"min_p": 1.5}, "min_p"),
+        ({"repetition_penalty": 0}, "repetition_penalty"),
+        ({"min_tokens": 50}, ""),  # more than max_tokens
+        ({"echo": True, "logprobs": 1}, "echo"),  # the prompt's logprobs are not computed
+    ],
 )
 def test_extras_out_of_vllms_bounds_are_400(server: ServerProcess, extra: dict[str, Any], param: str) -> None:
     response = httpx.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 10, **extra})
