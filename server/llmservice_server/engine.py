@@ -345,6 +345,10 @@ class Engine:
             except InvalidGrammar as exc:
                 self._fail([ticket], "invalid", f"the schema cannot be used for constrained decoding: {exc}")
                 continue
+            except Exception:  # the grammar library and this tokenizer: this request fails, not the batch
+                log.exception("Constrained decoding unavailable")
+                self._fail([ticket], "internal", "constrained decoding is not available for this model")
+                continue
             room -= request.rows
             budget -= cost
             active = _Active(ticket, rows_left=request.rows, prompt_tokens=cost)

@@ -40,7 +40,7 @@ class SamplingParams:
     min_p: float = 0.0
     repetition_penalty: float = 1.0  # over prompt and output tokens, as transformers and vLLM apply it
     min_tokens: int = 0  # EOS, stop_token_ids and stop strings are held back until this many were generated
-    stop_token_ids: tuple[int, ...] = ()
+    stop_token_ids: frozenset[int] = frozenset()
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False

@@ -162,7 +162,7 @@ def test_repetition_penalty_divides_positive_and_multiplies_negative_seen_logits
 
 
 def test_min_tokens_holds_stop_tokens_back_until_reached() -> None:
-    params = SamplingParams(temperature=0.0, min_tokens=2, stop_token_ids=(2,))
+    params = SamplingParams(temperature=0.0, min_tokens=2, stop_token_ids=frozenset({2}))
     sampler = RowSampler.create(params, 3, None, stop_tokens=frozenset({0}))
     logits = torch.tensor([[9.0, 1.0, 8.0]])  # EOS (0) first, the stop token id (2) second
     assert [select_tokens(logits, [sampler])[0].token for _ in range(3)] == [1, 1, 0]
