@@ -16,7 +16,7 @@ from llmservice_server.events import Grammar, SamplingParams
 from llmservice_server.protocol import ChatCompletionRequest
 from llmservice_server.sampling import RowSampler, apply_repetition_penalty, min_p_filter, select_tokens, top_k_filter
 from llmservice_server.textstream import StopMatcher
-from llmservice_server.toolcalls import ToolStream, call_grammar, detect_format, parse
+from llmservice_server.toolcalls import ToolFormat, ToolStream, call_grammar, detect_format, parse
 
 PERSON = {
     "type": "object",
@@ -81,14 +81,15 @@ def test_json_object_is_an_object(grammars: Grammars, tiny_tokenizer: Any) -> No
     assert all(isinstance(json.loads(text), dict) for text in done)
 
 
-def test_forced_tool_call_is_one_call_of_an_offered_tool(grammars: Grammars, tiny_tokenizer: Any) -> None:
+@pytest.mark.parametrize("fmt", ["hermes", "llama3", "mistral"])
+def test_forced_tool_call_is_one_call_of_an_offered_tool(grammars: Grammars, tiny_tokenizer: Any, fmt: ToolFormat) -> None:
     weather = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8}}, "required": ["city"]}
     tools: list[tuple[str, dict[str, Any] | None]] = [("get_weather", weather), ("noop", None)]
-    grammar = call_grammar("hermes", tools)
+    grammar = call_grammar(fmt, tools)
     for seed in range(10):
         (text,) = generate(grammars, tiny_tokenizer, grammar, seed)
         assert text is not None
-        parsed = parse("hermes", text)
+        parsed = parse(fmt, text)
         assert parsed.content is None and len(parsed.calls) == 1, text
         call = parsed.calls[0]
         schema = dict(tools)[call.name] or {"type": "object", "properties": {}, "additionalProperties": False}
