@@ -8,6 +8,7 @@ server constrains decoding to the schema (response_format) or to a call of an of
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -162,3 +163,29 @@ def test_langchain_bind_tools_and_structured_output(server: ServerProcess) -> No
     assert [call["name"] for call in named.invoke("What time is it?").tool_calls] == ["get_time"]
     person = llm.with_structured_output(Person).invoke("Describe a person.")
     assert isinstance(person, Person)
+
+
+def test_tools_on_a_model_whose_template_has_none_are_a_400(stop_heavy_server: ServerProcess) -> None:
+    body = {"model": "tiny", "messages": MESSAGES, "tools": TOOLS, "max_tokens": 4}
+    refused = httpx.post(stop_heavy_server.url + "/v1/chat/completions", json=body, timeout=60)
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "tools", refused.text
+    # tool_choice none: the tools are not offered, so the template need not know them.
+    allowed = httpx.post(stop_heavy_server.url + "/v1/chat/completions", json={**body, "tool_choice": "none"}, timeout=60)
+    assert allowed.status_code == 200, allowed.text
+
+
+def test_constrained_rows_leave_the_free_rows_of_the_batch_alone(server: ServerProcess) -> None:
+    free = {"model": "tiny", "messages": MESSAGES, "max_tokens": 40, "temperature": 0}
+    alone = httpx.post(server.url + "/v1/chat/completions", json=free, timeout=60).json()["choices"][0]["message"]["content"]
+    schema = {"type": "json_schema", "json_schema": {"name": "person", "schema": Person.model_json_schema()}}
+
+    async def together() -> list[str]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
+            constrained = [{**free, "response_format": schema, "max_tokens": 200, "seed": s, "temperature": 1.0} for s in range(6)]
+            bodies = [free, *constrained, free]
+            replies = await asyncio.gather(*(client.post("/v1/chat/completions", json=b) for b in bodies))
+            return [r.json()["choices"][0]["message"]["content"] for r in replies]
+
+    texts = asyncio.run(together())
+    assert texts[0] == texts[-1] == alone  # batched greedy output is what it is alone
+    assert all(isinstance(Person.model_validate_json(text), Person) for text in texts[1:-1])

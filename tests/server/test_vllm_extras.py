@@ -3,15 +3,12 @@
 Each extra is checked for the change vLLM documents, not just for being accepted. The tiny model
 never chooses its EOS (its output row is zero), so EOS-dependent extras run on a copy whose
 generation config declares every token but four an end of sequence: without `ignore_eos` such a
-model stops after its first token.
+model stops after its first token (`stop_heavy_server` in conftest.py).
 """
 
 from __future__ import annotations
 
-import json
-import shutil
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +16,9 @@ import httpx
 import openai
 import pytest
 
-from .conftest import STARTUP_DEADLINE, ServerProcess
+from .conftest import KEPT, STARTUP_DEADLINE, ServerProcess
 
 MESSAGES: list[Any] = [{"role": "user", "content": "What is the capital of France?"}]
-KEPT = [100, 101, 102, 103]  # the only tokens the stop-heavy copy does not treat as EOS
 
 
 @pytest.fixture(scope="module")
@@ -31,20 +27,8 @@ def client(server: ServerProcess) -> openai.OpenAI:
 
 
 @pytest.fixture(scope="module")
-def stop_heavy(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[openai.OpenAI]:
-    model = tmp_path_factory.mktemp("stop-heavy") / "model"
-    shutil.copytree(tiny_model_dir, model)
-    config_path = model / "generation_config.json"
-    config = json.loads(config_path.read_text())
-    vocab = json.loads((model / "config.json").read_text())["vocab_size"]
-    config["eos_token_id"] = [t for t in range(vocab) if t not in KEPT]
-    config_path.write_text(json.dumps(config))
-    proc = ServerProcess(model, model.parent / "server.log", max_num_seqs=4)
-    try:
-        proc.wait_ready()
-        yield openai.OpenAI(base_url=proc.url + "/v1", api_key="unused", max_retries=0, timeout=60)
-    finally:
-        proc.stop()
+def stop_heavy(stop_heavy_server: ServerProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=stop_heavy_server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
 
 
 def greedy(client: openai.OpenAI, logprobs: int | None = None, **extra: Any) -> openai.types.Completion:
