@@ -163,8 +163,8 @@ class Serving:
         top = body.logprobs or 0
         prepared = self._prepare(prompts, body.token_limit(), body, "prompt", body.logprobs is not None, top)
         if body.echo:
-            tokenizer = self.engine.loaded.tokenizer
-            prepared.echo = [str(tokenizer.decode(p, skip_special_tokens=body.skip_special_tokens)) for p in prompts]
+            tokenizer, skip = self.engine.loaded.tokenizer, body.skip_special_tokens
+            prepared.echo = await asyncio.to_thread(lambda: [str(tokenizer.decode(p, skip_special_tokens=skip)) for p in prompts])
         return await self._run(prepared, http, chat=False)
 
     async def tokenize(self, body: TokenizeCompletion | TokenizeChat) -> Tokenized:
