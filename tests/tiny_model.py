@@ -22,12 +22,25 @@ PAD = "<|pad|>"
 SPECIAL_TOKENS = [EOS, PAD, "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 
 # A deliberately simple template: role marker, content, end marker. The server applies it with
-# `apply_chat_template`, so prompt token counts in tests come from the same template.
+# `apply_chat_template`, so prompt token counts in tests come from the same template. Tools are
+# written the Hermes/Qwen2.5 way (a `<tools>` list first, calls as `<tool_call>` JSON, results as
+# `<tool_response>`), so the server finds the tool-call format from the template as it does for real
+# models; without tools the rendering is the plain one. `enable_thinking=False` (Qwen3's switch,
+# passed as vLLM's `chat_template_kwargs`) closes an empty think block, as Qwen3's template does.
 CHAT_TEMPLATE = (
+    "{% if tools %}<|system|>You may call these tools; answer a call as "
+    '<tool_call>{"name": ..., "arguments": ...}</tool_call>.<tools>'
+    "{% for tool in tools %}{{ tool | tojson }}{% endfor %}</tools><|end|>{% endif %}"
     "{% for message in messages %}"
-    "<|{{ message['role'] }}|>{{ message['content'] }}<|end|>"
+    "{% if message['role'] == 'assistant' and message['tool_calls'] %}<|assistant|>{{ message['content'] or '' }}"
+    "{% for call in message['tool_calls'] %}<tool_call>"
+    '{"name": {{ call.function.name | tojson }}, "arguments": {{ call.function.arguments | tojson }}}'
+    "</tool_call>{% endfor %}<|end|>"
+    "{% elif message['role'] == 'tool' %}<|user|><tool_response>{{ message['content'] }}</tool_response><|end|>"
+    "{% else %}<|{{ message['role'] }}|>{{ message['content'] }}<|end|>{% endif %}"
     "{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    "{% if add_generation_prompt %}<|assistant|>"
+    "{% if enable_thinking is defined and not enable_thinking %}<think></think>{% endif %}{% endif %}"
 )
 
 _CORPUS = """\

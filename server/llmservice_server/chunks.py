@@ -23,6 +23,9 @@ from .protocol import (
     Completion,
     CompletionChoice,
     CompletionLogprobs,
+    DeltaFunction,
+    DeltaToolCall,
+    FinishReason,
     PromptTokensDetails,
     TokenLogprob,
     TopLogprob,
@@ -72,10 +75,19 @@ class StreamChunks:
         choice = CompletionChoice(index=event.index, text=event.text, finish_reason=None, logprobs=logprobs_of_text)
         return self._completion(choice)
 
-    def finished(self, event: Finished) -> str:
+    def tool_calls(self, index: int, calls: list[tuple[str, str, str]]) -> str:
+        """One chunk carrying whole calls (id, name, arguments): clients accumulate deltas, a whole one is a valid delta."""
+        deltas = [
+            DeltaToolCall(index=i, id=call_id, type="function", function=DeltaFunction(name=name, arguments=arguments))
+            for i, (call_id, name, arguments) in enumerate(calls)
+        ]
+        return sse(self._chat_chunk(ChatChunkChoice(index=index, delta=ChatDelta(tool_calls=deltas))))
+
+    def finished(self, event: Finished, reason: FinishReason | None = None) -> str:
+        reason = reason or event.reason
         if self.chat:
-            return sse(self._chat_chunk(ChatChunkChoice(index=event.index, delta=ChatDelta(), finish_reason=event.reason)))
-        return sse(self._completion(CompletionChoice(index=event.index, text="", finish_reason=event.reason)))
+            return sse(self._chat_chunk(ChatChunkChoice(index=event.index, delta=ChatDelta(), finish_reason=reason)))
+        return sse(self._completion(CompletionChoice(index=event.index, text="", finish_reason=reason)))
 
     def usage(self, event: Done) -> str:
         last: ChatCompletionChunk | Completion

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .constraints import Constraint, Grammars, InvalidGrammar
 from .decoder import FusedDecoder, adopt
 from .events import Delta, Done, Event, Failed, FailureKind, Finished, FinishReason, GenerationRequest, SamplingParams, Sink, TokenInfo
 from .loader import LoadedModel, load
@@ -131,6 +132,7 @@ class Engine:
         self._threads = 0  # torch's CPU threads as last set by a step (0: not yet)
         self._tuner: ThreadTuner | None = None  # from the first served step: warm-up times are not representative
         self._prefix_cache: PrefixCache | None = None  # from the first served request: warm-up prompts are not traffic
+        self._grammars: Grammars | None = None  # from the first constrained request (response_format, tool_choice)
         self._stopping = False
         self._abort_message: str | None = None
         self._model: LoadedModel | None = None
@@ -341,6 +343,15 @@ class Engine:
             if self._reading and cost > budget:
                 break
             self._waiting.popleft()
+            try:
+                constraints = self._constraints(request)
+            except InvalidGrammar as exc:
+                self._fail([ticket], "invalid", f"the schema cannot be used for constrained decoding: {exc}")
+                continue
+            except Exception:  # the grammar library and this tokenizer: this request fails, not the batch
+                log.exception("Constrained decoding unavailable")
+                self._fail([ticket], "internal", "constrained decoding is not available for this model")
+                continue
             room -= request.rows
             budget -= cost
             active = _Active(ticket, rows_left=request.rows, prompt_tokens=cost)
@@ -352,12 +363,27 @@ class Engine:
                     index = p_index * request.n + i
                     # torch takes seeds in [-2**63, 2**64); wrapping keeps seed + index in range.
                     seed = None if request.params.seed is None else (request.params.seed + index) % 2**64
-                    sampler = RowSampler.create(request.params, loaded.vocab_size, seed)
-                    detok = IncrementalDetokenizer(loaded.tokenizer, prompt)
-                    rows.append(_Row(active, index, len(prompt), request.max_tokens[p_index], sampler, detok, StopMatcher(request.stop)))
+                    params = request.params
+                    sampler = RowSampler.create(
+                        params, loaded.vocab_size, seed, prompt=prompt, stop_tokens=loaded.eos_token_ids, constraint=constraints[index]
+                    )
+                    detok = IncrementalDetokenizer(loaded.tokenizer, prompt, skip_special_tokens=params.skip_special_tokens)
+                    stopper = StopMatcher(request.stop, include_stop=params.include_stop_str_in_output)
+                    rows.append(_Row(active, index, len(prompt), request.max_tokens[p_index], sampler, detok, stopper))
                 prompt_kv = PromptKV.create(prompt, self._slots_or_fail().layers)
                 active.cached_tokens += self._reuse_prefix(prompt, prompt_kv)
                 self._reading.append(_Reading(ticket, prompt, prompt_kv, rows))
+
+    def _constraints(self, request: GenerationRequest) -> list[Constraint | None]:
+        """Each row's grammar state (None for every row of an unconstrained request)."""
+        grammar = request.params.grammar
+        if grammar is None:
+            return [None] * request.rows
+        if self._grammars is None:
+            loaded = self.loaded
+            self._grammars = Grammars(loaded.tokenizer, loaded.vocab_size, loaded.eos_token_ids)
+        grammars = self._grammars
+        return [grammars.constraint(grammar) for _ in range(request.rows)]
 
     def _reuse_prefix(self, ids: list[int], prompt: PromptKV) -> int:
         """Start reading `prompt` after its longest cached prefix; the tokens it skips."""
@@ -546,16 +572,25 @@ class Engine:
         active.completion_tokens += 1
         self._observe_token(row, now)
         reason: FinishReason | None = None
-        if choice.token in loaded.eos_token_ids:
+        params = row.sampler.params
+        token = choice.token
+        # min_tokens: the sampler held the stop tokens back; stop strings are not looked for yet either.
+        matching = row.generated >= params.min_tokens
+        grammar_done = row.sampler.constraint is not None and row.sampler.constraint.terminated
+        if (token in loaded.eos_token_ids and not params.ignore_eos) or grammar_done:
             reason = "stop"
             text = row.stopper.push(row.detok.flush()) + row.stopper.finish()
+        elif token in params.stop_token_ids:
+            reason = "stop"
+            added = row.detok.add(token) if params.include_stop_str_in_output else ""
+            text = row.stopper.push(added + row.detok.flush()) + row.stopper.finish()
         else:
-            text = row.stopper.push(row.detok.add(choice.token))
+            text = row.stopper.push(row.detok.add(token), match=matching)
             if row.stopper.stopped:
                 reason = "stop"
             elif row.generated >= row.max_tokens or row.prompt_len + row.generated >= loaded.max_model_len:
                 reason = "length"
-                text += row.stopper.push(row.detok.flush()) + row.stopper.finish()
+                text += row.stopper.push(row.detok.flush(), match=matching) + row.stopper.finish()
         infos = [self._token_info(choice)] if choice.logprob is not None else []
         if text or infos:
             out.append(Delta(row.index, text, infos))

@@ -29,6 +29,9 @@ _TYPES = {
 }
 
 
+_MESSAGE_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
+
+
 class APIError(Exception):
     def __init__(
         self,
@@ -64,7 +67,10 @@ def _validation_error(exc: RequestValidationError) -> APIError:
     if not errors:
         return bad_request("invalid request")
     first = errors[0]
-    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    raw = [part for part in first.get("loc", ()) if part != "body"]
+    # A message's role picks its model (a union discriminated by role); pydantic puts the role into
+    # the location (`messages.0.user.content`), which is no field of the request.
+    loc = [str(part) for i, part in enumerate(raw) if not (i > 0 and isinstance(raw[i - 1], int) and part in _MESSAGE_ROLES)]
     param = ".".join(loc) or None
     if first.get("type") == "extra_forbidden":
         return bad_request(f"Unrecognized request argument supplied: {param}", param, "unsupported_parameter")

@@ -17,6 +17,17 @@ GREEDY_TEMPERATURE = 1e-5
 
 
 @dataclass(frozen=True)
+class Grammar:
+    """What a row's output must match (the engine compiles it, `constraints.py`): JSON text that
+    fits `schema` (any JSON value for `json_object`), between a fixed `prefix` and `suffix` (a tool
+    call's markers)."""
+
+    schema: str | None  # a JSON schema as JSON text; None: any JSON object
+    prefix: str = ""
+    suffix: str = ""
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
@@ -24,6 +35,16 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     logprobs: int | None = None  # None: off; k >= 0: chosen token plus k alternatives
     seed: int | None = None
+    # vLLM's extras, with vLLM's meanings (docs/api.md)
+    top_k: int = 0  # 0: off
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0  # over prompt and output tokens, as transformers and vLLM apply it
+    min_tokens: int = 0  # EOS, stop_token_ids and stop strings are held back until this many were generated
+    stop_token_ids: frozenset[int] = frozenset()
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    grammar: Grammar | None = None
 
     @property
     def greedy(self) -> bool:
@@ -31,11 +52,16 @@ class SamplingParams:
 
     @property
     def penalized(self) -> bool:
-        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+
+    @property
+    def plain_greedy(self) -> bool:
+        """The row's token is the argmax of its raw logits (the batch's shared fast path)."""
+        return self.greedy and not self.penalized and self.min_tokens == 0 and self.grammar is None
 
 
 FinishReason = Literal["stop", "length"]
-FailureKind = Literal["timeout", "shutdown", "internal"]
+FailureKind = Literal["timeout", "shutdown", "internal", "invalid"]  # invalid: the request's own fault (400)
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,10 @@
 """OpenAI request, response, chunk and error models (the wire format, parsed at the edge).
 
 Requests are strict: an unknown field, or a known field set to something we cannot honour
-(tools, response_format other than text, logit_bias, echo, ...), is a 400 that names the field,
-never a silently different answer. Fields we accept but that change nothing we can observe
-(`user`) are kept so clients that always send them keep working.
+(logit_bias, suffix, best_of other than n, ...), is a 400 that names the field, never a silently
+different answer. Fields we accept but that change nothing we can observe (`user`, `metadata`,
+`store`, `service_tier`) are kept so clients that always send them keep working. vLLM's sampling
+extras (`top_k`, `min_p`, ..., sent by clients in `extra_body`) have vLLM's meanings and bounds.
 """
 
 from __future__ import annotations
@@ -73,18 +74,96 @@ class TextPart(Strict):
     text: str
 
 
-class ChatMessage(Strict):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+class FunctionCall(Strict):
+    name: str
+    arguments: str  # JSON text, as the model wrote it
+
+
+class ToolCall(Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class _Message(Strict):
+    content: str | list[TextPart] | None = None
+    name: str | None = None
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
 
 
-def _unsupported(value: object, default: object) -> bool:
-    return value is not None and value != default
+class PromptMessage(_Message):
+    role: Literal["system", "developer", "user"]
+    content: str | list[TextPart]
+
+
+class AssistantTurn(_Message):
+    """An earlier assistant turn: text, calls, or both (content may be null or left out with calls, as OpenAI allows)."""
+
+    role: Literal["assistant"]
+    tool_calls: list[ToolCall] | None = None
+
+
+class ToolMessage(_Message):
+    """A tool's result, answering the call `tool_call_id`."""
+
+    role: Literal["tool"]
+    content: str | list[TextPart]
+    tool_call_id: str
+
+
+ChatMessage = Annotated[PromptMessage | AssistantTurn | ToolMessage, Field(discriminator="role")]
+
+
+class FunctionDefinition(Strict):
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema; none: a function without arguments
+    strict: bool | None = None
+
+
+class Tool(Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(Strict):
+    name: str
+
+
+class NamedToolChoice(Strict):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JsonSchemaFormat(Strict):
+    name: Annotated[str, Field(min_length=1, max_length=64)]
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+
+
+class ResponseFormatText(Strict):
+    type: Literal["text"]
+
+
+class ResponseFormatJsonObject(Strict):
+    type: Literal["json_object"]
+
+
+class ResponseFormatJsonSchema(Strict):
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaFormat
+
+
+ResponseFormat = Annotated[ResponseFormatText | ResponseFormatJsonObject | ResponseFormatJsonSchema, Field(discriminator="type")]
 
 
 class SamplingFields(Strict):
@@ -101,9 +180,22 @@ class SamplingFields(Strict):
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    # Accepted and ignored: they do not change what is generated (docs/api.md).
     user: str | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
     # Accepted only at their "off" value; anything else is a 400 (see `unsupported_field`).
     logit_bias: dict[str, float] | None = None
+    # vLLM's extras, with vLLM's bounds.
+    top_k: int | None = Field(None, ge=-1)  # -1 or 0: off
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=2.0)
+    min_tokens: int = Field(0, ge=0)
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
 
     @field_validator("stop")
     @classmethod
@@ -121,6 +213,16 @@ class SamplingFields(Strict):
             raise ValueError("stream_options is only allowed when stream is true")
         return self
 
+    @model_validator(mode="after")
+    def _min_tokens_within_max(self) -> SamplingFields:
+        limit = self.token_limit()
+        if limit is not None and self.min_tokens > limit:
+            raise ValueError(f"min_tokens ({self.min_tokens}) must be at most the maximum number of tokens ({limit})")
+        return self
+
+    def token_limit(self) -> int | None:
+        return self.max_tokens
+
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
@@ -136,10 +238,12 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
-    response_format: dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
+    chat_template_kwargs: dict[str, Any] | None = None  # vLLM's: extra variables for the chat template
+    add_generation_prompt: bool = True  # vLLM's
 
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:
@@ -147,19 +251,27 @@ class ChatCompletionRequest(SamplingFields):
             raise ValueError("top_logprobs requires logprobs to be true")
         return self
 
+    @model_validator(mode="after")
+    def _tool_choice_needs_tools(self) -> ChatCompletionRequest:
+        names = [tool.function.name for tool in self.tools or []]
+        if self.tool_choice not in (None, "none", "auto") and not names:
+            raise ValueError("tool_choice other than none/auto needs tools")
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
+            raise ValueError(f"tool_choice names {self.tool_choice.function.name!r}, which is not among the tools")
+        if len(set(names)) != len(names):
+            raise ValueError("tool names must be unique")
+        return self
+
     def token_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
-    def unsupported_field(self) -> str | None:
-        if self.tools:
-            return "tools"
-        if _unsupported(self.tool_choice, "none"):
-            return "tool_choice"
-        if self.parallel_tool_calls:
-            return "parallel_tool_calls"
-        if self.response_format is not None and self.response_format != {"type": "text"}:
-            return "response_format"
-        return super().unsupported_field()
+    def tool_mode(self) -> Literal["none", "auto", "required", "named"]:
+        """How tools are used: none (not offered), auto (the model decides), required / named (decoding forces a call)."""
+        if not self.tools or self.tool_choice == "none":
+            return "none"
+        if self.tool_choice is None or self.tool_choice == "auto":
+            return "auto"
+        return "required" if self.tool_choice == "required" else "named"
 
 
 Prompt = str | list[str] | list[int] | list[list[int]]
@@ -184,8 +296,8 @@ class CompletionRequest(SamplingFields):
         return self.max_tokens
 
     def unsupported_field(self) -> str | None:
-        if self.echo:
-            return "echo"
+        if self.echo and self.logprobs is not None:
+            return "echo"  # with logprobs it would need the prompt's logprobs, which are not computed
         if self.best_of is not None and self.best_of != self.n:
             return "best_of"
         if self.suffix:
@@ -228,12 +340,19 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int] = Field(default_factory=list)
 
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
+
+
+class ResponseToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
 
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ResponseToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -252,9 +371,22 @@ class ChatCompletion(BaseModel):
     usage: Usage
 
 
+class DeltaFunction(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(BaseModel):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunction
+
+
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatChunkChoice(BaseModel):
@@ -300,6 +432,43 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class TokenizeCompletion(Strict):
+    """vLLM's /tokenize for a prompt."""
+
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = True
+
+
+class TokenizeChat(Strict):
+    """vLLM's /tokenize for a message list: the chat template applied, as /v1/chat/completions applies it."""
+
+    model: str | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    add_generation_prompt: bool = True
+    tools: list[Tool] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+class Tokenized(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+
+
+class DetokenizeRequest(Strict):
+    model: str | None = None
+    tokens: list[Annotated[int, Field(ge=0)]]
+
+
+class Detokenized(BaseModel):
+    prompt: str
+
+
+class Version(BaseModel):
+    version: str
 
 
 class ErrorBody(BaseModel):

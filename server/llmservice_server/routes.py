@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import time
+from importlib.metadata import PackageNotFoundError, version
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
@@ -20,9 +21,15 @@ from .protocol import (
     Completion,
     CompletionRequest,
     CompletionStreamEvent,
+    Detokenized,
+    DetokenizeRequest,
     Health,
     ModelCard,
     ModelList,
+    TokenizeChat,
+    TokenizeCompletion,
+    Tokenized,
+    Version,
 )
 from .serving import Serving
 from .source import hub_layout
@@ -45,10 +52,15 @@ def build_router(serving: Serving, metrics: Metrics, api_key: str | None, starte
             raise APIError(401, "Invalid or missing API key.", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
     api = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
+    tokens = APIRouter(dependencies=[Depends(authorize)])  # vLLM's paths, outside /v1
     health = APIRouter()
     engine = serving.engine
     admission = serving.admission
     fetch_layout = hub_layout(serving.settings)  # where a download reports progress
+    try:
+        package_version = version("llmservice")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        package_version = "0.0.0+unknown"
 
     @api.post("/chat/completions", responses=generation(ChatCompletion, ChatStreamEvent))
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
@@ -58,10 +70,40 @@ def build_router(serving: Serving, metrics: Metrics, api_key: str | None, starte
     async def completions(body: CompletionRequest, request: Request) -> Response:
         return await serving.completion(body, request)
 
+    def card() -> ModelCard:
+        context = engine.loaded.max_model_len if engine.ready else 0
+        return ModelCard(id=serving.model_name, created=int(started_at), max_model_len=context)
+
     @api.get("/models", responses=errors(401))
     async def models() -> ModelList:
-        context = engine.loaded.max_model_len if engine.ready else 0
-        return ModelList(data=[ModelCard(id=serving.model_name, created=int(started_at), max_model_len=context)])
+        return ModelList(data=[card()])
+
+    @api.get("/models/{model_id:path}", responses=errors(401, 404))
+    async def model(model_id: str) -> ModelCard:
+        if model_id != serving.model_name:
+            raise APIError(404, f"The model `{model_id}` does not exist.", param="model", code="model_not_found")
+        return card()
+
+    @tokens.post("/tokenize", responses=errors(400, 401, 404, 503))
+    async def tokenize(body: TokenizeCompletion | TokenizeChat) -> Tokenized:
+        return await serving.tokenize(body)
+
+    @tokens.post("/detokenize", responses=errors(400, 401, 404, 503))
+    async def detokenize(body: DetokenizeRequest) -> Detokenized:
+        return await serving.detokenize(body)
+
+    @health.get(
+        "/health", response_class=Response, responses={200: {"description": "Serving: the model is loaded (empty body)."}, **errors(503)}
+    )
+    async def health_check() -> Response:
+        # vLLM's health check: an empty 200 once serving, 503 before (and while draining).
+        if not engine.ready or admission.draining:
+            raise APIError(503, f"not ready: {'draining' if admission.draining else engine.stage}", code="not_ready")
+        return Response(status_code=200)
+
+    @health.get("/version")
+    async def server_version() -> Version:
+        return Version(version=package_version)
 
     @health.get("/livez", responses=PROBE)
     async def livez() -> JSONResponse:
@@ -92,5 +134,6 @@ def build_router(serving: Serving, metrics: Metrics, api_key: str | None, starte
 
     router = APIRouter()
     router.include_router(api)
+    router.include_router(tokens)
     router.include_router(health)
     return router

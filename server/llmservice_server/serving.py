@@ -10,11 +10,12 @@ disconnects puts a marker on the same queue, which cancels the request and frees
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fastapi import Request
@@ -25,26 +26,43 @@ from .admission import Admission, Admitted, Rejected
 from .backend import Backend, Cancellable
 from .chunks import StreamChunks, chat_logprobs, completion_logprobs, sse, usage_of
 from .errors import APIError, bad_request
-from .events import Delta, Done, Event, Failed, Finished, GenerationRequest, SamplingParams, TokenInfo
+from .events import Delta, Done, Event, Failed, Finished, GenerationRequest, Grammar, SamplingParams, TokenInfo
 from .handoff import Handoff
 from .metrics import Metrics
 from .protocol import (
     AssistantMessage,
+    AssistantTurn,
     ChatChoice,
     ChatCompletion,
     ChatCompletionRequest,
+    ChatMessage,
     Completion,
     CompletionChoice,
     CompletionRequest,
+    Detokenized,
+    DetokenizeRequest,
     ErrorResponse,
     FinishReason,
+    FunctionCall,
+    ResponseFormatJsonObject,
+    ResponseFormatJsonSchema,
+    ResponseToolCall,
+    TokenizeChat,
+    TokenizeCompletion,
+    Tokenized,
+    ToolMessage,
     Usage,
 )
 from .settings import Settings
+from .toolcalls import Parsed, ToolFormat, ToolStream, call_grammar, detect_format, keeps_special_tokens, parse
 
 log = logging.getLogger(__name__)
 
-_FAILURE_STATUS = {"timeout": 408, "shutdown": 503, "internal": 500}
+_FAILURE_STATUS = {"timeout": 408, "shutdown": 503, "internal": 500, "invalid": 400}
+# apply_chat_template's own parameters: chat_template_kwargs may not set them behind the request's back.
+_TEMPLATE_PARAMETERS = frozenset({"conversation", "tools", "documents", "chat_template", "add_generation_prompt", "continue_final_message",
+                                  "tokenize", "padding", "truncation", "max_length", "return_tensors", "return_dict",
+                                  "return_assistant_tokens_mask", "tokenizer_kwargs"})
 _DISCONNECTED = object()  # put on a request's queue when its client goes away
 
 
@@ -83,6 +101,15 @@ class LeasedStream(StreamingResponse):
             self._lease.close()
 
 
+@dataclass(frozen=True)
+class ToolUse:
+    """A chat request's tools: the format the model writes calls in, and whether decoding forces one."""
+
+    fmt: ToolFormat
+    forced: bool
+    parallel: bool = True  # parallel_tool_calls: false keeps only the first call of an answer
+
+
 @dataclass
 class Prepared:
     prompts: list[list[int]]
@@ -93,6 +120,8 @@ class Prepared:
     stream: bool
     include_usage: bool
     logprobs: bool
+    tools: ToolUse | None = None
+    echo: list[str] | None = None  # completions' echo: each prompt's text, put before its choices' text
 
 
 @dataclass
@@ -120,8 +149,11 @@ class Serving:
     async def chat(self, body: ChatCompletionRequest, http: Request) -> Response:
         self._check_common(body.model, body.unsupported_field(), body.n)
         self._check_ready()
-        prompt = await asyncio.to_thread(self._render_chat, body)
+        tools = self._tool_use(body)
+        prompt = await asyncio.to_thread(self.render_chat, body)
         prepared = self._prepare([prompt], body.token_limit(), body, "messages", body.logprobs, body.top_logprobs or 0)
+        prepared.tools = tools
+        prepared.params = _with_chat_constraints(prepared.params, body, tools)
         return await self._run(prepared, http, chat=True)
 
     async def completion(self, body: CompletionRequest, http: Request) -> Response:
@@ -130,13 +162,37 @@ class Serving:
         prompts = await asyncio.to_thread(self._tokenize_prompts, body)
         top = body.logprobs or 0
         prepared = self._prepare(prompts, body.token_limit(), body, "prompt", body.logprobs is not None, top)
+        if body.echo:
+            tokenizer, skip = self.engine.loaded.tokenizer, body.skip_special_tokens
+            prepared.echo = await asyncio.to_thread(lambda: [str(tokenizer.decode(p, skip_special_tokens=skip)) for p in prompts])
         return await self._run(prepared, http, chat=False)
+
+    async def tokenize(self, body: TokenizeCompletion | TokenizeChat) -> Tokenized:
+        """vLLM's /tokenize: a prompt's ids, or a message list's through the chat template."""
+        self._check_model(body.model)
+        self._check_ready()
+        if isinstance(body, TokenizeChat):
+            ids = await asyncio.to_thread(self.render_chat, body)
+        else:
+            tokenizer = self.engine.loaded.tokenizer
+            ids = await asyncio.to_thread(lambda: list(tokenizer(body.prompt, add_special_tokens=body.add_special_tokens).input_ids))
+        return Tokenized(count=len(ids), max_model_len=self.engine.loaded.max_model_len, tokens=ids)
+
+    async def detokenize(self, body: DetokenizeRequest) -> Detokenized:
+        self._check_model(body.model)
+        self._check_ready()
+        self._check_ids([body.tokens], "tokens")
+        tokenizer = self.engine.loaded.tokenizer
+        return Detokenized(prompt=str(await asyncio.to_thread(tokenizer.decode, body.tokens)))
 
     # --- validation ---
 
-    def _check_common(self, model: str, unsupported: str | None, n: int) -> None:
-        if model != self.model_name:
+    def _check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
             raise APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
+
+    def _check_common(self, model: str, unsupported: str | None, n: int) -> None:
+        self._check_model(model)
         if unsupported is not None:
             raise bad_request(f"{unsupported} is not supported by this server", unsupported, "unsupported_parameter")
         if n > self.settings.max_num_seqs:
@@ -153,13 +209,36 @@ class Serving:
         headers = {"Retry-After": str(decision.retry_after)}
         raise APIError(decision.status, decision.message, code=decision.reason, headers=headers)
 
-    def _render_chat(self, body: ChatCompletionRequest) -> list[int]:
+    def _tool_use(self, body: ChatCompletionRequest) -> ToolUse | None:
+        mode = body.tool_mode()
+        if mode == "none":
+            return None
+        fmt = detect_format(getattr(self.engine.loaded.tokenizer, "chat_template", None))
+        if fmt is None:
+            raise bad_request("this model's chat template does not support tools", "tools", "unsupported_parameter")
+        return ToolUse(fmt, forced=mode in ("required", "named"), parallel=body.parallel_tool_calls is not False)
+
+    def render_chat(self, body: ChatCompletionRequest | TokenizeChat) -> list[int]:
+        """The prompt's token ids: the messages (and tools) through the model's chat template."""
         tokenizer = self.engine.loaded.tokenizer
         if not getattr(tokenizer, "chat_template", None):
             raise bad_request("this model has no chat template; use /v1/completions", "messages")
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+        extra = body.chat_template_kwargs or {}
+        reserved = sorted(_TEMPLATE_PARAMETERS & extra.keys())
+        if reserved:
+            raise bad_request(f"chat_template_kwargs may not set {', '.join(reserved)}", "chat_template_kwargs")
+        offered = body.tools if not isinstance(body, ChatCompletionRequest) or body.tool_mode() != "none" else None
+        tools: list[dict[Any, Any] | Callable[..., Any]] | None = None
+        if offered:
+            tools = [tool.model_dump(mode="json", exclude_none=True) for tool in offered]
         try:
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            text = tokenizer.apply_chat_template(
+                [_template_message(m) for m in body.messages],
+                tools=tools,
+                tokenize=False,
+                add_generation_prompt=body.add_generation_prompt,
+                **extra,
+            )
         except Exception as exc:  # jinja templates raise for shapes they refuse (e.g. role order)
             raise bad_request(f"chat template rejected the messages: {exc}", "messages") from exc
         # The template already places the special tokens; do not add BOS a second time.
@@ -181,10 +260,10 @@ class Serving:
             raise bad_request("prompt must not be empty", "prompt")
         return encoded
 
-    def _check_ids(self, prompts: list[list[int]]) -> list[list[int]]:
+    def _check_ids(self, prompts: list[list[int]], param: str = "prompt") -> list[list[int]]:
         vocab = len(self.engine.loaded.tokenizer)
         if any(not 0 <= t < vocab for p in prompts for t in p):
-            raise bad_request(f"prompt token ids must be in [0, {vocab})", "prompt")
+            raise bad_request(f"{param} token ids must be in [0, {vocab})", param)
         return prompts
 
     def _prepare(
@@ -217,6 +296,14 @@ class Serving:
             frequency_penalty=body.frequency_penalty,
             logprobs=top_logprobs if logprobs else None,
             seed=body.seed,
+            top_k=max(body.top_k or 0, 0),
+            min_p=body.min_p or 0.0,
+            repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+            min_tokens=body.min_tokens,
+            stop_token_ids=frozenset(body.stop_token_ids or ()),
+            ignore_eos=body.ignore_eos,
+            skip_special_tokens=body.skip_special_tokens,
+            include_stop_str_in_output=body.include_stop_str_in_output,
         )
         include_usage = body.stream_options.include_usage if body.stream_options else False
         return Prepared(prompts, max_tokens, params, body.n, body.stop_list(), body.stream, include_usage, logprobs)
@@ -317,6 +404,14 @@ class Serving:
     def _final(self, choices: list[Collected], prepared: Prepared, chat: bool, rid: str, created: int, usage: Usage) -> dict[str, Any]:
         reasons: list[FinishReason] = ["length" if c.finish_reason == "length" else "stop" for c in choices]
         if chat:
+            messages = []
+            for i, c in enumerate(choices):
+                text = "".join(c.text)
+                parsed = parse(prepared.tools.fmt, text) if prepared.tools is not None else Parsed(text)
+                calls = _response_calls(parsed, prepared.tools)
+                if calls and reasons[i] == "stop":
+                    reasons[i] = "tool_calls"
+                messages.append(AssistantMessage(content=parsed.content if calls else text, tool_calls=calls or None))
             return ChatCompletion(
                 id=rid,
                 created=created,
@@ -325,7 +420,7 @@ class Serving:
                 choices=[
                     ChatChoice(
                         index=i,
-                        message=AssistantMessage(content="".join(c.text)),
+                        message=messages[i],
                         finish_reason=reasons[i],
                         logprobs=chat_logprobs(c.logprobs) if prepared.logprobs else None,
                     )
@@ -340,7 +435,7 @@ class Serving:
             choices=[
                 CompletionChoice(
                     index=i,
-                    text="".join(c.text),
+                    text=(prepared.echo[i // prepared.n] if prepared.echo else "") + "".join(c.text),
                     finish_reason=reasons[i],
                     logprobs=completion_logprobs(c.logprobs, 0) if prepared.logprobs else None,
                 )
@@ -350,8 +445,13 @@ class Serving:
 
     async def _stream(self, queue: asyncio.Queue[object], lease: Lease, prepared: Prepared, chunks: StreamChunks) -> AsyncIterator[str]:
         try:
+            rows = len(prepared.prompts) * prepared.n
+            tools = prepared.tools
+            streams = [ToolStream(tools.fmt, forced=tools.forced) for _ in range(rows)] if tools is not None else []
             if chunks.chat:
-                yield "".join(chunks.role(index) for index in range(len(prepared.prompts) * prepared.n))
+                yield "".join(chunks.role(index) for index in range(rows))
+            elif prepared.echo:
+                yield "".join(chunks.delta(Delta(i, prepared.echo[i // prepared.n], [])) for i in range(rows))
             async for events in self._batches(queue, lease):
                 if events is None:
                     return
@@ -361,9 +461,23 @@ class Serving:
                         error = APIError(_FAILURE_STATUS[event.kind], event.message, code=event.kind).body()
                         parts.append(sse(error.model_dump(mode="json")))
                     elif isinstance(event, Delta):
-                        parts.append(chunks.delta(event))
+                        if streams:  # content goes out as it comes; a call is held until it is whole
+                            released = Delta(event.index, streams[event.index].push(event.text), event.logprobs)
+                            if released.text or released.logprobs:
+                                parts.append(chunks.delta(released))
+                        else:
+                            parts.append(chunks.delta(event))
                     elif isinstance(event, Finished):
-                        parts.append(chunks.finished(event))
+                        reason: FinishReason = event.reason
+                        if streams:
+                            parsed = streams[event.index].finish()
+                            if parsed.content:
+                                parts.append(chunks.delta(Delta(event.index, parsed.content, [])))
+                            calls = _response_calls(parsed, tools)
+                            if calls:
+                                parts.append(chunks.tool_calls(event.index, [(c.id, c.function.name, c.function.arguments) for c in calls]))
+                                reason = "tool_calls" if reason == "stop" else reason
+                        parts.append(chunks.finished(event, reason))
                     elif isinstance(event, Done) and prepared.include_usage:
                         parts.append(chunks.usage(event))
                 yield "".join(parts)
@@ -375,6 +489,53 @@ class Serving:
             yield sse("[DONE]")
         finally:
             lease.close()
+
+
+def _with_chat_constraints(params: SamplingParams, body: ChatCompletionRequest, tools: ToolUse | None) -> SamplingParams:
+    """The grammar a chat request's output must follow: a forced tool call, else its response_format."""
+    grammar: Grammar | None = None
+    if tools is not None and tools.forced:
+        offered = body.tools or []
+        named = body.tool_choice.function.name if body.tool_mode() == "named" else None  # type: ignore[union-attr]
+        grammar = call_grammar(tools.fmt, [(t.function.name, t.function.parameters) for t in offered if named in (None, t.function.name)])
+    elif isinstance(body.response_format, ResponseFormatJsonObject):
+        grammar = Grammar(None)
+    elif isinstance(body.response_format, ResponseFormatJsonSchema):
+        schema = body.response_format.json_schema.schema_
+        grammar = Grammar(json.dumps(schema if schema is not None else {}, sort_keys=True))
+    skip_special = params.skip_special_tokens and not (tools is not None and keeps_special_tokens(tools.fmt))
+    return replace(params, grammar=grammar, skip_special_tokens=skip_special)
+
+
+def _template_message(message: ChatMessage) -> dict[str, Any]:
+    """A message as chat templates read it (transformers' convention: a call's arguments as a mapping)."""
+    rendered: dict[str, Any] = {"role": "system" if message.role == "developer" else message.role, "content": message.text()}
+    if isinstance(message, AssistantTurn) and message.tool_calls:
+        rendered["tool_calls"] = [
+            {"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": _arguments(c.function.arguments)}}
+            for c in message.tool_calls
+        ]
+    if isinstance(message, ToolMessage):
+        rendered["tool_call_id"] = message.tool_call_id
+    if message.name is not None:
+        rendered["name"] = message.name
+    return rendered
+
+
+def _arguments(text: str) -> Any:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    return value if isinstance(value, dict) else text
+
+
+def _response_calls(parsed: Parsed, tools: ToolUse | None) -> list[ResponseToolCall]:
+    calls = parsed.calls if tools is None or tools.parallel else parsed.calls[:1]
+    return [
+        ResponseToolCall(id=f"call_{uuid.uuid4().hex[:24]}", function=FunctionCall(name=call.name, arguments=call.arguments))
+        for call in calls
+    ]
 
 
 async def _watch_disconnect(http: Request, queue: asyncio.Queue[object]) -> None:

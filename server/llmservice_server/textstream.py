@@ -37,20 +37,22 @@ def _native(decoder: Decoder) -> Tokenizer | None:
 
 
 class IncrementalDetokenizer:
-    def __init__(self, decoder: Decoder, prompt_ids: Sequence[int], *, native: bool = True) -> None:
+    def __init__(self, decoder: Decoder, prompt_ids: Sequence[int], *, native: bool = True, skip_special_tokens: bool = True) -> None:
         self._decoder = decoder
+        self._skip = skip_special_tokens
         self._ids = list(prompt_ids[-_PROMPT_CONTEXT:])
         self._prefix = 0
         self._read = len(self._ids)
         tokenizer = _native(decoder) if native else None
-        if tokenizer is not None and REPLACEMENT in tokenizer.decode(self._ids, skip_special_tokens=True):
+        if tokenizer is not None and REPLACEMENT in tokenizer.decode(self._ids, skip_special_tokens=skip_special_tokens):
             # DecodeStream puts a context's broken character (U+FFFD) into its first chunk, where the
             # window scheme leaves it out (found by tests/server/test_textstream.py).
             tokenizer = None
-        self._stream = (DecodeStream(ids=list(self._ids), skip_special_tokens=True), tokenizer) if tokenizer is not None else None
+        stream = DecodeStream(ids=list(self._ids), skip_special_tokens=skip_special_tokens) if tokenizer is not None else None
+        self._stream = (stream, tokenizer) if stream is not None and tokenizer is not None else None
 
     def _window(self, start: int, end: int | None = None) -> str:
-        return str(self._decoder.decode(self._ids[start:end], skip_special_tokens=True))
+        return str(self._decoder.decode(self._ids[start:end], skip_special_tokens=self._skip))
 
     def add(self, token: int) -> str:
         """Append a token; return the text it completes ('' while a character is partial)."""
@@ -84,24 +86,33 @@ class IncrementalDetokenizer:
 class StopMatcher:
     """Accumulates text; releases what is safe to send; detects stop strings."""
 
-    def __init__(self, stops: Sequence[str]) -> None:
+    def __init__(self, stops: Sequence[str], *, include_stop: bool = False) -> None:
         self._stops = [s for s in stops if s]
+        self._include = include_stop  # vLLM's include_stop_str_in_output: the matched stop string is sent too
         self._longest = max((len(s) for s in self._stops), default=0)
         self.text = ""  # everything decoded so far
         self.sent = 0  # how much of `text` has been released
         self.stopped = False
 
-    def push(self, piece: str) -> str:
-        """Add decoded text; return the part that can be released now."""
+    def push(self, piece: str, *, match: bool = True) -> str:
+        """Add decoded text; return the part that can be released now.
+
+        `match=False` (before vLLM's min_tokens): the text is released as it is, and no stop string
+        found later begins inside it."""
         if self.stopped:
             return ""
-        start = max(0, len(self.text) - self._longest + 1)
+        start = max(self.sent, len(self.text) - self._longest + 1)
         self.text += piece
+        if not match:
+            return self._release(len(self.text))
         cut = self._find_stop(start)
         if cut is not None:
             self.stopped = True
-            return self._release(cut)
+            return self._release(cut + self._matched_length(cut) if self._include else cut)
         return self._release(len(self.text) - self._held_back())
+
+    def _matched_length(self, at: int) -> int:
+        return max(len(s) for s in self._stops if self.text.startswith(s, at))
 
     def finish(self) -> str:
         """Release everything held back (the sequence ended for another reason)."""

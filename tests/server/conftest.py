@@ -6,7 +6,9 @@ so the tests exercise uvicorn, signals and the HTTP protocol exactly as deployed
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -117,3 +119,28 @@ def tokenizer(tiny_model_dir: Path) -> object:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+KEPT = [100, 101, 102, 103]  # the only tokens the stop-heavy copy does not treat as EOS
+
+
+@pytest.fixture(scope="session")
+def stop_heavy_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """The tiny model, copied with two changes: every token but `KEPT` declared an EOS in its
+    generation config (the real EOS is never chosen, so EOS behaviour needs this), and the plain
+    chat template of a model that knows no tools."""
+    model = tmp_path_factory.mktemp("stop-heavy") / "model"
+    shutil.copytree(tiny_model_dir, model)
+    config_path = model / "generation_config.json"
+    config = json.loads(config_path.read_text())
+    vocab = json.loads((model / "config.json").read_text())["vocab_size"]
+    config["eos_token_id"] = [t for t in range(vocab) if t not in KEPT]
+    config_path.write_text(json.dumps(config))
+    plain = "{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}<|end|>{% endfor %}"
+    (model / "chat_template.jinja").write_text(plain + "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    proc = ServerProcess(model, model.parent / "server.log", max_num_seqs=4)
+    try:
+        proc.wait_ready()
+        yield proc
+    finally:
+        proc.stop()

@@ -27,11 +27,16 @@ CONTEXT = 2048
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 GENERATING = {"/v1/chat/completions", "/v1/completions"}
 # OpenAI fields the server accepts only at their "off" value (anything else is a 400 by design).
-REFUSED_BY_DESIGN = ("tools", "tool_choice", "parallel_tool_calls", "response_format", "logit_bias", "echo", "best_of", "suffix")
+REFUSED_BY_DESIGN = ("logit_bias", "best_of", "suffix")
 OPERATIONS = [
     ("POST", "/v1/chat/completions"),
     ("POST", "/v1/completions"),
     ("GET", "/v1/models"),
+    ("GET", "/v1/models/{model_id}"),
+    ("POST", "/tokenize"),
+    ("POST", "/detokenize"),
+    ("GET", "/health"),
+    ("GET", "/version"),
     ("GET", "/livez"),
     ("GET", "/readyz"),
     ("GET", "/startupz"),
@@ -61,7 +66,28 @@ def servable(case: schemathesis.Case, model: str, vocab: int) -> schemathesis.Ca
             body.pop("stream_options", None)
         if not body.get("logprobs"):
             body.pop("top_logprobs", None)
+        consistent_extras(body)
     return case
+
+
+def consistent_extras(body: dict[str, Any]) -> None:
+    """Rules across fields that a JSON schema cannot state: a tool_choice names an offered tool,
+    min_tokens fits the token limit, chat_template_kwargs leave apply_chat_template's own arguments."""
+    tools = body.get("tools") if isinstance(body.get("tools"), list) else []
+    names = [t["function"]["name"] for t in tools if isinstance(t, dict) and isinstance(t.get("function"), dict)]
+    if len(set(names)) != len(names):
+        body.pop("tools", None)
+        names = []
+    choice = body.get("tool_choice")
+    if (choice in ("required",) or isinstance(choice, dict)) and not (
+        names and (choice == "required" or (isinstance(choice, dict) and choice.get("function", {}).get("name") in names))
+    ):
+        body.pop("tool_choice", None)
+    limit = as_token_count(body.get("max_completion_tokens", body.get("max_tokens")))
+    if isinstance(body.get("min_tokens"), int) and body["min_tokens"] > min(limit or MAX_TOKENS, MAX_TOKENS):
+        body.pop("min_tokens")
+    if isinstance(body.get("chat_template_kwargs"), dict):
+        body.pop("chat_template_kwargs")  # arbitrary template variables; tested with the real ones in test_vllm_extras.py
 
 
 def as_token_count(value: object) -> int | None:

@@ -153,7 +153,9 @@ def test_chat_request_rejects_unknown_and_inconsistent_fields() -> None:
         ChatCompletionRequest.model_validate({**base, "stream_options": {"include_usage": True}})
     request = ChatCompletionRequest.model_validate({**base, "tool_choice": "none", "response_format": {"type": "text"}, "user": "u"})
     assert request.unsupported_field() is None
-    assert ChatCompletionRequest.model_validate({**base, "tool_choice": "auto"}).unsupported_field() == "tool_choice"
+    assert ChatCompletionRequest.model_validate({**base, "logit_bias": {"5": 1.0}}).unsupported_field() == "logit_bias"
+    with pytest.raises(ValidationError, match="needs tools"):
+        ChatCompletionRequest.model_validate({**base, "tool_choice": "required"})
     assert ChatCompletionRequest.model_validate({**base, "max_tokens": 5, "max_completion_tokens": 7}).token_limit() == 7
 
 
