@@ -15,6 +15,7 @@ from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema
 
 MAX_STOP_SEQUENCES = 4
+MAX_TOOLS = 128  # OpenAI's own limit; their size is bounded against the context in `prompt_bounds`
 
 # The documented shape of `stop` and `prompt` (the OpenAPI document): the limits the validators
 # below enforce, so a request that fits the document is one the server can take. Validation itself
@@ -140,6 +141,13 @@ class ChatCompletionRequest(SamplingFields):
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     response_format: dict[str, Any] | None = None
+
+    @field_validator("tools")
+    @classmethod
+    def _tools_count(cls, value: list[Any] | None) -> list[Any] | None:
+        if value is not None and len(value) > MAX_TOOLS:
+            raise ValueError(f"at most {MAX_TOOLS} tools are allowed")
+        return value
 
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:
