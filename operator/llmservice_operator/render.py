@@ -242,6 +242,9 @@ def server_env(service: LLMService) -> list[Manifest]:
     values["LLMSERVICE_PREFILL_CHUNK_TOKENS"] = str(spec.server.prefill_chunk_tokens)
     values["LLMSERVICE_PREFIX_CACHE_MIB"] = str(spec.server.prefix_cache_mib)
     values["LLMSERVICE_REQUEST_TIMEOUT_SECONDS"] = str(spec.server.request_timeout_seconds)
+    values["LLMSERVICE_MAX_REQUEST_MIB"] = f"{spec.server.max_request_mib:.12g}"
+    values["LLMSERVICE_REQUEST_READ_TIMEOUT_SECONDS"] = str(spec.server.request_read_timeout_seconds)
+    values["LLMSERVICE_MAX_CONNECTIONS"] = str(spec.server.max_connections)
     values["LLMSERVICE_DRAIN_SECONDS"] = str(spec.server.drain_seconds)
     values["LLMSERVICE_CACHE_DIR"] = f"{CACHE_MOUNT}/models"
     values["HF_HOME"] = f"{CACHE_MOUNT}/huggingface"
