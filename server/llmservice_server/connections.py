@@ -134,5 +134,5 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             # No app has seen this request, and none is answering an earlier one on this
             # connection: nothing else can be writing to it.
             self.transport.write(_TIMEOUT_RESPONSE)
-        self.logger.info("Closed a connection whose request was not read within %s s", self._limits.read_timeout)
+        self.logger.debug("Closed a connection whose request was not read within %s s", self._limits.read_timeout)
         self.transport.close()
