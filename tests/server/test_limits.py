@@ -8,11 +8,12 @@ before each step), so a spike that is freed again before the answer still counts
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import socket
 import statistics
-import threading
 import time
 from collections.abc import Iterator
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import httpx
@@ -227,31 +228,34 @@ async def _slow_client(port: int, closed_after: list[float]) -> None:
     writer.close()
 
 
-def _probe(port: int, latencies: list[float], stop: threading.Event) -> None:
-    while not stop.is_set():
-        started = time.perf_counter()
-        # A fresh connection each time, as the kubelet probes (so beyond --max-connections too);
-        # a bare socket, so the latency is the server's and not a client library's set-up.
-        assert _request(port, "/livez").startswith(b"HTTP/1.1 200")
-        latencies.append(time.perf_counter() - started)
-        time.sleep(0.002)
+def _hold_slow_clients(port: int, count: int, results: Connection) -> None:
+    """In a process of its own, so the prober's measurements do not wait on this one's GIL."""
+
+    async def hold() -> list[float]:
+        closed_after: list[float] = []
+        await asyncio.wait_for(asyncio.gather(*(_slow_client(port, closed_after) for _ in range(count))), READ_TIMEOUT + 10)
+        return closed_after
+
+    results.send(asyncio.run(hold()))
 
 
 def test_slow_clients_are_closed_after_the_read_timeout_while_probes_stay_fast(limited: ServerProcess) -> None:
-    closed_after: list[float] = []
+    receiving, sending = multiprocessing.get_context("fork").Pipe(duplex=False)
+    holder = multiprocessing.get_context("fork").Process(target=_hold_slow_clients, args=(limited.port, 200, sending))
     latencies: list[float] = []
-    stop = threading.Event()
-    prober = threading.Thread(target=_probe, args=(limited.port, latencies, stop))
-
-    async def hold() -> None:
-        await asyncio.wait_for(asyncio.gather(*(_slow_client(limited.port, closed_after) for _ in range(200))), READ_TIMEOUT + 10)
-
-    prober.start()
+    holder.start()
     try:
-        asyncio.run(hold())
+        while holder.is_alive() and not receiving.poll():
+            started = time.perf_counter()
+            # A fresh connection each time, as the kubelet probes (so beyond --max-connections too);
+            # a bare socket, so the latency is the server's and not a client library's set-up.
+            assert _request(limited.port, "/livez").startswith(b"HTTP/1.1 200")
+            latencies.append(time.perf_counter() - started)
+            time.sleep(0.002)
+        assert receiving.poll(READ_TIMEOUT + 15), "the slow clients did not report"
+        closed_after: list[float] = receiving.recv()
     finally:
-        stop.set()
-        prober.join()
+        holder.join(30)
     assert len(closed_after) == 200
     # The client's clock starts once its connect returns, the server's when it accepts: close enough.
     assert min(closed_after) >= READ_TIMEOUT - 0.5, f"closed early: {min(closed_after):.2f} s"
