@@ -5,8 +5,9 @@ HTTP parser never delivers more than it declared). A chunked body is read here, 
 before the app sees any of it; one chunk past the limit and the app is never called.
 
 The 413 leaves the connection open: uvicorn reads and drops the rest of the body (at most until
-the request read timeout closes the connection), so the client, which is usually still sending,
-gets to read the answer instead of a reset.
+the request read timeout closes the connection; `connections` does the same for a client that
+asked to close), so the client, which is usually still sending, gets to read the answer instead
+of a reset.
 """
 
 from __future__ import annotations

@@ -14,7 +14,10 @@ callbacks to know where a request is:
   head and body - within `read_timeout`; otherwise the connection is closed (with a 408 when only
   part of the head had come, so no response of the app can be interleaved);
 - a connection accepted while `max_connections` are already open is served only for the probe
-  paths; any other request on it gets 503 with `Retry-After` and the connection is closed.
+  paths; any other request on it gets 503 with `Retry-After` and the connection is closed;
+- a request with a body from a client that asked to close (`Connection: close`, HTTP/1.0) has its
+  body read to the end before the connection is closed, so an answer written early (413) is not
+  lost to a connection reset.
 
 uvicorn builds the protocol from its `Config`, which it also pickles into worker processes, so the
 limits travel on `GuardedConfig`.
@@ -64,6 +67,10 @@ class GuardedConfig(uvicorn.Config):
         self.connection_limits = limits
 
 
+def _has_body(headers: list[tuple[bytes, bytes]]) -> bool:
+    return any((name == b"content-length" and value.strip() != b"0") or name == b"transfer-encoding" for name, value in headers)
+
+
 async def _too_many_connections(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
     headers = [
         (b"content-type", b"application/json"),
@@ -84,6 +91,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._deadline: asyncio.TimerHandle | None = None
         self._reading_head = False
         self._overflow = False
+        self._message_done = False
+        self._close_when_done = False
 
     # --- the connection ---
 
@@ -102,6 +111,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._reading_head = True
+        self._message_done = False
+        self._close_when_done = False
         if self._deadline is None:
             self._arm()
 
@@ -110,10 +121,24 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if self._overflow and httptools.parse_url(self.url).path.decode("latin-1") not in PROBE_PATHS:
             self.app = _too_many_connections
         super().on_headers_complete()
+        if self.cycle is not None and not self.cycle.keep_alive and _has_body(self.headers):
+            # The client closes after this request, but may still be sending its body when an early
+            # answer (413) is written; closing then would reset the connection and lose the answer.
+            # So the rest of the body is read (and dropped) first, within the read deadline.
+            self.cycle.keep_alive = True
+            self._close_when_done = True
 
     def on_message_complete(self) -> None:
         self._disarm()
         super().on_message_complete()
+        self._message_done = True
+        if self._close_when_done and self.cycle.response_complete:
+            self.transport.close()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self._close_when_done and self._message_done:
+            self.transport.close()
 
     # --- the read deadline ---
 
