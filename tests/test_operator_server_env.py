@@ -16,7 +16,7 @@ RICH: dict[str, Any] = {
     "model": {"source": {"huggingFace": {"repo": "org/model", "revision": "v1"}}, "maxContextLength": 4096},
     "resources": {"gpu": {"count": 0}, "cpu": {"request": "4"}, "memory": {"limit": "8Gi"}},
     "server": {"maxNumSeqs": 32, "maxQueue": 100, "prefillChunkTokens": 256, "drainSeconds": 45, "workers": 2,
-               "prefixCacheSize": "1536Mi",
+               "prefixCacheSize": "1536Mi", "maxRequestSize": "4Mi", "requestReadTimeoutSeconds": 10, "maxConnections": 200,
                "requestTimeoutSeconds": 120, "apiKeySecretRef": {"name": "key", "key": "token"}},
 }
 
@@ -42,4 +42,14 @@ def test_the_server_reads_the_spec_back_from_the_rendered_env(monkeypatch: pytes
     assert (settings.workers, settings.drain_seconds, settings.request_timeout_seconds) == (2, 45, 120)
     assert settings.cpus == 2  # 4 cores requested, 2 workers
     assert settings.prefix_cache_mib == 1536
+    assert (settings.max_request_mib, settings.request_read_timeout_seconds, settings.max_connections) == (4, 10, 200)
     assert settings.api_key_file is not None and settings.api_key_file.name == "token"
+
+
+def test_the_spec_defaults_are_the_servers_defaults() -> None:
+    # A field left out of the spec must mean what the flag left out means.
+    env = server_env(MINIMAL)
+    defaults = Settings.model_fields
+    assert float(env["LLMSERVICE_MAX_REQUEST_MIB"]) == defaults["max_request_mib"].default
+    assert float(env["LLMSERVICE_REQUEST_READ_TIMEOUT_SECONDS"]) == defaults["request_read_timeout_seconds"].default
+    assert int(env["LLMSERVICE_MAX_CONNECTIONS"]) == defaults["max_connections"].default

@@ -133,6 +133,9 @@ class ServerSpec(_Model):
     prefix_cache_size: int | str = "128Mi"  # a quantity: int-or-string in the CRD
     torch_threads: int | None = Field(default=None, ge=1, le=1024)
     request_timeout_seconds: int = Field(default=600, ge=1, le=86400)
+    max_request_size: int | str = "16Mi"  # a quantity: int-or-string in the CRD
+    request_read_timeout_seconds: int = Field(default=30, ge=1, le=3600)
+    max_connections: int = Field(default=1024, ge=1, le=1048576)
     drain_seconds: int = Field(default=30, ge=0, le=3600)
     api_key_secret_ref: SecretKeyRef | None = None
     env: tuple[dict[str, Any], ...] = ()
@@ -143,10 +146,21 @@ class ServerSpec(_Model):
         quantity_value(str(self.prefix_cache_size))
         return self
 
+    @model_validator(mode="after")
+    def _max_request_size_quantity(self) -> ServerSpec:
+        if quantity_value(str(self.max_request_size)) < 1:
+            raise SpecError(f"spec.server.maxRequestSize must be at least one byte, not {self.max_request_size!r}")
+        return self
+
     @property
     def prefix_cache_mib(self) -> int:
         """The prefix cache in whole MiB, as the server takes it (below 1Mi: off)."""
         return int(quantity_value(str(self.prefix_cache_size)) // 2**20)
+
+    @property
+    def max_request_mib(self) -> float:
+        """The request body limit in MiB, as the server takes it (fractions allowed: 512Ki is 0.5)."""
+        return quantity_value(str(self.max_request_size)) / 2**20
 
 
 AutoscalingMetric = Literal["requestsWaiting", "requestsRunning", "cpu"]

@@ -29,6 +29,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .admission import Admission
 from .backend import Backend
+from .bodylimit import BodyLimit
 from .drain import Drainer
 from .engine_process import EngineProcess
 from .errors import install_error_handlers
@@ -158,7 +159,8 @@ def create_app(
     app = DocumentedApp(title="LLMService inference server", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
     app.include_router(build_router(serving, metrics, api_key, time.time()))
-    app.add_middleware(RequestContext)
+    app.add_middleware(BodyLimit, max_bytes=int(settings.max_request_mib * 2**20))
+    app.add_middleware(RequestContext)  # outermost: a refused body is logged with its request id too
     app.state.serving = serving
     return app
 

@@ -19,12 +19,16 @@ from types import FrameType
 import uvicorn
 from uvicorn.supervisors import Multiprocess
 
+from .connections import ConnectionLimits, GuardedConfig
 from .logs import configure_logging
 from .placement import available_cores, plan_placement
 from .settings import Settings, parse_settings
 
 # After the drain, uvicorn's remaining connections get this long before they are closed.
 GRACEFUL_SHUTDOWN_SECONDS = 5
+# An idle keep-alive connection is closed after this long (uvicorn's default, stated here because
+# docs/limits.md tells proxies in front of the server to keep their own idle timeout below it).
+KEEP_ALIVE_SECONDS = 5
 
 
 def _after_shutdown(sig: int, frame: FrameType | None) -> None:
@@ -34,8 +38,11 @@ def _after_shutdown(sig: int, frame: FrameType | None) -> None:
 
 
 def _config(settings: Settings, app: object) -> uvicorn.Config:
-    return uvicorn.Config(
-        app,  # type: ignore[arg-type]  # an ASGI app or an import string, both accepted at runtime
+    # Each worker counts its own connections; the kernel spreads new ones about evenly.
+    per_worker = -(-settings.max_connections // settings.workers)
+    return GuardedConfig(
+        app,
+        limits=ConnectionLimits(read_timeout=settings.request_read_timeout_seconds, max_connections=per_worker),
         host=settings.host,
         port=settings.port,
         workers=settings.workers,
@@ -44,6 +51,7 @@ def _config(settings: Settings, app: object) -> uvicorn.Config:
         access_log=False,
         log_level=settings.log_level,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+        timeout_keep_alive=KEEP_ALIVE_SECONDS,
     )
 
 

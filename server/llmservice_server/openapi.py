@@ -24,9 +24,10 @@ _ERROR_DESCRIPTIONS = {
     401: "Missing or wrong API key (only when the server was started with one).",
     404: "No such model.",
     408: "Generation ran longer than the server's request timeout.",
+    413: "The request body is larger than the server's limit (`--max-request-mib`).",
     429: "Too many sequences in flight; retry after `Retry-After` seconds.",
     500: "Internal error.",
-    503: "The model is not loaded yet, or the server is draining; retry after `Retry-After` seconds.",
+    503: "The model is not loaded yet, the server is draining, or it holds too many connections; retry after `Retry-After` seconds.",
 }
 _RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "integer", "minimum": 1}}}
 _STREAM_EVENTS: list[type[BaseModel]] = [ChatStreamEvent, CompletionStreamEvent]
@@ -50,7 +51,7 @@ def generation(result: type[BaseModel], event: type[BaseModel]) -> Responses:
         "description": "The result; with `stream: true` a stream of server-sent events that ends with `data: [DONE]`.",
         "content": {"text/event-stream": {"schema": {"$ref": _COMPONENTS.format(model=event.__name__)}}},
     }
-    return {200: ok, **errors(400, 401, 404, 408, 429, 500, 503)}
+    return {200: ok, **errors(400, 401, 404, 408, 413, 429, 500, 503)}
 
 
 class DocumentedApp(FastAPI):

@@ -16,6 +16,7 @@ from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema
 
 MAX_STOP_SEQUENCES = 4
+MAX_TOOLS = 128  # OpenAI's own limit; their size is bounded against the context in `prompt_bounds`
 
 # The documented shape of `stop` and `prompt` (the OpenAPI document): the limits the validators
 # below enforce, so a request that fits the document is one the server can take. Validation itself
@@ -244,6 +245,13 @@ class ChatCompletionRequest(SamplingFields):
     response_format: ResponseFormat | None = None
     chat_template_kwargs: dict[str, Any] | None = None  # vLLM's: extra variables for the chat template
     add_generation_prompt: bool = True  # vLLM's
+
+    @field_validator("tools")
+    @classmethod
+    def _tools_count(cls, value: list[Any] | None) -> list[Any] | None:
+        if value is not None and len(value) > MAX_TOOLS:
+            raise ValueError(f"at most {MAX_TOOLS} tools are allowed")
+        return value
 
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:

@@ -1,9 +1,10 @@
 """OpenAI requests in, engine events out: validation, admission, streaming and responses.
 
 The routes hand a parsed request here. Checks that need the model (chat template, token counts,
-context length) run after the cheap ones (model name, unsupported fields, n), tokenization runs in
-a worker thread, and only then is a slot taken from admission. Engine events arrive on an
-`asyncio.Queue` per request (through the `Handoff`: one `loop.call_soon_threadsafe` per burst); a client that
+context length) run after the cheap ones (model name, unsupported fields, n, sizes against the
+context: `prompt_bounds`); a slot is taken from admission before the prompt is tokenised (in a
+worker thread), so a flood of large prompts waits for - or is refused by - admission, not in RAM.
+Engine events arrive on an `asyncio.Queue` per request (through the `Handoff`: one `loop.call_soon_threadsafe` per burst); a client that
 disconnects puts a marker on the same queue, which cancels the request and frees its slot.
 """
 
@@ -20,6 +21,7 @@ from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic_core import to_json
 from starlette.types import Receive, Scope, Send
 
 from .admission import Admission, Admitted, Rejected
@@ -29,6 +31,7 @@ from .errors import APIError, bad_request
 from .events import Delta, Done, Event, Failed, Finished, GenerationRequest, Grammar, SamplingParams, TokenInfo
 from .handoff import Handoff
 from .metrics import Metrics
+from .prompt_bounds import PromptBounds, Refusal, first_refusal, longest_entry, tokenize_bounded, too_many_tokens
 from .protocol import (
     AssistantMessage,
     AssistantTurn,
@@ -143,29 +146,44 @@ class Serving:
         self.idle = asyncio.Event()
         self.idle.set()
         self._handoff: Handoff[object] | None = None  # made on the serving loop, at the first request
+        self._bounds: PromptBounds | None = None  # read from the model at the first request
 
     # --- entry points ---
 
     async def chat(self, body: ChatCompletionRequest, http: Request) -> Response:
         self._check_common(body.model, body.unsupported_field(), body.n)
         self._check_ready()
+        bounds = await self._prompt_bounds()
+        self._refuse(_chat_refusal(bounds, body))
         tools = self._tool_use(body)
-        prompt = await asyncio.to_thread(self.render_chat, body)
-        prepared = self._prepare([prompt], body.token_limit(), body, "messages", body.logprobs, body.top_logprobs or 0)
-        prepared.tools = tools
-        prepared.params = _with_chat_constraints(prepared.params, body, tools)
-        return await self._run(prepared, http, chat=True)
+        admitted = self._admit(body.n)
+        try:
+            prompt = await asyncio.to_thread(self.render_chat, body, bounds.context)
+            prepared = self._prepare([prompt], body.token_limit(), body, "messages", body.logprobs, body.top_logprobs or 0)
+            prepared.tools = tools
+            prepared.params = _with_chat_constraints(prepared.params, body, tools)
+        except BaseException:
+            self._release(admitted)
+            raise
+        return await self._run(prepared, http, admitted, chat=True)
 
     async def completion(self, body: CompletionRequest, http: Request) -> Response:
         self._check_common(body.model, body.unsupported_field(), body.n)
         self._check_ready()
-        prompts = await asyncio.to_thread(self._tokenize_prompts, body)
-        top = body.logprobs or 0
-        prepared = self._prepare(prompts, body.token_limit(), body, "prompt", body.logprobs is not None, top)
-        if body.echo:
-            tokenizer, skip = self.engine.loaded.tokenizer, body.skip_special_tokens
-            prepared.echo = await asyncio.to_thread(lambda: [str(tokenizer.decode(p, skip_special_tokens=skip)) for p in prompts])
-        return await self._run(prepared, http, chat=False)
+        bounds = await self._prompt_bounds()
+        self._refuse(_completion_refusal(bounds, body))
+        admitted = self._admit(_prompt_count(body) * body.n)
+        try:
+            prompts = await asyncio.to_thread(self._tokenize_prompts, body, bounds.context)
+            top = body.logprobs or 0
+            prepared = self._prepare(prompts, body.token_limit(), body, "prompt", body.logprobs is not None, top)
+            if body.echo:
+                tokenizer, skip = self.engine.loaded.tokenizer, body.skip_special_tokens
+                prepared.echo = await asyncio.to_thread(lambda: [str(tokenizer.decode(p, skip_special_tokens=skip)) for p in prompts])
+        except BaseException:
+            self._release(admitted)
+            raise
+        return await self._run(prepared, http, admitted, chat=False)
 
     async def tokenize(self, body: TokenizeCompletion | TokenizeChat) -> Tokenized:
         """vLLM's /tokenize: a prompt's ids, or a message list's through the chat template."""
@@ -202,6 +220,32 @@ class Serving:
         if self.admission.draining or not self.engine.ready:
             self._reject(self.admission.try_acquire(0, ready=self.engine.ready))
 
+    async def _prompt_bounds(self) -> PromptBounds:
+        if self._bounds is None:
+            self._bounds = await asyncio.to_thread(self._read_bounds)  # walks the vocabulary once
+        return self._bounds
+
+    def _read_bounds(self) -> PromptBounds:
+        loaded = self.engine.loaded
+        tokenizer = loaded.tokenizer
+        return PromptBounds(loaded.max_model_len, longest_entry(tokenizer.get_vocab()), len(tokenizer))
+
+    def _refuse(self, refusal: Refusal | None) -> None:
+        if refusal is not None:
+            raise _refused(refusal)
+
+    def _admit(self, rows: int) -> Admitted:
+        if rows > self.settings.max_num_seqs:
+            raise bad_request(f"prompts x n must be at most {self.settings.max_num_seqs} (max-num-seqs)", "n")
+        admitted = self._reject(self.admission.try_acquire(rows, ready=self.engine.ready))
+        self.idle.clear()
+        return admitted
+
+    def _release(self, admitted: Admitted) -> None:
+        """Give back a slot taken for a request that failed before it reached the engine."""
+        self.admission.release(admitted)
+        self._released()
+
     def _reject(self, decision: Admitted | Rejected) -> Admitted:
         if isinstance(decision, Admitted):
             return decision
@@ -218,7 +262,7 @@ class Serving:
             raise bad_request("this model's chat template does not support tools", "tools", "unsupported_parameter")
         return ToolUse(fmt, forced=mode in ("required", "named"), parallel=body.parallel_tool_calls is not False)
 
-    def render_chat(self, body: ChatCompletionRequest | TokenizeChat) -> list[int]:
+    def render_chat(self, body: ChatCompletionRequest | TokenizeChat, context: int | None = None) -> list[int]:
         """The prompt's token ids: the messages (and tools) through the model's chat template."""
         tokenizer = self.engine.loaded.tokenizer
         if not getattr(tokenizer, "chat_template", None):
@@ -242,9 +286,14 @@ class Serving:
         except Exception as exc:  # jinja templates raise for shapes they refuse (e.g. role order)
             raise bad_request(f"chat template rejected the messages: {exc}", "messages") from exc
         # The template already places the special tokens; do not add BOS a second time.
-        return list(tokenizer(str(text), add_special_tokens=False).input_ids)
+        if context is None:  # /tokenize: counting is the point, and the body limit bounds the text
+            return list(tokenizer(str(text), add_special_tokens=False).input_ids)
+        ids = tokenize_bounded(lambda t: tokenizer(t, add_special_tokens=False).input_ids, str(text), context)
+        if ids is None:
+            raise _refused(too_many_tokens(context, "messages"))
+        return ids
 
-    def _tokenize_prompts(self, body: CompletionRequest) -> list[list[int]]:
+    def _tokenize_prompts(self, body: CompletionRequest, context: int) -> list[list[int]]:
         tokenizer = self.engine.loaded.tokenizer
         prompt = body.prompt
         if isinstance(prompt, str):
@@ -255,7 +304,12 @@ class Serving:
             return self._check_ids([[int(p) for p in prompt if isinstance(p, int)]])
         else:
             return self._check_ids([[int(t) for t in p] for p in prompt if isinstance(p, list)])
-        encoded = [list(tokenizer(t).input_ids) for t in texts]
+        encoded: list[list[int]] = []
+        for text in texts:
+            ids = tokenize_bounded(lambda t: tokenizer(t).input_ids, text, context)
+            if ids is None:
+                raise _refused(too_many_tokens(context, "prompt"))
+            encoded.append(ids)
         if any(not ids for ids in encoded):
             raise bad_request("prompt must not be empty", "prompt")
         return encoded
@@ -315,10 +369,7 @@ class Serving:
             self._handoff = Handoff(loop)
         return self._handoff
 
-    async def _run(self, prepared: Prepared, http: Request, *, chat: bool) -> Response:
-        rows = len(prepared.prompts) * prepared.n
-        admitted = self._reject(self.admission.try_acquire(rows, ready=self.engine.ready))
-        self.idle.clear()
+    async def _run(self, prepared: Prepared, http: Request, admitted: Admitted, *, chat: bool) -> Response:
         lease = Lease(self.admission, admitted, self._released)
         try:
             queue: asyncio.Queue[object] = asyncio.Queue()
@@ -536,6 +587,45 @@ def _response_calls(parsed: Parsed, tools: ToolUse | None) -> list[ResponseToolC
         ResponseToolCall(id=f"call_{uuid.uuid4().hex[:24]}", function=FunctionCall(name=call.name, arguments=call.arguments))
         for call in calls
     ]
+
+
+def _refused(refusal: Refusal) -> APIError:
+    return bad_request(refusal.message, refusal.param, refusal.code)
+
+
+def _prompt_count(body: CompletionRequest) -> int:
+    prompt = body.prompt
+    if isinstance(prompt, str) or all(isinstance(p, int) for p in prompt):
+        return 1
+    return len(prompt)
+
+
+def _common_refusal(bounds: PromptBounds, body: ChatCompletionRequest | CompletionRequest) -> Refusal | None:
+    return first_refusal(
+        bounds.stop(len(s) for s in body.stop_list()),
+        bounds.logit_bias(len(body.logit_bias)) if body.logit_bias else None,
+    )
+
+
+def _chat_refusal(bounds: PromptBounds, body: ChatCompletionRequest) -> Refusal | None:
+    return first_refusal(
+        bounds.messages(len(body.messages), sum(len(m.text()) for m in body.messages)),
+        bounds.tools(len(to_json(body.tools))) if body.tools else None,
+        _common_refusal(bounds, body),
+    )
+
+
+def _completion_refusal(bounds: PromptBounds, body: CompletionRequest) -> Refusal | None:
+    prompt = body.prompt
+    if isinstance(prompt, str):
+        sized = bounds.prompt_texts([len(prompt)])
+    elif all(isinstance(p, str) for p in prompt):
+        sized = bounds.prompt_texts(len(p) for p in prompt if isinstance(p, str))
+    elif all(isinstance(p, int) for p in prompt):
+        sized = bounds.token_ids([len(prompt)])
+    else:
+        sized = bounds.token_ids(len(p) for p in prompt if isinstance(p, list))
+    return first_refusal(sized, _common_refusal(bounds, body))
 
 
 async def _watch_disconnect(http: Request, queue: asyncio.Queue[object]) -> None:

@@ -90,6 +90,24 @@ class Settings(BaseSettings):
         "starts with one (a shared system prompt, a conversation's earlier turns) reads only the rest. 0: off.",
     )
     request_timeout_seconds: float = Field(default=600.0, gt=0)
+    max_request_mib: float = Field(
+        default=16.0,
+        gt=0,
+        description="Largest request body (MiB); a larger one is refused with 413 before it is read. The default holds "
+        "a 128k-token context's prompt several times over, however it is spelled (docs/limits.md).",
+    )
+    request_read_timeout_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="A request's head and body must arrive whole within this long of its first byte (or of the "
+        "connection opening); otherwise the connection is closed.",
+    )
+    max_connections: int = Field(
+        default=1024,
+        ge=1,
+        description="Open connections (shared among the workers) beyond which a new connection is answered 503 with "
+        "Retry-After and closed; /livez, /readyz and /startupz are answered on it all the same.",
+    )
     drain_seconds: float = Field(default=30.0, ge=0, description="How long SIGTERM waits for streams.")
     api_key_file: Path | None = Field(default=None, description="File with the bearer token; auth is off if unset.")
     log_level: LogLevel = "info"

@@ -139,6 +139,10 @@ INVALID = [
     ("negative-quantity", with_changes(("resources.memory", {"request": -1})), "a quantity cannot be negative"),
     ("prefix-cache-not-a-quantity", with_changes(("server.prefixCacheSize", "big")), "spec.server.prefixCacheSize"),
     ("prefix-cache-negative", with_changes(("server.prefixCacheSize", "-1Gi")), "a quantity cannot be negative"),
+    ("request-size-not-a-quantity", with_changes(("server.maxRequestSize", "16 MiB")), "spec.server.maxRequestSize"),
+    ("request-size-negative", with_changes(("server.maxRequestSize", "-1Mi")), "a quantity cannot be negative"),
+    ("read-timeout-zero", with_changes(("server.requestReadTimeoutSeconds", 0)), "spec.server.requestReadTimeoutSeconds"),
+    ("max-connections-zero", with_changes(("server.maxConnections", 0)), "spec.server.maxConnections"),
     ("negative-gpu-count", with_changes(("resources.gpu", {"count": -1})), "should be greater than or equal to 0"),
     ("too-many-gpus", with_changes(("resources.gpu", {"count": 17})), "should be less than or equal to 16"),
     ("max-num-seqs-zero", with_changes(("server.maxNumSeqs", 0)), "should be greater than or equal to 1"),
@@ -192,6 +196,9 @@ def test_minimal_llmservice_is_accepted_and_defaulted(crd: ControlPlane, namespa
         "prefillChunkTokens": 512,
         "prefixCacheSize": "128Mi",
         "requestTimeoutSeconds": 600,
+        "maxRequestSize": "16Mi",
+        "requestReadTimeoutSeconds": 30,
+        "maxConnections": 1024,
         "drainSeconds": 30,
     }
     assert spec["resources"] == {

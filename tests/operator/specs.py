@@ -59,6 +59,8 @@ def specs(draw: st.DrawFn) -> dict[str, Any]:
         "maxNumSeqs": draw(st.integers(1, 256)), "maxQueue": draw(st.integers(0, 1000)),
         "drainSeconds": draw(st.integers(0, 600)), "workers": draw(st.integers(1, 4)),
         "prefixCacheSize": draw(st.sampled_from([0, "0", "64Mi", "1Gi", "500M"])),
+        "maxRequestSize": draw(st.sampled_from([1, "512Ki", "16Mi", "1Gi", "100M"])),
+        "requestReadTimeoutSeconds": draw(st.integers(1, 3600)), "maxConnections": draw(st.integers(1, 100000)),
     }
     if draw(st.booleans()):
         spec["server"]["apiKeySecretRef"] = {"name": "api-keys", "key": "key"}

@@ -154,6 +154,8 @@ def test_user_env_replaces_ours_by_name() -> None:
     ({**MINIMAL, "resources": {"memory": {"request": "8Gi", "limit": "4Gi"}}}, "below its request"),
     ({**MINIMAL, "resources": {"memory": {"limit": "lots"}}}, "not a Kubernetes quantity"),
     ({**MINIMAL, "server": {"prefixCacheSize": "some"}}, "not a Kubernetes quantity"),
+    ({**MINIMAL, "server": {"maxRequestSize": "0"}}, "at least one byte"),
+    ({**MINIMAL, "server": {"maxRequestSize": "16 MiB"}}, "not a Kubernetes quantity"),
 ])
 def test_specs_we_cannot_serve_are_refused_with_a_readable_message(spec: dict[str, Any], message: str) -> None:
     with pytest.raises(SpecError, match=message):
@@ -184,3 +186,17 @@ def test_an_explicit_torch_thread_count_wins_over_the_pods_cpu() -> None:
 def test_the_prefix_cache_size_reaches_the_server_in_whole_mib(size: int | str | None, mib: str) -> None:
     spec = MINIMAL if size is None else {**MINIMAL, "server": {"prefixCacheSize": size}}
     assert env_of(by_kind(render(service(spec), CONTEXT))["Deployment"])["LLMSERVICE_PREFIX_CACHE_MIB"] == mib
+
+
+@pytest.mark.parametrize(("size", "mib"), [(None, "16"), ("1Gi", "1024"), ("512Ki", "0.5"), (1048576, "1"), ("100M", "95.3674316406")])
+def test_the_request_size_limit_reaches_the_server_in_mib(size: int | str | None, mib: str) -> None:
+    spec = MINIMAL if size is None else {**MINIMAL, "server": {"maxRequestSize": size}}
+    assert env_of(by_kind(render(service(spec), CONTEXT))["Deployment"])["LLMSERVICE_MAX_REQUEST_MIB"] == mib
+
+
+def test_the_connection_limits_reach_the_server_with_the_servers_defaults() -> None:
+    env = env_of(by_kind(render(service(MINIMAL), CONTEXT))["Deployment"])
+    assert (env["LLMSERVICE_REQUEST_READ_TIMEOUT_SECONDS"], env["LLMSERVICE_MAX_CONNECTIONS"]) == ("30", "1024")
+    tight = {**MINIMAL, "server": {"requestReadTimeoutSeconds": 5, "maxConnections": 64}}
+    env = env_of(by_kind(render(service(tight), CONTEXT))["Deployment"])
+    assert (env["LLMSERVICE_REQUEST_READ_TIMEOUT_SECONDS"], env["LLMSERVICE_MAX_CONNECTIONS"]) == ("5", "64")

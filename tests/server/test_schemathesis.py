@@ -158,7 +158,7 @@ def test_server_conforms_to_its_openapi_document(
 def test_the_document_declares_the_real_error_statuses(server: ServerProcess) -> None:
     document: dict[str, Any] = server.get("/openapi.json").json()
     chat = document["paths"]["/v1/chat/completions"]["post"]["responses"]
-    assert set(chat) == {"200", "400", "401", "404", "408", "429", "500", "503"}  # no 422: validation answers 400
+    assert set(chat) == {"200", "400", "401", "404", "408", "413", "429", "500", "503"}  # no 422: validation answers 400
     assert chat["429"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorResponse"}
     assert "Retry-After" in chat["503"]["headers"]
     assert chat["200"]["content"]["text/event-stream"]["schema"] == {"$ref": "#/components/schemas/ChatStreamEvent"}
