@@ -156,6 +156,15 @@ class Kube:
                 return Listing(items, version)
             params["continue"] = token
 
+    async def get(self, kind: str, namespace: str, name: str) -> Manifest | None:
+        """One object by name, or None when there is none."""
+        response = await self._request("get", "GET", RESOURCES[kind].path(namespace, name))
+        if response.status_code == 404:
+            return None
+        self._raise_for(response)
+        body: Manifest = response.json()
+        return body
+
     async def apply(self, manifest: Manifest, *, subresource: str | None = None) -> Manifest:
         """Server-side apply under our field manager; force, since we own what we render."""
         metadata = manifest["metadata"]

@@ -21,6 +21,7 @@ from llmservice_operator.metrics import OperatorMetrics
 from llmservice_operator.reconcile import Key, Reconciler
 from llmservice_operator.resync import WATCHED_KINDS, Resync
 from llmservice_operator.settings import OperatorSettings
+from llmservice_operator.status import Policy
 from llmservice_operator.store import ObjectStore
 from llmservice_operator.workqueue import WorkQueue
 
@@ -123,7 +124,10 @@ class Operator:
             queued = await resync.once()
         except KubeError as error:
             raise kopf.TemporaryError(f"Could not list the watched objects: {error}", delay=5) from error
-        self._reconciler = Reconciler(kube, self.store, self.metrics, self.settings.server_image)
+        self._reconciler = Reconciler(
+            kube, self.store, self.metrics, self.settings.server_image,
+            policy=Policy(capacity_grace_seconds=self.settings.capacity_grace_seconds), requeue=self.queue.add_after,
+        )
         self.queue.start()
         if self.settings.resync_seconds:
             self._resync_task = asyncio.create_task(resync.run(self.settings.resync_seconds), name="resync")

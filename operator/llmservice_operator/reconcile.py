@@ -28,7 +28,12 @@ log = logging.getLogger(__name__)
 
 CHILD_KINDS = ("Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget")
 CAPABILITY_TTL_SECONDS = 60.0
-ROUTINE_REASONS = frozenset({"Creating", "RollingOut"})
+ROUTINE_REASONS = frozenset({"Creating", "RollingOut", "WaitingForCapacity"})
+# An object holding a child's name without our label is not watched, so its going away is not an
+# event here: the LLMService looks again this often.
+CONFLICT_RECHECK_SECONDS = 15.0
+# Write errors that resolve by retrying at once and need no word in the status.
+RETRY_QUIETLY = frozenset({0, 409, 429})
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,15 @@ class Key:
 
     def __str__(self) -> str:
         return f"{self.namespace}/{self.name}"
+
+
+class ChildWriteFailed(Exception):
+    """A write of one child failed; says which, for the status."""
+
+    def __init__(self, what: str, error: KubeError) -> None:
+        super().__init__(f"{what}: {error}")
+        self.what = what
+        self.error = error
 
 
 def utc_now() -> str:
@@ -68,7 +82,8 @@ class CapabilityCache:
 class Reconciler:
     def __init__(
         self, kube: Kube, store: ObjectStore, metrics: OperatorMetrics, default_image: str,
-        clock: Callable[[], str] = utc_now,
+        clock: Callable[[], str] = utc_now, policy: status.Policy | None = None,
+        requeue: Callable[[Key, float], None] | None = None,
     ) -> None:
         self._kube = kube
         self._store = store
@@ -76,6 +91,9 @@ class Reconciler:
         self._default_image = default_image
         self._capabilities = CapabilityCache(kube)
         self._now = clock
+        self._policy = policy or status.Policy()
+        # Runs a key again after a delay, for what no watch event will announce.
+        self._requeue = requeue or (lambda key, delay: None)
 
     async def __call__(self, key: Key) -> None:
         started = time.perf_counter()
@@ -109,24 +127,59 @@ class Reconciler:
         desired = render(service, RenderContext(self._default_image, capabilities))
         observed = self._observe_children(service, capabilities)
         try:
+            conflict = await self._name_conflict(service, desired, observed)
+            if conflict is not None:
+                generation = service.ref.generation
+                if await self._write_status(body, status.name_conflict(generation, conflict, previous, self._now())):
+                    log.warning("LLMService %s: %s", key, conflict)
+                self._requeue(key, CONFLICT_RECHECK_SECONDS)
+                return "conflict"
             deployment, applied = await self._apply_changed(service, desired, observed)
-        except KubeError as error:
-            if error.status not in (400, 422):
-                raise  # ours to retry: conflicts, throttling, missing permissions, server trouble
-            # The API server rejected what we rendered from the user's spec (e.g. a bad toleration).
-            await self._invalid(body, f"The API server rejected a child object: {error.message}")
-            return "invalid"
-        pruned = await self._prune(service, desired, observed)
+            pruned = await self._prune(service, desired, observed)
+        except ChildWriteFailed as failed:
+            return await self._refused(body, failed)
 
-        settled = status.compute(service, status.Observed(deployment, (), capabilities), previous, self._now())
+        autoscaler = observed.get(("HorizontalPodAutoscaler", service.ref.name))
+        now = self._now()
+        seen = status.Observed(deployment, (), capabilities, autoscaler)
+        settled = status.compute(service, seen, previous, now, self._policy)
         if not _ready(settled):
             # Only an unsettled service looks at its pods, to say why it is not Ready.
             selector = naming.selector_labels(key.name).items()
             pods = tuple(pod for pod in self._store.pods(key.namespace, key.name)
                          if selector <= ((pod["metadata"].get("labels") or {}).items()))
-            settled = status.compute(service, status.Observed(deployment, pods, capabilities), previous, self._now())
+            seen = status.Observed(deployment, pods, capabilities, autoscaler)
+            settled = status.compute(service, seen, previous, now, self._policy)
+            recheck = status.recheck_after(service, seen, now, self._policy)
+            if recheck is not None:
+                self._requeue(key, recheck + 1.0)
         wrote = await self._write_status(body, settled)
         return "applied" if applied or pruned or wrote else "unchanged"
+
+    async def _name_conflict(
+        self, service: LLMService, desired: list[Manifest], observed: dict[tuple[str, str], Manifest]
+    ) -> str | None:
+        """Why a child cannot be applied, when its name is held by an object this LLMService does not control.
+
+        Server-side apply would merge into such an object and make it ours, and the garbage collector
+        would delete it with the LLMService. Children already observed as ours need no request; a
+        missing one is looked up once (the watches see only objects with our labels), just before it
+        would be created.
+        """
+        namespace = service.ref.namespace
+        for manifest in desired:
+            kind, name = manifest["kind"], manifest["metadata"]["name"]
+            if (kind, name) in observed:
+                continue
+            holder = self._store.get(kind, namespace, name)
+            if holder is None:
+                try:
+                    holder = await self._kube.get(kind, namespace, name)
+                except KubeError as error:
+                    raise ChildWriteFailed(f"Reading {kind} {namespace}/{name}", error) from error
+            if holder is not None and not _controlled_by(holder, service.ref.uid):
+                return _conflict_message(kind, namespace, name, holder)
+        return None
 
     def _observe_children(self, service: LLMService, capabilities: Capabilities) -> dict[tuple[str, str], Manifest]:
         kinds = list(CHILD_KINDS)
@@ -148,7 +201,11 @@ class Reconciler:
         for manifest in desired:
             current = observed.get((manifest["kind"], manifest["metadata"]["name"]))
             if current is None or not contains(current, manifest):
-                current = await self._kube.apply(manifest)
+                try:
+                    current = await self._kube.apply(manifest)
+                except KubeError as error:
+                    what = f"Applying {manifest['kind']} {service.ref.namespace}/{manifest['metadata']['name']}"
+                    raise ChildWriteFailed(what, error) from error
                 self._store.upsert(manifest["kind"], current)
                 wrote = True
                 log.info("Applied %s %s/%s", manifest["kind"], service.ref.namespace, manifest["metadata"]["name"])
@@ -163,7 +220,11 @@ class Reconciler:
         wrote = False
         for (kind, name), item in sorted(observed.items()):
             if (kind, name) not in wanted:
-                await self._kube.delete(kind, service.ref.namespace, name, item["metadata"]["uid"])
+                # `observed` holds only objects this LLMService controls: nothing else is ever pruned.
+                try:
+                    await self._kube.delete(kind, service.ref.namespace, name, item["metadata"]["uid"])
+                except KubeError as error:
+                    raise ChildWriteFailed(f"Deleting {kind} {service.ref.namespace}/{name}", error) from error
                 self._store.remove(kind, service.ref.namespace, name, uid=item["metadata"]["uid"])
                 wrote = True
                 log.info("Pruned %s %s/%s, no longer in the spec", kind, service.ref.namespace, name)
@@ -175,6 +236,25 @@ class Reconciler:
         new = status.invalid(generation, message, body.get("status"), self._now())
         if await self._write_status(body, new):
             log.warning("LLMService %s/%s is invalid: %s", metadata["namespace"], metadata["name"], message)
+
+    async def _refused(self, body: Manifest, failed: ChildWriteFailed) -> str:
+        """Map a refused child write: InvalidSpec (no retry), or ApplyFailed and a retry with backoff."""
+        refused = failed.error
+        if refused.status in (400, 422):
+            # The API server rejected what we rendered from the user's spec (e.g. a bad toleration).
+            await self._invalid(body, f"The API server rejected a child object: {refused.message}")
+            return "invalid"
+        if refused.status not in RETRY_QUIETLY:
+            # Missing permissions, a policy engine or webhook saying no, a missing CRD, server
+            # trouble: the status says so while the work queue retries with backoff.
+            message = f"{failed.what} failed (HTTP {refused.status}): {refused.message}"
+            generation = int(body["metadata"].get("generation") or 0)
+            try:
+                await self._write_status(body, status.apply_failed(generation, message, body.get("status"), self._now()))
+            except KubeError as error:
+                log.warning("Could not record ApplyFailed on LLMService %s/%s: %s",
+                            body["metadata"]["namespace"], body["metadata"]["name"], error)
+        raise refused from failed
 
     async def _write_status(self, body: Manifest, new: dict[str, Any]) -> bool:
         """Write the status once, and only when it differs from what is stored."""
@@ -208,6 +288,15 @@ class Reconciler:
 
 def _controlled_by(item: Manifest, uid: str) -> bool:
     return any(ref.get("uid") == uid and ref.get("controller") for ref in item["metadata"].get("ownerReferences") or [])
+
+
+def _conflict_message(kind: str, namespace: str, name: str, holder: Manifest) -> str:
+    owner = next((ref for ref in holder["metadata"].get("ownerReferences") or [] if ref.get("controller")), None)
+    held = f"is controlled by {owner.get('kind')} {owner.get('name')} (uid {owner.get('uid')})" if owner \
+        else "is not controlled by this LLMService"
+    return (f"{kind} {namespace}/{name} already exists and {held}; the operator will not change or delete it. "
+            f"Delete or rename that {kind}, or give the LLMService another name; reconciling goes on once the "
+            "name is free.")
 
 
 def _condition(state: dict[str, Any], kind: str) -> dict[str, Any] | None:

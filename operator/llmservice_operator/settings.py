@@ -30,6 +30,11 @@ class OperatorSettings(BaseSettings):
         default=600.0, ge=0,
         description="Re-list every watched kind this often, to repair deletions a watch missed; 0 disables.",
     )
+    capacity_grace_seconds: float = Field(
+        default=900.0, ge=0,
+        description="How long a GPU pod may wait for a node (a cluster autoscaler adding one) before the "
+                    "LLMService says InsufficientGPU and Stalled.",
+    )
     watch_timeout_seconds: int | None = Field(
         default=None, ge=1, description="Ask the API server to end each watch after this long (kopf then re-lists)."
     )

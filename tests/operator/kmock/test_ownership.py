@@ -1,0 +1,136 @@
+"""A child's name held by an object this LLMService does not control: never applied over, never deleted."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+
+from tests.operator.kmock.conftest import (
+    COLLECTIONS,
+    DEPLOYMENTS,
+    EVENTS_PATH,
+    HPAS,
+    LLMSERVICES,
+    NAME,
+    NAMESPACE,
+    SERVICES,
+    STATUS_PATH,
+    ApiServer,
+    Controller,
+    body_of,
+    child_writes,
+    exists,
+    rendered,
+    seed,
+    stored,
+    writes,
+)
+from tests.operator.specs import MINIMAL, body
+
+pytestmark = pytest.mark.asyncio
+
+SERVICE_PATH = f"{COLLECTIONS['Service']}/{NAME}"
+OTHER_UID = "0b5e2d35-2222-4c4c-8e8e-000000000000"
+
+
+def users_service() -> dict[str, Any]:
+    """A Service someone made by hand before the LLMService: no labels of ours, no owner."""
+    return {
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": NAME, "namespace": NAMESPACE, "uid": "uid-of-users-service", "resourceVersion": "500"},
+        "spec": {"ports": [{"name": "postgres", "port": 5432}], "selector": {"app": "postgres"}},
+    }
+
+
+def ready_conditions(kmock: ApiServer) -> dict[str, dict[str, Any]]:
+    return {c["type"]: c for c in stored(kmock, LLMSERVICES)["status"]["conditions"]}
+
+
+async def test_a_name_held_by_someone_elses_object_is_a_name_conflict(kmock: ApiServer, controller: Controller) -> None:
+    kmock.objects[SERVICES, NAMESPACE, NAME] = users_service()
+    seed(kmock, body(MINIMAL))
+
+    assert await controller.reconcile() == "conflict"
+
+    # Nothing applied at all (not even the Deployment: half a service is worse than none).
+    assert child_writes(kmock) == []
+    assert not exists(kmock, DEPLOYMENTS)
+    assert stored(kmock, SERVICES) == users_service(), "the user's Service must be left exactly as it was"
+    conditions = ready_conditions(kmock)
+    assert {kind: (c["status"], c["reason"]) for kind, c in conditions.items()} == {
+        "Ready": ("False", "NameConflict"), "Progressing": ("False", "NameConflict"),
+        "Degraded": ("True", "NameConflict"), "Reconciling": ("False", "AsExpected"), "Stalled": ("True", "NameConflict"),
+    }
+    message = conditions["Ready"]["message"]
+    assert f"Service {NAMESPACE}/{NAME} already exists" in message and "will not change or delete it" in message
+    sent = writes(kmock)
+    assert [(r.method.value, r.url.path) for r in sent] == [("PATCH", STATUS_PATH), ("POST", EVENTS_PATH)]
+    event = body_of(sent[1])
+    assert (event["type"], event["reason"], event["note"]) == ("Warning", "NameConflict", message)
+
+    # Looking again while the name is still taken writes nothing.
+    assert await controller.reconcile() == "conflict"
+    assert [r for r in controller.requests() if r.method.value != "GET"] == []
+
+
+async def test_once_the_name_is_free_reconcile_goes_on(kmock: ApiServer, controller: Controller) -> None:
+    kmock.objects[SERVICES, NAMESPACE, NAME] = users_service()
+    seed(kmock, body(MINIMAL))
+    assert await controller.reconcile() == "conflict"
+
+    del kmock.objects[SERVICES, NAMESPACE, NAME]
+    assert await controller.reconcile() == "applied"
+
+    assert [(r.method.value, r.url.path) for r in child_writes(kmock)] == [
+        ("PATCH", f"{COLLECTIONS['Deployment']}/{NAME}"), ("PATCH", SERVICE_PATH)]
+    assert stored(kmock, SERVICES)["metadata"]["ownerReferences"][0]["controller"] is True
+    assert ready_conditions(kmock)["Ready"]["reason"] == "RollingOut"
+
+
+async def test_a_child_of_another_llmservice_incarnation_is_not_taken_over(kmock: ApiServer, controller: Controller) -> None:
+    """Labelled as ours (so the store holds it) but controlled by another uid: an LLMService deleted and re-created
+    before the garbage collector removed the old children."""
+    old = copy.deepcopy(next(m for m in rendered(body(MINIMAL)) if m["kind"] == "Service"))
+    old["metadata"]["ownerReferences"][0]["uid"] = OTHER_UID
+    old["metadata"].update(uid="uid-of-old-service", resourceVersion="501")
+    kmock.objects[SERVICES, NAMESPACE, NAME] = old
+    seed(kmock, body(MINIMAL))
+
+    assert await controller.reconcile() == "conflict"
+
+    assert child_writes(kmock) == []
+    # Known from the store the watches fill: no lookup needed.
+    assert ("GET", SERVICE_PATH) not in [(r.method.value, r.url.path) for r in controller.requests()]
+    assert f"is controlled by LLMService {NAME} (uid {OTHER_UID})" in ready_conditions(kmock)["Ready"]["message"]
+
+
+async def test_our_own_child_the_store_missed_is_applied(kmock: ApiServer, controller: Controller) -> None:
+    """A child that carries our controller reference but lost our labels is still ours: applied, labels put back."""
+    ours = copy.deepcopy(next(m for m in rendered(body(MINIMAL)) if m["kind"] == "Service"))
+    ours["metadata"]["labels"] = {}
+    ours["metadata"].update(uid="uid-of-our-service", resourceVersion="502")
+    kmock.objects[SERVICES, NAMESPACE, NAME] = ours
+    seed(kmock, body(MINIMAL))
+
+    assert await controller.reconcile() == "applied"
+
+    assert stored(kmock, SERVICES)["metadata"]["labels"]["llmservice.io/name"] == NAME
+
+
+async def test_a_foreign_hpa_of_the_same_name_blocks_autoscaling(kmock: ApiServer, controller: Controller) -> None:
+    kmock.objects[HPAS, NAMESPACE, NAME] = {
+        "apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler",
+        "metadata": {"name": NAME, "namespace": NAMESPACE, "uid": "uid-of-keda-hpa", "resourceVersion": "503",
+                     "ownerReferences": [{"apiVersion": "keda.sh/v1alpha1", "kind": "ScaledObject", "name": NAME,
+                                          "uid": "keda-uid", "controller": True}]},
+        "spec": {"maxReplicas": 9, "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": NAME}},
+    }
+    seed(kmock, body({**MINIMAL, "autoscaling": {"minReplicas": 1, "maxReplicas": 3, "metric": "cpu"}}))
+
+    assert await controller.reconcile() == "conflict"
+
+    assert child_writes(kmock) == []
+    assert stored(kmock, HPAS)["spec"]["maxReplicas"] == 9
+    assert "is controlled by ScaledObject chat (uid keda-uid)" in ready_conditions(kmock)["Ready"]["message"]
