@@ -285,6 +285,7 @@ def test_default_render(helm: Path) -> None:
     assert env["LLMSERVICE_OPERATOR_LOG_LEVEL"] == "INFO"
     assert env["LLMSERVICE_OPERATOR_WORKERS"] == "8"
     assert env["LLMSERVICE_OPERATOR_RESYNC_SECONDS"] == "600"
+    assert env["LLMSERVICE_OPERATOR_CAPACITY_GRACE_SECONDS"] == "900"
     assert env["LLMSERVICE_OPERATOR_HEALTH_PORT"] == "8080"
     assert env["LLMSERVICE_OPERATOR_METRICS_PORT"] == "9090"
     sa_name = deployment["spec"]["template"]["spec"]["serviceAccountName"]
@@ -414,16 +415,17 @@ def test_values_override_images(helm: Path) -> None:
 
 
 def test_values_tune_the_reconciler_and_the_operator_reads_them(helm: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    rendered = render(helm, {"reconcileWorkers": "32", "resyncSeconds": "0"})
+    rendered = render(helm, {"reconcileWorkers": "32", "resyncSeconds": "0", "capacityGraceSeconds": "120"})
     container = rendered.one("Deployment")["spec"]["template"]["spec"]["containers"][0]
     env = {e["name"]: e["value"] for e in container["env"]}
     assert (env["LLMSERVICE_OPERATOR_WORKERS"], env["LLMSERVICE_OPERATOR_RESYNC_SECONDS"]) == ("32", "0")
+    assert env["LLMSERVICE_OPERATOR_CAPACITY_GRACE_SECONDS"] == "120"
     # The rendered variables are the operator's own settings, read as the operator reads them.
     for name, value in env.items():
         if name.startswith("LLMSERVICE_OPERATOR_"):
             monkeypatch.setenv(name, value)
     settings = OperatorSettings()
-    assert (settings.workers, settings.resync_seconds) == (32, 0.0)
+    assert (settings.workers, settings.resync_seconds, settings.capacity_grace_seconds) == (32, 0.0, 120.0)
 
 
 # --- the schema rejects typos and nonsense ----------------------------------------------------
