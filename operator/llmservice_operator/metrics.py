@@ -31,3 +31,8 @@ class OperatorMetrics:
             ["kind"],
             registry=registry,
         )
+        self.leader = Gauge(
+            "llmservice_operator_leader",
+            "1 while this operator process holds the leader Lease and reconciles (always 1 without leader election).",
+            registry=registry,
+        )

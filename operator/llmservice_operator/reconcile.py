@@ -247,7 +247,7 @@ class Reconciler:
         if refused.status not in RETRY_QUIETLY:
             # Missing permissions, a policy engine or webhook saying no, a missing CRD, server
             # trouble: the status says so while the work queue retries with backoff.
-            message = f"{failed.what} failed (HTTP {refused.status}): {refused.message}"
+            message = f"{failed.what} failed (HTTP {refused.status}): {refused.message}{_hint(refused.status)}"
             generation = int(body["metadata"].get("generation") or 0)
             try:
                 await self._write_status(body, status.apply_failed(generation, message, body.get("status"), self._now()))
@@ -288,6 +288,16 @@ class Reconciler:
 
 def _controlled_by(item: Manifest, uid: str) -> bool:
     return any(ref.get("uid") == uid and ref.get("controller") for ref in item["metadata"].get("ownerReferences") or [])
+
+
+def _hint(code: int) -> str:
+    if code == 403:
+        return (". Grant the operator's ServiceAccount this permission (the chart's RBAC, docs/security.md), "
+                "or ask whoever runs the admission policy that refused it")
+    if code == 404:
+        return (". The API server does not serve this kind: install its CRD (monitoring.coreos.com for "
+                "ServiceMonitor and PodMonitor) or change spec.monitoring.mode")
+    return ""
 
 
 def _conflict_message(kind: str, namespace: str, name: str, holder: Manifest) -> str:

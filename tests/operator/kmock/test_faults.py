@@ -80,7 +80,8 @@ async def test_any_other_apply_error_is_apply_failed_in_status_and_retries(
     conditions = {c["type"]: c for c in stored(kmock, LLMSERVICES)["status"]["conditions"]}
     ready = conditions["Ready"]
     assert (ready["status"], ready["reason"]) == ("False", "ApplyFailed")
-    assert ready["message"] == (f"Applying Deployment team-a/{NAME} failed (HTTP {code}): {REFUSALS[code].message}")
+    assert ready["message"].startswith(f"Applying Deployment team-a/{NAME} failed (HTTP {code}): {REFUSALS[code].message}")
+    assert {403: "Grant the operator's ServiceAccount", 404: "install its CRD", 500: ""}[code] in ready["message"]
     assert (conditions["Reconciling"]["status"], conditions["Stalled"]["status"]) == ("True", "False")
     event = body_of(sent[2])
     assert (event["type"], event["reason"], event["note"]) == ("Warning", "ApplyFailed", ready["message"])
