@@ -118,6 +118,7 @@ def compute(
     return {
         "observedGeneration": generation,
         "replicas": replicas,
+        "desiredReplicas": desired,
         "readyReplicas": ready,
         "selector": naming.selector_string(service.ref.name),
         "url": url,
