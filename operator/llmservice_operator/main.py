@@ -114,6 +114,12 @@ class Operator:
         settings.posting.enabled = False
         settings.persistence.diffbase_storage = NoDiffBase()
         handlers.narrow_watches(settings)
+        if self.settings.namespaces:
+            # Exact namespace names need no namespace listing, which the chart's namespaced RBAC
+            # does not grant: without this kopf retries it for a minute before it starts watching.
+            # CRDs are then scanned once at startup; a monitoring CRD installed later is picked up
+            # by the periodic resync until the operator restarts.
+            settings.scanning.disabled = True
         if self.settings.watch_timeout_seconds is not None:
             settings.watching.server_timeout = self.settings.watch_timeout_seconds
             settings.watching.client_timeout = self.settings.watch_timeout_seconds + 10
