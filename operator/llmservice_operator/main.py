@@ -145,6 +145,7 @@ class Operator:
         self._reconciler = Reconciler(
             kube, self.store, self.metrics, self.settings.server_image,
             policy=Policy(capacity_grace_seconds=self.settings.capacity_grace_seconds), requeue=self.queue.add_after,
+            gpu_type_label=self.settings.gpu_type_label, monitor_labels=self.settings.monitor_labels,
         )
         if self._elector is None:
             self._lead(resync)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -19,7 +19,7 @@ from llmservice_operator import naming, status
 from llmservice_operator.diff import contains
 from llmservice_operator.kube import Kube, KubeError
 from llmservice_operator.metrics import OperatorMetrics
-from llmservice_operator.render import Capabilities, Manifest, RenderContext, render
+from llmservice_operator.render import DEFAULT_GPU_TYPE_LABEL, Capabilities, Manifest, RenderContext, render
 from llmservice_operator.spec import API_VERSION, KIND, LLMService, SpecError, parse
 from llmservice_operator.store import ObjectStore
 from llmservice_operator.workqueue import RetryLater
@@ -84,11 +84,14 @@ class Reconciler:
         self, kube: Kube, store: ObjectStore, metrics: OperatorMetrics, default_image: str,
         clock: Callable[[], str] = utc_now, policy: status.Policy | None = None,
         requeue: Callable[[Key, float], None] | None = None,
+        gpu_type_label: str = DEFAULT_GPU_TYPE_LABEL, monitor_labels: Mapping[str, str] | None = None,
     ) -> None:
         self._kube = kube
         self._store = store
         self._metrics = metrics
         self._default_image = default_image
+        self._gpu_type_label = gpu_type_label
+        self._monitor_labels = tuple(sorted((monitor_labels or {}).items()))
         self._capabilities = CapabilityCache(kube)
         self._now = clock
         self._policy = policy or status.Policy()
@@ -124,7 +127,8 @@ class Reconciler:
             return "invalid"
 
         capabilities = await self._capabilities.get()
-        desired = render(service, RenderContext(self._default_image, capabilities))
+        desired = render(service, RenderContext(self._default_image, capabilities, self._gpu_type_label,
+                                                self._monitor_labels))
         observed = self._observe_children(service, capabilities)
         try:
             conflict = await self._name_conflict(service, desired, observed)

@@ -30,6 +30,14 @@ class OperatorSettings(BaseSettings):
         default=600.0, ge=0,
         description="Re-list every watched kind this often, to repair deletions a watch missed; 0 disables.",
     )
+    gpu_type_label: str = Field(
+        default="nvidia.com/gpu.product",
+        description="Node label carrying the GPU type, for LLMServices that set resources.gpu.type but no typeLabel.",
+    )
+    monitor_labels: dict[str, str] = Field(
+        default_factory=dict,
+        description="Labels on every ServiceMonitor/PodMonitor (JSON object in the environment), for a Prometheus selector.",
+    )
     capacity_grace_seconds: float = Field(
         default=900.0, ge=0,
         description="How long a GPU pod may wait for a node (a cluster autoscaler adding one) before the "

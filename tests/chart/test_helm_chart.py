@@ -287,6 +287,8 @@ def test_default_render(helm: Path) -> None:
     assert env["LLMSERVICE_OPERATOR_WORKERS"] == "8"
     assert env["LLMSERVICE_OPERATOR_RESYNC_SECONDS"] == "600"
     assert env["LLMSERVICE_OPERATOR_CAPACITY_GRACE_SECONDS"] == "900"
+    assert env["LLMSERVICE_OPERATOR_GPU_TYPE_LABEL"] == "nvidia.com/gpu.product"
+    assert env["LLMSERVICE_OPERATOR_MONITOR_LABELS"] == "{}"
     assert env["LLMSERVICE_OPERATOR_HEALTH_PORT"] == "8080"
     assert env["LLMSERVICE_OPERATOR_METRICS_PORT"] == "9090"
     sa_name = deployment["spec"]["template"]["spec"]["serviceAccountName"]
@@ -348,6 +350,24 @@ def test_leader_election_is_on_with_a_role_for_its_one_lease(helm: Path) -> None
     assert off.of_kind("Role") == [] and off.of_kind("RoleBinding") == []
     container = off.one("Deployment")["spec"]["template"]["spec"]["containers"][0]
     assert {e["name"]: e.get("value") for e in container["env"]}["LLMSERVICE_OPERATOR_LEADER_ELECTION"] == "false"
+
+
+@pytest.mark.parametrize(("value", "label"), [
+    ("gpu-operator", "nvidia.com/gpu.product"), ("gke", "cloud.google.com/gke-accelerator"),
+    ("eks-karpenter", "karpenter.k8s.aws/instance-gpu-name"), ("example.com/accelerator", "example.com/accelerator"),
+])
+def test_gpu_type_label_presets_and_monitor_labels_reach_the_operator(
+    helm: Path, monkeypatch: pytest.MonkeyPatch, value: str, label: str
+) -> None:
+    rendered = render(helm, {"gpuTypeLabel": value, "monitorLabels.release": "kube-prometheus-stack"})
+    container = rendered.one("Deployment")["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["LLMSERVICE_OPERATOR_GPU_TYPE_LABEL"] == label
+    for name, setting in env.items():
+        if name.startswith("LLMSERVICE_OPERATOR_") and setting is not None:
+            monkeypatch.setenv(name, setting)
+    settings = OperatorSettings()
+    assert (settings.gpu_type_label, settings.monitor_labels) == (label, {"release": "kube-prometheus-stack"})
 
 
 def test_metrics_service_selects_the_operator(helm: Path) -> None:

@@ -18,7 +18,7 @@ from tests.e2e.test_operator import llmservice, wait_ready
 TAKEOVER_SECONDS = 30  # the bound; a 15 s Lease hands over in about 17 s
 LEADER = "llmservice_operator_leader"
 RECONCILES = "llmservice_operator_reconciles_total"
-CPU_ONLY = {"gpu": {"count": 0}, "memory": {"limit": "1Gi"}}
+CPU_ONLY = {"gpu": {"count": 0}, "memory": {"limit": "2Gi"}}
 
 
 def chart_lease_name(cluster: ControlPlane) -> str:

@@ -16,7 +16,7 @@ from tests.e2e.test_operator import llmservice, wait_ready
 RELEASE = "scoped"
 RELEASE_NAMESPACE = "llmservice-scoped"
 SERVICE_ACCOUNT = "llmservice-scoped-operator"
-CPU_ONLY = {"gpu": {"count": 0}, "memory": {"limit": "1Gi"}}
+CPU_ONLY = {"gpu": {"count": 0}, "memory": {"limit": "2Gi"}}
 
 
 @pytest.fixture

@@ -90,7 +90,7 @@ def test_a_users_service_of_the_same_name_is_never_taken(cluster: ControlPlane, 
                                                          namespace: str) -> None:
     cluster.kubectl("create", "service", "clusterip", "b6", "--tcp=5432:5432", "-n", namespace)
     before = get_json(cluster, "service", "b6", "-n", namespace)
-    apply_manifest(cluster, llmservice("b6", namespace, resources={"gpu": {"count": 0}, "memory": {"limit": "1Gi"}}))
+    apply_manifest(cluster, llmservice("b6", namespace, resources={"gpu": {"count": 0}, "memory": {"limit": "2Gi"}}))
 
     obj = wait_reason(cluster, operator, "b6", namespace, "Ready", "NameConflict")
     message = condition(obj, "Ready")["message"]
@@ -110,7 +110,7 @@ def test_a_users_service_of_the_same_name_is_never_taken(cluster: ControlPlane, 
 
 def test_reconcile_goes_on_once_the_name_is_free(cluster: ControlPlane, operator: OperatorProcess, namespace: str) -> None:
     cluster.kubectl("create", "service", "clusterip", "taken", "--tcp=5432:5432", "-n", namespace)
-    apply_manifest(cluster, llmservice("taken", namespace, resources={"gpu": {"count": 0}, "memory": {"limit": "1Gi"}}))
+    apply_manifest(cluster, llmservice("taken", namespace, resources={"gpu": {"count": 0}, "memory": {"limit": "2Gi"}}))
     wait_reason(cluster, operator, "taken", namespace, "Ready", "NameConflict")
 
     cluster.kubectl("delete", "service", "taken", "-n", namespace)
@@ -128,7 +128,7 @@ def test_reconcile_goes_on_once_the_name_is_free(cluster: ControlPlane, operator
 def test_a_model_that_fails_to_load_says_why_and_stalls_after_three_restarts(
     cluster: ControlPlane, operator: OperatorProcess, namespace: str
 ) -> None:
-    apply_manifest(cluster, llmservice("load", namespace, resources={"gpu": {"count": 0}, "memory": {"limit": "1Gi"}}))
+    apply_manifest(cluster, llmservice("load", namespace, resources={"gpu": {"count": 0}, "memory": {"limit": "2Gi"}}))
     pod = server_pod(cluster, namespace, "load")
     reason = "OSError: /models/llama-3 is not a model directory (no config.json)"
 
@@ -153,11 +153,11 @@ def test_a_model_that_fails_to_load_says_why_and_stalls_after_three_restarts(
     ({"restartCount": 5, "state": {"waiting": {"reason": "CrashLoopBackOff"}},
       "lastState": {"terminated": {"exitCode": 139, "reason": "Error"}}}, "CrashLoop", "5 restarts"),
     ({"restartCount": 2, "state": {"running": {"startedAt": "2026-11-29T10:00:00Z"}},
-      "lastState": {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}}, "OOMKilled", "memory limit of 1Gi"),
+      "lastState": {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}}, "OOMKilled", "memory limit of 2Gi"),
 ], ids=["crash-loop", "oom-killed"])
 def test_a_container_that_keeps_failing_says_how(cluster: ControlPlane, operator: OperatorProcess, namespace: str,
                                                  container_status: dict[str, Any], reason: str, says: str) -> None:
-    apply_manifest(cluster, llmservice("fail", namespace, resources={"gpu": {"count": 0}, "memory": {"limit": "1Gi"}}))
+    apply_manifest(cluster, llmservice("fail", namespace, resources={"gpu": {"count": 0}, "memory": {"limit": "2Gi"}}))
     play_kubelet(cluster, namespace, server_pod(cluster, namespace, "fail"), container_status)
 
     obj = wait_reason(cluster, operator, "fail", namespace, "Ready", reason)
@@ -167,7 +167,7 @@ def test_a_container_that_keeps_failing_says_how(cluster: ControlPlane, operator
 
 def test_a_recovered_containers_old_oom_kill_is_not_reported(cluster: ControlPlane, operator: OperatorProcess,
                                                              namespace: str) -> None:
-    apply_manifest(cluster, llmservice("healed", namespace, resources={"gpu": {"count": 0}, "memory": {"limit": "1Gi"}}))
+    apply_manifest(cluster, llmservice("healed", namespace, resources={"gpu": {"count": 0}, "memory": {"limit": "2Gi"}}))
     wait_ready(cluster, operator, "healed", namespace)
     pod = server_pod(cluster, namespace, "healed")
     play_kubelet(cluster, namespace, pod, {"restartCount": 1, "state": {"running": {"startedAt": "2026-11-29T10:00:00Z"}},
@@ -205,7 +205,7 @@ def test_an_apply_the_api_server_refuses_is_apply_failed(cluster: ControlPlane, 
                                                          namespace: str) -> None:
     # No prometheus-operator CRDs in this cluster: the ServiceMonitor's apply answers 404.
     apply_manifest(cluster, llmservice("monitor", namespace, monitoring={"mode": "serviceMonitor"},
-                                       resources={"gpu": {"count": 0}, "memory": {"limit": "1Gi"}}))
+                                       resources={"gpu": {"count": 0}, "memory": {"limit": "2Gi"}}))
 
     obj = wait_reason(cluster, operator, "monitor", namespace, "Ready", "ApplyFailed")
     message = condition(obj, "Ready")["message"]
@@ -215,7 +215,7 @@ def test_an_apply_the_api_server_refuses_is_apply_failed(cluster: ControlPlane, 
 
     # Fixing the spec is picked up (the backoff does not hold a new generation back).
     apply_manifest(cluster, llmservice("monitor", namespace, monitoring={"mode": "annotations"},
-                                       resources={"gpu": {"count": 0}, "memory": {"limit": "1Gi"}}))
+                                       resources={"gpu": {"count": 0}, "memory": {"limit": "2Gi"}}))
     wait_ready(cluster, operator, "monitor", namespace)
 
 
@@ -224,7 +224,7 @@ def test_an_hpa_that_cannot_read_its_metric_is_autoscaling_not_active(
 ) -> None:
     # No metrics-server here: the HPA controller sets ScalingActive=False, FailedGetResourceMetric.
     apply_manifest(cluster, llmservice("blind", namespace, autoscaling={"minReplicas": 1, "maxReplicas": 2, "metric": "cpu"},
-                                       resources={"gpu": {"count": 0}, "memory": {"limit": "1Gi"}}))
+                                       resources={"gpu": {"count": 0}, "memory": {"limit": "2Gi"}}))
 
     obj = wait_reason(cluster, operator, "blind", namespace, "Degraded", "AutoscalingNotActive", timeout=120)
     assert "ScalingActive=False" in condition(obj, "Degraded")["message"]

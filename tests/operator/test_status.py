@@ -54,7 +54,8 @@ def test_not_ready_while_the_deployment_has_not_seen_its_new_generation() -> Non
 
 
 def test_oom_killed_names_the_limit_and_what_to_change() -> None:
-    svc = service({**MINIMAL, "resources": {"gpu": {"count": 0}, "memory": {"limit": "512Mi"}}})
+    svc = service({**MINIMAL, "resources": {"gpu": {"count": 0}, "memory": {"limit": "512Mi"}, "shmSize": "64Mi"},
+                   "server": {"prefixCacheSize": 0}})
     oom = pod({"state": {"waiting": {"reason": "CrashLoopBackOff"}},
                "lastState": {"terminated": {"reason": "OOMKilled", "exitCode": 137}}})
     status = compute(svc, Observed(deployment=deployment(1, 0), pods=(oom,)), None, NOW)
