@@ -168,7 +168,8 @@ class Reconciler:
         Server-side apply would merge into such an object and make it ours, and the garbage collector
         would delete it with the LLMService. Children already observed as ours need no request; a
         missing one is looked up once (the watches see only objects with our labels), just before it
-        would be created.
+        would be created. The lookup and the apply are two requests: an object someone creates in the
+        milliseconds between them would still be merged into; server-side apply has no create-only mode.
         """
         namespace = service.ref.namespace
         for manifest in desired:
