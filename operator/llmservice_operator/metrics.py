@@ -9,7 +9,7 @@ class OperatorMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.reconciles = Counter(
             "llmservice_operator_reconciles",
-            "Reconciles of LLMServices by result (applied, unchanged, invalid, conflict, retry, gone).",
+            "Reconciles of LLMServices by result (applied, unchanged, invalid, conflict, waiting, retry, gone).",
             ["result"],
             registry=registry,
         )

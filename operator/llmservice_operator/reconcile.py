@@ -45,6 +45,21 @@ class Key:
         return f"{self.namespace}/{self.name}"
 
 
+@dataclass(frozen=True)
+class Holder:
+    """An object holding a child's name that this LLMService does not control."""
+
+    kind: str
+    namespace: str
+    name: str
+    body: Manifest
+    predecessor: bool  # a child of a deleted LLMService of the same name, on its way out
+
+    @property
+    def description(self) -> str:
+        return f"{self.kind} {self.namespace}/{self.name}"
+
+
 class ChildWriteFailed(Exception):
     """A write of one child failed; says which, for the status."""
 
@@ -133,11 +148,7 @@ class Reconciler:
         try:
             conflict = await self._name_conflict(service, desired, observed)
             if conflict is not None:
-                generation = service.ref.generation
-                if await self._write_status(body, status.name_conflict(generation, conflict, previous, self._now())):
-                    log.warning("LLMService %s: %s", key, conflict)
-                self._requeue(key, CONFLICT_RECHECK_SECONDS)
-                return "conflict"
+                return await self._blocked_by(body, key, service, conflict)
             deployment, applied = await self._apply_changed(service, desired, observed)
             pruned = await self._prune(service, desired, observed)
         except ChildWriteFailed as failed:
@@ -160,9 +171,24 @@ class Reconciler:
         wrote = await self._write_status(body, settled)
         return "applied" if applied or pruned or wrote else "unchanged"
 
+    async def _blocked_by(self, body: Manifest, key: Key, service: LLMService, holder: Holder) -> str:
+        generation, now = service.ref.generation, self._now()
+        if holder.predecessor:
+            # Deleted and re-created (a GitOps replace): the garbage collector is removing the old
+            # children, which carry our labels, so their deletion wakes this reconcile. Not a failure.
+            message = (f"Waiting for the garbage collector to delete {holder.description} of the deleted LLMService "
+                       f"{service.ref.name} before creating this one's.")
+            await self._write_status(body, status.creating(generation, message, body.get("status"), now))
+            return "waiting"
+        message = _conflict_message(holder)
+        if await self._write_status(body, status.name_conflict(generation, message, body.get("status"), now)):
+            log.warning("LLMService %s: %s", key, message)
+        self._requeue(key, CONFLICT_RECHECK_SECONDS)
+        return "conflict"
+
     async def _name_conflict(
         self, service: LLMService, desired: list[Manifest], observed: dict[tuple[str, str], Manifest]
-    ) -> str | None:
+    ) -> Holder | None:
         """Why a child cannot be applied, when its name is held by an object this LLMService does not control.
 
         Server-side apply would merge into such an object and make it ours, and the garbage collector
@@ -183,7 +209,7 @@ class Reconciler:
                 except KubeError as error:
                     raise ChildWriteFailed(f"Reading {kind} {namespace}/{name}", error) from error
             if holder is not None and not _controlled_by(holder, service.ref.uid):
-                return _conflict_message(kind, namespace, name, holder)
+                return Holder(kind, namespace, name, holder, predecessor=_of_predecessor(holder, service))
         return None
 
     def _observe_children(self, service: LLMService, capabilities: Capabilities) -> dict[tuple[str, str], Manifest]:
@@ -305,12 +331,23 @@ def _hint(code: int) -> str:
     return ""
 
 
-def _conflict_message(kind: str, namespace: str, name: str, holder: Manifest) -> str:
-    owner = next((ref for ref in holder["metadata"].get("ownerReferences") or [] if ref.get("controller")), None)
+def _controller(item: Manifest) -> dict[str, Any] | None:
+    return next((ref for ref in item["metadata"].get("ownerReferences") or [] if ref.get("controller")), None)
+
+
+def _of_predecessor(item: Manifest, service: LLMService) -> bool:
+    """Controlled by an earlier LLMService of the same name (deleted; its uid differs from this one's)."""
+    owner = _controller(item)
+    return owner is not None and owner.get("kind") == KIND and owner.get("apiVersion") == API_VERSION \
+        and owner.get("name") == service.ref.name and owner.get("uid") != service.ref.uid
+
+
+def _conflict_message(holder: Holder) -> str:
+    owner = _controller(holder.body)
     held = f"is controlled by {owner.get('kind')} {owner.get('name')} (uid {owner.get('uid')})" if owner \
         else "is not controlled by this LLMService"
-    return (f"{kind} {namespace}/{name} already exists and {held}; the operator will not change or delete it. "
-            f"Delete or rename that {kind}, or give the LLMService another name; reconciling goes on once the "
+    return (f"{holder.description} already exists and {held}; the operator will not change or delete it. "
+            f"Delete or rename that {holder.kind}, or give the LLMService another name; reconciling goes on once the "
             "name is free.")
 
 

@@ -139,6 +139,21 @@ def name_conflict(generation: int, message: str, previous: dict[str, Any] | None
                    progress="Waiting for the name to be free.")
 
 
+def creating(generation: int, message: str, previous: dict[str, Any] | None, now: str) -> dict[str, Any]:
+    """Status while a child's name is still held by the children of a deleted LLMService of the same name."""
+    status = dict(previous or {})
+    status["observedGeneration"] = generation
+    conditions = (
+        _cond("Ready", False, "Creating", message),
+        _cond("Progressing", True, "Creating", message),
+        _cond("Degraded", False, "AsExpected", "No failure observed."),
+        _cond("Reconciling", True, "Creating", message),
+        _cond("Stalled", False, "AsExpected", "Nothing is stuck."),
+    )
+    status["conditions"] = [_stamp(c, generation, previous, now) for c in conditions]
+    return status
+
+
 def apply_failed(generation: int, message: str, previous: dict[str, Any] | None, now: str) -> dict[str, Any]:
     """Status after the API server refused a write: the operator keeps retrying with backoff."""
     return blocked(generation, Diagnosis("ApplyFailed", message), previous, now,

@@ -122,6 +122,23 @@ def test_reconcile_goes_on_once_the_name_is_free(cluster: ControlPlane, operator
     assert service["metadata"]["ownerReferences"][0]["uid"] == obj["metadata"]["uid"]
 
 
+def test_deleted_and_recreated_at_once_waits_for_the_old_children(cluster: ControlPlane, operator: OperatorProcess,
+                                                                  namespace: str) -> None:
+    """A GitOps replace: the new LLMService must not adopt, nor stall on, the old one's children."""
+    manifest = llmservice("again", namespace, resources={"gpu": {"count": 0}, "memory": {"limit": "2Gi"}})
+    apply_manifest(cluster, manifest)
+    first = wait_ready(cluster, operator, "again", namespace)
+    cluster.kubectl("delete", "llmsvc", "again", "-n", namespace, "--wait=false")
+    apply_manifest(cluster, manifest)
+
+    obj = wait_ready(cluster, operator, "again", namespace, timeout=60)
+    assert obj["metadata"]["uid"] != first["metadata"]["uid"]
+    for kind in ("deployment", "service"):
+        owner = get_json(cluster, kind, "again", "-n", namespace)["metadata"]["ownerReferences"]
+        assert [ref["uid"] for ref in owner] == [obj["metadata"]["uid"]]
+    assert not warning_events(cluster, namespace, "again", "NameConflict")
+
+
 # --- 2. every failure in status -----------------------------------------------------------------
 
 

@@ -89,21 +89,46 @@ async def test_once_the_name_is_free_reconcile_goes_on(kmock: ApiServer, control
     assert ready_conditions(kmock)["Ready"]["reason"] == "RollingOut"
 
 
-async def test_a_child_of_another_llmservice_incarnation_is_not_taken_over(kmock: ApiServer, controller: Controller) -> None:
-    """Labelled as ours (so the store holds it) but controlled by another uid: an LLMService deleted and re-created
-    before the garbage collector removed the old children."""
-    old = copy.deepcopy(next(m for m in rendered(body(MINIMAL)) if m["kind"] == "Service"))
-    old["metadata"]["ownerReferences"][0]["uid"] = OTHER_UID
-    old["metadata"].update(uid="uid-of-old-service", resourceVersion="501")
-    kmock.objects[SERVICES, NAMESPACE, NAME] = old
+def labelled_service(owner_name: str, owner_uid: str) -> dict[str, Any]:
+    """Our Service as rendered, but controlled by another LLMService (the store holds it: it has our labels)."""
+    held = copy.deepcopy(next(m for m in rendered(body(MINIMAL)) if m["kind"] == "Service"))
+    held["metadata"]["ownerReferences"][0].update(name=owner_name, uid=owner_uid)
+    held["metadata"].update(uid="uid-of-held-service", resourceVersion="501")
+    return held
+
+
+async def test_a_child_of_a_deleted_predecessor_is_waited_for_not_taken(kmock: ApiServer, controller: Controller) -> None:
+    """Deleted and re-created under the same name (a GitOps replace) before the garbage collector removed the old
+    children: a wait, not a failure, so Flux and Argo CD do not fail the sync."""
+    kmock.objects[SERVICES, NAMESPACE, NAME] = labelled_service(NAME, OTHER_UID)
+    seed(kmock, body(MINIMAL))
+
+    assert await controller.reconcile() == "waiting"
+
+    assert child_writes(kmock) == []
+    # Known from the store the watches fill: no lookup needed.
+    assert ("GET", SERVICE_PATH) not in [(r.method.value, r.url.path) for r in controller.requests()]
+    conditions = ready_conditions(kmock)
+    assert {kind: (c["status"], c["reason"]) for kind, c in conditions.items()} == {
+        "Ready": ("False", "Creating"), "Progressing": ("True", "Creating"), "Degraded": ("False", "AsExpected"),
+        "Reconciling": ("True", "Creating"), "Stalled": ("False", "AsExpected"),
+    }
+    assert "garbage collector" in conditions["Ready"]["message"]
+    assert [r.url.path for r in writes(kmock)] == [STATUS_PATH], "routine progress: no Event"
+
+    del kmock.objects[SERVICES, NAMESPACE, NAME]  # the garbage collector's turn
+    assert await controller.reconcile() == "applied"
+    assert stored(kmock, SERVICES)["metadata"]["ownerReferences"][0]["uid"] != OTHER_UID
+
+
+async def test_a_child_of_another_llmservice_is_a_conflict(kmock: ApiServer, controller: Controller) -> None:
+    kmock.objects[SERVICES, NAMESPACE, NAME] = labelled_service("other", OTHER_UID)
     seed(kmock, body(MINIMAL))
 
     assert await controller.reconcile() == "conflict"
 
     assert child_writes(kmock) == []
-    # Known from the store the watches fill: no lookup needed.
-    assert ("GET", SERVICE_PATH) not in [(r.method.value, r.url.path) for r in controller.requests()]
-    assert f"is controlled by LLMService {NAME} (uid {OTHER_UID})" in ready_conditions(kmock)["Ready"]["message"]
+    assert f"is controlled by LLMService other (uid {OTHER_UID})" in ready_conditions(kmock)["Ready"]["message"]
 
 
 async def test_our_own_child_the_store_missed_is_applied(kmock: ApiServer, controller: Controller) -> None:
