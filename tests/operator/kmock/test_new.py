@@ -12,6 +12,7 @@ from tests.operator.kmock.conftest import (
     DEPLOYMENTS,
     EVENTS_PATH,
     FIELD_MANAGER,
+    KEY,
     LLMSERVICES,
     NAME,
     NAMESPACE,
@@ -143,6 +144,8 @@ async def test_not_ready_says_why_from_the_pods_in_the_store(kmock: ApiServer, c
     assert (conditions["Ready"]["status"], conditions["Ready"]["reason"]) == ("False", "WaitingForCapacity")
     assert "chat-5d8f-abcde" in conditions["Ready"]["message"]
     assert (conditions["Progressing"]["reason"], conditions["Degraded"]["status"]) == ("WaitingForCapacity", "False")
+    # Nothing will change in the cluster when the grace period ends: the reconciler asks to look again then.
+    assert controller.requeued == [(KEY, 900.0 + 1.0)]
 
     # The scheduler said so long ago: past the grace period it is a failure that waiting will not fix.
     pod = kmock.objects["v1/pods", NAMESPACE, "chat-5d8f-abcde"]

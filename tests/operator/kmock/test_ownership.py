@@ -7,11 +7,13 @@ from typing import Any
 
 import pytest
 
+from llmservice_operator.reconcile import CONFLICT_RECHECK_SECONDS
 from tests.operator.kmock.conftest import (
     COLLECTIONS,
     DEPLOYMENTS,
     EVENTS_PATH,
     HPAS,
+    KEY,
     LLMSERVICES,
     NAME,
     NAMESPACE,
@@ -70,6 +72,8 @@ async def test_a_name_held_by_someone_elses_object_is_a_name_conflict(kmock: Api
     event = body_of(sent[1])
     assert (event["type"], event["reason"], event["note"]) == ("Warning", "NameConflict", message)
 
+    # The user's Service has none of our labels, so no watch event will say it went: look again later.
+    assert controller.requeued == [(KEY, CONFLICT_RECHECK_SECONDS)]
     # Looking again while the name is still taken writes nothing.
     assert await controller.reconcile() == "conflict"
     assert [r for r in controller.requests() if r.method.value != "GET"] == []
