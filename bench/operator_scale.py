@@ -152,7 +152,7 @@ def llmservice(name: str, namespace: str) -> dict[str, Any]:
         "spec": {
             "model": {"source": {"bundled": {}}},
             "replicas": 1,
-            "resources": {"gpu": {"count": 0}, "memory": {"limit": "1Gi"}},
+            "resources": {"gpu": {"count": 0}, "memory": {"limit": "2Gi"}},
         },
     }
 

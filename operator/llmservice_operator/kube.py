@@ -57,6 +57,7 @@ RESOURCES: dict[str, Resource] = {
     "PersistentVolumeClaim": Resource("v1", "persistentvolumeclaims"),
     "Job": Resource("batch/v1", "jobs"),
     "Event": Resource("events.k8s.io/v1", "events"),
+    "Lease": Resource("coordination.k8s.io/v1", "leases"),
 }
 
 
@@ -158,6 +159,15 @@ class Kube:
                 return Listing(items, version)
             params["continue"] = token
 
+    async def get(self, kind: str, namespace: str, name: str) -> Manifest | None:
+        """One object by name, or None when there is none."""
+        response = await self._request("get", "GET", RESOURCES[kind].path(namespace, name))
+        if response.status_code == 404:
+            return None
+        self._raise_for(response)
+        body: Manifest = response.json()
+        return body
+
     async def apply(self, manifest: Manifest, *, subresource: str | None = None) -> Manifest:
         """Server-side apply under our field manager; force, since we own what we render."""
         metadata = manifest["metadata"]
@@ -168,6 +178,30 @@ class Kube:
             # JSON is YAML, and json.dumps with sorted keys sends the same bytes for the same object.
             content=json.dumps(manifest, sort_keys=True).encode(),
             content_type=APPLY_CONTENT_TYPE,
+        )
+        self._raise_for(response)
+        body: Manifest = response.json()
+        return body
+
+    async def create(self, manifest: Manifest) -> Manifest:
+        """POST a new object; 409 AlreadyExists raises. Only for objects written by compare-and-swap (a Lease)."""
+        metadata = manifest["metadata"]
+        response = await self._request(
+            "create", "POST", RESOURCES[manifest["kind"]].path(metadata["namespace"]),
+            params={"fieldManager": self._field_manager},
+            content=json.dumps(manifest).encode(), content_type="application/json",
+        )
+        self._raise_for(response)
+        body: Manifest = response.json()
+        return body
+
+    async def replace(self, manifest: Manifest) -> Manifest:
+        """PUT an object whose metadata.resourceVersion says which version it replaces: 409 Conflict if another did."""
+        metadata = manifest["metadata"]
+        response = await self._request(
+            "update", "PUT", RESOURCES[manifest["kind"]].path(metadata["namespace"], metadata["name"]),
+            params={"fieldManager": self._field_manager},
+            content=json.dumps(manifest).encode(), content_type="application/json",
         )
         self._raise_for(response)
         body: Manifest = response.json()

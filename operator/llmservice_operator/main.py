@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import sys
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -16,11 +17,14 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from llmservice_operator import handlers, podprobe
 from llmservice_operator.kube import Kube, KubeError, http_client, load_credentials
+from llmservice_operator.leader import LeaderElector, Timing, default_identity
 from llmservice_operator.logs import configure_logging
 from llmservice_operator.metrics import OperatorMetrics
 from llmservice_operator.reconcile import Key, Reconciler
 from llmservice_operator.resync import WATCHED_KINDS, Resync
 from llmservice_operator.settings import OperatorSettings
+from llmservice_operator.spec import KIND
+from llmservice_operator.status import Policy
 from llmservice_operator.store import ObjectStore
 from llmservice_operator.workqueue import WorkQueue
 
@@ -83,6 +87,10 @@ class Operator:
         self._kube: Kube | None = None
         self._reconciler: Reconciler | None = None
         self._resync_task: asyncio.Task[None] | None = None
+        self._elector: LeaderElector | None = None
+        self._election_task: asyncio.Task[None] | None = None
+        self.stop_flag = asyncio.Event()
+        self.lost_leadership = False
         kopf.on.login(registry=self.registry)(self._login)
         kopf.on.startup(registry=self.registry)(self._startup)
         kopf.on.cleanup(registry=self.registry)(self._cleanup)
@@ -107,6 +115,12 @@ class Operator:
         settings.posting.enabled = False
         settings.persistence.diffbase_storage = NoDiffBase()
         handlers.narrow_watches(settings)
+        if self.settings.namespaces:
+            # Exact namespace names need no namespace listing, which the chart's namespaced RBAC
+            # does not grant: without this kopf retries it for a minute before it starts watching.
+            # CRDs are then scanned once at startup; a monitoring CRD installed later is picked up
+            # by the periodic resync until the operator restarts.
+            settings.scanning.disabled = True
         if self.settings.watch_timeout_seconds is not None:
             settings.watching.server_timeout = self.settings.watch_timeout_seconds
             settings.watching.client_timeout = self.settings.watch_timeout_seconds + 10
@@ -115,6 +129,11 @@ class Operator:
             self._session = http_client(credentials)
             self._kube = Kube(self._session, credentials.server, self.settings.field_manager, self.metrics)
         kube = self._kube
+        if self.settings.leader_election and self._elector is None:
+            self._elector = LeaderElector(
+                kube, self.metrics, self.settings.lease_name, self.settings.lease_namespace,
+                self.settings.identity or default_identity(), Timing(self.settings.lease_duration_seconds),
+            )
         resync = Resync(kube, self.store, self.settings.namespaces, self.queue.add)
         # kopf starts its watches only after the startup handlers, so the store is filled here, by
         # LIST, before any reconcile runs: a reconcile on an empty store would apply every child
@@ -130,20 +149,42 @@ class Operator:
                 self._pod_session = podprobe.session()
             read_stages = podprobe.StageProbe(self._pod_session)
         self._reconciler = Reconciler(
-            kube, self.store, self.metrics, self.settings.server_image, read_stages=read_stages, wake=self.queue.add,
+            kube, self.store, self.metrics, self.settings.server_image,
+            read_stages=read_stages, wake=self.queue.add,
+            policy=Policy(capacity_grace_seconds=self.settings.capacity_grace_seconds), requeue=self.queue.add_after,
+            gpu_type_label=self.settings.gpu_type_label, monitor_labels=self.settings.monitor_labels,
         )
+        if self._elector is None:
+            self._lead(resync)
+        else:
+            # Watches and the store run in a standby too; only the leader drains the queue.
+            self._election_task = asyncio.create_task(
+                self._elector.run(functools.partial(self._lead, resync), self._abdicate), name="leader-election")
+        log.info("Operator started: namespaces=%s, %d LLMServices known, default server image %s",
+                 ",".join(self.settings.namespaces) or "all", len(queued), self.settings.server_image)
+
+    def _lead(self, resync: Resync) -> None:
+        self.metrics.leader.set(1)
+        # Level-triggered: a new leader looks at every LLMService once, whatever it missed as a standby.
+        for namespace, name in self.store.names(KIND):
+            self.queue.add(Key(namespace, name))
         self.queue.start()
         if self.settings.resync_seconds:
             self._resync_task = asyncio.create_task(resync.run(self.settings.resync_seconds), name="resync")
-        log.info("Operator started: namespaces=%s, %d LLMServices queued, default server image %s",
-                 ",".join(self.settings.namespaces) or "all", len(queued), self.settings.server_image)
+
+    def _abdicate(self) -> None:
+        self.lost_leadership = True
+        self.stop_flag.set()
 
     async def _cleanup(self, **_: Any) -> None:
-        if self._resync_task is not None:
-            self._resync_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._resync_task
+        for task in (self._election_task, self._resync_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self.queue.stop()
+        if self._elector is not None:
+            await self._elector.release()  # after the last reconcile: then a standby may write
         if self._session is not None:
             await self._session.close()
         if self._pod_session is not None:
@@ -157,6 +198,7 @@ class Operator:
             clusterwide=not self.settings.namespaces,
             namespaces=list(self.settings.namespaces),
             liveness_endpoint=liveness,
+            stop_flag=self.stop_flag,
         )
 
 
@@ -168,7 +210,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     metrics = OperatorMetrics(registry)
     if settings.metrics_port:
         start_http_server(settings.metrics_port, registry=registry)
-    asyncio.run(Operator(settings, metrics, args.kubeconfig).run())
+    operator = Operator(settings, metrics, args.kubeconfig)
+    asyncio.run(operator.run())
+    if operator.lost_leadership:
+        sys.exit(1)  # restarted by Kubernetes as a standby
 
 
 if __name__ == "__main__":

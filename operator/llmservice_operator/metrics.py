@@ -9,7 +9,7 @@ class OperatorMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.reconciles = Counter(
             "llmservice_operator_reconciles",
-            "Reconciles of LLMServices by result (applied, unchanged, invalid, retry, gone).",
+            "Reconciles of LLMServices by result (applied, unchanged, invalid, conflict, waiting, retry, gone).",
             ["result"],
             registry=registry,
         )
@@ -37,5 +37,10 @@ class OperatorMetrics:
             "llmservice_operator_stored_objects",
             "Objects held in the operator's in-memory store, by kind.",
             ["kind"],
+            registry=registry,
+        )
+        self.leader = Gauge(
+            "llmservice_operator_leader",
+            "1 while this operator process holds the leader Lease and reconciles (always 1 without leader election).",
             registry=registry,
         )

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -20,7 +20,7 @@ from llmservice_operator import cache, naming, startup, status
 from llmservice_operator.diff import contains
 from llmservice_operator.kube import Kube, KubeError
 from llmservice_operator.metrics import OperatorMetrics
-from llmservice_operator.render import Capabilities, Manifest, RenderContext, render
+from llmservice_operator.render import DEFAULT_GPU_TYPE_LABEL, Capabilities, Manifest, RenderContext, render
 from llmservice_operator.spec import API_VERSION, KIND, LLMService, SpecError, parse
 from llmservice_operator.store import ObjectStore
 from llmservice_operator.workqueue import RetryLater
@@ -31,7 +31,12 @@ CHILD_KINDS = ("PersistentVolumeClaim", "Job", "Deployment", "Service", "Horizon
 # A Job's pod template cannot change: one that differs from the rendered one is replaced.
 REPLACED_KINDS = frozenset({"Job"})
 CAPABILITY_TTL_SECONDS = 60.0
-ROUTINE_REASONS = frozenset({"Creating", "RollingOut", "CacheFetching"})
+ROUTINE_REASONS = frozenset({"Creating", "RollingOut", "WaitingForCapacity", "CacheFetching"})
+# An object holding a child's name without our label is not watched, so its going away is not an
+# event here: the LLMService looks again this often.
+CONFLICT_RECHECK_SECONDS = 15.0
+# Write errors that resolve by retrying at once and need no word in the status.
+RETRY_QUIETLY = frozenset({0, 409, 429})
 STAGE_MEMORY = 4096  # pods whose server stages were asked for, remembered so each is asked once
 
 # Asks a ready server pod for its start-up stages (its /startupz); None when it cannot be asked.
@@ -45,6 +50,30 @@ class Key:
 
     def __str__(self) -> str:
         return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True)
+class Holder:
+    """An object holding a child's name that this LLMService does not control."""
+
+    kind: str
+    namespace: str
+    name: str
+    body: Manifest
+    predecessor: bool  # a child of a deleted LLMService of the same name, on its way out
+
+    @property
+    def description(self) -> str:
+        return f"{self.kind} {self.namespace}/{self.name}"
+
+
+class ChildWriteFailed(Exception):
+    """A write of one child failed; says which, for the status."""
+
+    def __init__(self, what: str, error: KubeError) -> None:
+        super().__init__(f"{what}: {error}")
+        self.what = what
+        self.error = error
 
 
 def utc_now() -> str:
@@ -75,15 +104,22 @@ class CapabilityCache:
 class Reconciler:
     def __init__(
         self, kube: Kube, store: ObjectStore, metrics: OperatorMetrics, default_image: str,
-        clock: Callable[[], str] = utc_now, read_stages: StageReader | None = None,
-        wake: Callable[[Key], object] | None = None,
+        clock: Callable[[], str] = utc_now, policy: status.Policy | None = None,
+        requeue: Callable[[Key, float], None] | None = None,
+        gpu_type_label: str = DEFAULT_GPU_TYPE_LABEL, monitor_labels: Mapping[str, str] | None = None,
+        read_stages: StageReader | None = None, wake: Callable[[Key], object] | None = None,
     ) -> None:
         self._kube = kube
         self._store = store
         self._metrics = metrics
         self._default_image = default_image
+        self._gpu_type_label = gpu_type_label
+        self._monitor_labels = tuple(sorted((monitor_labels or {}).items()))
         self._capabilities = CapabilityCache(kube)
         self._now = clock
+        self._policy = policy or status.Policy()
+        # Runs a key again after a delay, for what no watch event will announce.
+        self._requeue = requeue or (lambda key, delay: None)
         self._read_stages = read_stages
         self._stages: dict[str, dict[str, float] | None] = {}  # pod uid -> its server's stages (or None)
         self._counted: dict[str, None] = {}  # pod uids whose phases went into the histogram (ordered, bounded)
@@ -125,24 +161,33 @@ class Reconciler:
         if service.spec.model.cache is not None:
             cache_state = cache.observe(service, observed.get(("Job", cache.job_name(key.name))), self._pods(key, cache.FETCH_APP))
             model_revision = cache.serving_revision(service, cache_state, observed.get(("Deployment", key.name)))
-        desired = render(service, RenderContext(self._default_image, capabilities, model_revision))
+        desired = render(service, RenderContext(
+            self._default_image, capabilities, gpu_type_label=self._gpu_type_label,
+            monitor_labels=self._monitor_labels, model_revision=model_revision,
+        ))
         try:
+            conflict = await self._name_conflict(service, desired, observed)
+            if conflict is not None:
+                return await self._blocked_by(body, key, service, conflict)
             deployment, applied = await self._apply_changed(service, desired, observed)
-        except KubeError as error:
-            if error.status not in (400, 422):
-                raise  # ours to retry: conflicts, throttling, missing permissions, server trouble
-            # The API server rejected what we rendered from the user's spec (e.g. a bad toleration).
-            await self._invalid(body, f"The API server rejected a child object: {error.message}")
-            return "invalid"
-        pruned = await self._prune(service, desired, observed)
+            pruned = await self._prune(service, desired, observed)
+        except ChildWriteFailed as failed:
+            return await self._refused(body, failed)
 
-        settled = status.compute(service, status.Observed(deployment, (), capabilities), previous, self._now())
+        autoscaler = observed.get(("HorizontalPodAutoscaler", service.ref.name))
+        now = self._now()
+        seen = status.Observed(deployment, (), capabilities, autoscaler)
+        settled = status.compute(service, seen, previous, now, self._policy)
         if not _ready(settled):
             # Only an unsettled service looks at its pods, to say why it is not Ready.
             selector = naming.selector_labels(key.name).items()
             pods = tuple(pod for pod in self._store.pods(key.namespace, key.name)
                          if selector <= ((pod["metadata"].get("labels") or {}).items()))
-            settled = status.compute(service, status.Observed(deployment, pods, capabilities), previous, self._now())
+            seen = status.Observed(deployment, pods, capabilities, autoscaler)
+            settled = status.compute(service, seen, previous, now, self._policy)
+            recheck = status.recheck_after(service, seen, now, self._policy)
+            if recheck is not None:
+                self._requeue(key, recheck + 1.0)
         if cache_state is not None:
             settled = self._with_cache(service, settled, cache_state, model_revision, previous)
         settled = self._with_startup(key, settled, previous)
@@ -162,13 +207,8 @@ class Reconciler:
         if waiting is None:
             return settled
         reason, message, degraded = waiting
-        generation, now = service.ref.generation, self._now()
-        if serving is None:
-            settled = status.override(settled, "Ready", False, reason, message, generation, previous, now)
-            settled = status.override(settled, "Progressing", not degraded, reason, message, generation, previous, now)
-        if degraded:
-            settled = status.override(settled, "Degraded", True, reason, message, generation, previous, now)
-        return settled
+        return status.cache_waiting(settled, reason, message, failed=degraded, serving=serving is not None,
+                                    generation=service.ref.generation, previous=previous, now=self._now())
 
     def _with_startup(self, key: Key, settled: dict[str, Any], previous: dict[str, Any] | None) -> dict[str, Any]:
         """status.startup for the replica that most recently became ready (kept when none is ready now).
@@ -208,6 +248,47 @@ class Reconciler:
         if self._wake is not None:
             self._wake(key)
 
+    async def _blocked_by(self, body: Manifest, key: Key, service: LLMService, holder: Holder) -> str:
+        generation, now = service.ref.generation, self._now()
+        if holder.predecessor:
+            # Deleted and re-created (a GitOps replace): the garbage collector is removing the old
+            # children, which carry our labels, so their deletion wakes this reconcile. Not a failure.
+            message = (f"Waiting for the garbage collector to delete {holder.description} of the deleted LLMService "
+                       f"{service.ref.name} before creating this one's.")
+            await self._write_status(body, status.creating(generation, message, body.get("status"), now))
+            return "waiting"
+        message = _conflict_message(holder)
+        if await self._write_status(body, status.name_conflict(generation, message, body.get("status"), now)):
+            log.warning("LLMService %s: %s", key, message)
+        self._requeue(key, CONFLICT_RECHECK_SECONDS)
+        return "conflict"
+
+    async def _name_conflict(
+        self, service: LLMService, desired: list[Manifest], observed: dict[tuple[str, str], Manifest]
+    ) -> Holder | None:
+        """Why a child cannot be applied, when its name is held by an object this LLMService does not control.
+
+        Server-side apply would merge into such an object and make it ours, and the garbage collector
+        would delete it with the LLMService. Children already observed as ours need no request; a
+        missing one is looked up once (the watches see only objects with our labels), just before it
+        would be created. The lookup and the apply are two requests: an object someone creates in the
+        milliseconds between them would still be merged into; server-side apply has no create-only mode.
+        """
+        namespace = service.ref.namespace
+        for manifest in desired:
+            kind, name = manifest["kind"], manifest["metadata"]["name"]
+            if (kind, name) in observed:
+                continue
+            holder = self._store.get(kind, namespace, name)
+            if holder is None:
+                try:
+                    holder = await self._kube.get(kind, namespace, name)
+                except KubeError as error:
+                    raise ChildWriteFailed(f"Reading {kind} {namespace}/{name}", error) from error
+            if holder is not None and not _controlled_by(holder, service.ref.uid):
+                return Holder(kind, namespace, name, holder, predecessor=_of_predecessor(holder, service))
+        return None
+
     def _observe_children(self, service: LLMService, capabilities: Capabilities) -> dict[tuple[str, str], Manifest]:
         kinds = list(CHILD_KINDS)
         if capabilities.service_monitor:
@@ -229,12 +310,19 @@ class Reconciler:
             current = observed.get((manifest["kind"], manifest["metadata"]["name"]))
             if current is not None and manifest["kind"] in REPLACED_KINDS and not contains(current, manifest):
                 name = manifest["metadata"]["name"]
-                await self._kube.delete(manifest["kind"], service.ref.namespace, name, current["metadata"]["uid"])
+                try:
+                    await self._kube.delete(manifest["kind"], service.ref.namespace, name, current["metadata"]["uid"])
+                except KubeError as error:
+                    raise ChildWriteFailed(f"Deleting {manifest['kind']} {service.ref.namespace}/{name}", error) from error
                 self._store.remove(manifest["kind"], service.ref.namespace, name, uid=current["metadata"]["uid"])
                 log.info("Deleted %s %s/%s to re-create it: its template changed", manifest["kind"], service.ref.namespace, name)
                 current = None
             if current is None or not contains(current, manifest):
-                current = await self._kube.apply(manifest)
+                try:
+                    current = await self._kube.apply(manifest)
+                except KubeError as error:
+                    what = f"Applying {manifest['kind']} {service.ref.namespace}/{manifest['metadata']['name']}"
+                    raise ChildWriteFailed(what, error) from error
                 self._store.upsert(manifest["kind"], current)
                 wrote = True
                 log.info("Applied %s %s/%s", manifest["kind"], service.ref.namespace, manifest["metadata"]["name"])
@@ -249,7 +337,11 @@ class Reconciler:
         wrote = False
         for (kind, name), item in sorted(observed.items()):
             if (kind, name) not in wanted:
-                await self._kube.delete(kind, service.ref.namespace, name, item["metadata"]["uid"])
+                # `observed` holds only objects this LLMService controls: nothing else is ever pruned.
+                try:
+                    await self._kube.delete(kind, service.ref.namespace, name, item["metadata"]["uid"])
+                except KubeError as error:
+                    raise ChildWriteFailed(f"Deleting {kind} {service.ref.namespace}/{name}", error) from error
                 self._store.remove(kind, service.ref.namespace, name, uid=item["metadata"]["uid"])
                 wrote = True
                 log.info("Pruned %s %s/%s, no longer in the spec", kind, service.ref.namespace, name)
@@ -261,6 +353,25 @@ class Reconciler:
         new = status.invalid(generation, message, body.get("status"), self._now())
         if await self._write_status(body, new):
             log.warning("LLMService %s/%s is invalid: %s", metadata["namespace"], metadata["name"], message)
+
+    async def _refused(self, body: Manifest, failed: ChildWriteFailed) -> str:
+        """Map a refused child write: InvalidSpec (no retry), or ApplyFailed and a retry with backoff."""
+        refused = failed.error
+        if refused.status in (400, 422):
+            # The API server rejected what we rendered from the user's spec (e.g. a bad toleration).
+            await self._invalid(body, f"The API server rejected a child object: {refused.message}")
+            return "invalid"
+        if refused.status not in RETRY_QUIETLY:
+            # Missing permissions, a policy engine or webhook saying no, a missing CRD, server
+            # trouble: the status says so while the work queue retries with backoff.
+            message = f"{failed.what} failed (HTTP {refused.status}): {refused.message}{_hint(refused.status)}"
+            generation = int(body["metadata"].get("generation") or 0)
+            try:
+                await self._write_status(body, status.apply_failed(generation, message, body.get("status"), self._now()))
+            except KubeError as error:
+                log.warning("Could not record ApplyFailed on LLMService %s/%s: %s",
+                            body["metadata"]["namespace"], body["metadata"]["name"], error)
+        raise refused from failed
 
     async def _write_status(self, body: Manifest, new: dict[str, Any]) -> bool:
         """Write the status once, and only when it differs from what is stored."""
@@ -294,6 +405,36 @@ class Reconciler:
 
 def _controlled_by(item: Manifest, uid: str) -> bool:
     return any(ref.get("uid") == uid and ref.get("controller") for ref in item["metadata"].get("ownerReferences") or [])
+
+
+def _hint(code: int) -> str:
+    if code == 403:
+        return (". Grant the operator's ServiceAccount this permission (the chart's RBAC, docs/security.md), "
+                "or ask whoever runs the admission policy that refused it")
+    if code == 404:
+        return (". The API server does not serve this kind: install its CRD (monitoring.coreos.com for "
+                "ServiceMonitor and PodMonitor) or change spec.monitoring.mode")
+    return ""
+
+
+def _controller(item: Manifest) -> dict[str, Any] | None:
+    return next((ref for ref in item["metadata"].get("ownerReferences") or [] if ref.get("controller")), None)
+
+
+def _of_predecessor(item: Manifest, service: LLMService) -> bool:
+    """Controlled by an earlier LLMService of the same name (deleted; its uid differs from this one's)."""
+    owner = _controller(item)
+    return owner is not None and owner.get("kind") == KIND and owner.get("apiVersion") == API_VERSION \
+        and owner.get("name") == service.ref.name and owner.get("uid") != service.ref.uid
+
+
+def _conflict_message(holder: Holder) -> str:
+    owner = _controller(holder.body)
+    held = f"is controlled by {owner.get('kind')} {owner.get('name')} (uid {owner.get('uid')})" if owner \
+        else "is not controlled by this LLMService"
+    return (f"{holder.description} already exists and {held}; the operator will not change or delete it. "
+            f"Delete or rename that {holder.kind}, or give the LLMService another name; reconciling goes on once the "
+            "name is free.")
 
 
 def _condition(state: dict[str, Any], kind: str) -> dict[str, Any] | None:

@@ -24,6 +24,7 @@ EXIT_MARGIN_SECONDS = 10
 STARTUP_PERIOD_SECONDS = 10
 STARTUP_FAILURE_THRESHOLD = 180
 GPU_TOLERATION_KEY = "nvidia.com/gpu"
+DEFAULT_GPU_TYPE_LABEL = "nvidia.com/gpu.product"  # GPU feature discovery / the NVIDIA GPU Operator
 SERVER_UID = 10001
 
 # The custom metric each autoscaling mode targets, as the server exports it (vLLM names).
@@ -46,6 +47,10 @@ class Capabilities:
 class RenderContext:
     default_image: str
     capabilities: Capabilities = field(default_factory=Capabilities)
+    # The node label carrying the GPU type where spec.resources.gpu.typeLabel is unset.
+    gpu_type_label: str = DEFAULT_GPU_TYPE_LABEL
+    # Labels on every ServiceMonitor/PodMonitor, under spec.monitoring.labels (a Prometheus selector's).
+    monitor_labels: tuple[tuple[str, str], ...] = ()
     # With spec.model.cache: the revision complete on the volume that replicas load
     # (cache.serving_revision); None holds them at zero until one is.
     model_revision: str | None = None
@@ -69,9 +74,9 @@ def render(service: LLMService, context: RenderContext) -> list[Manifest]:
         children.append(pod_disruption_budget(service))
     mode = monitoring_mode(service.spec, context.capabilities)
     if mode == "serviceMonitor":
-        children.append(service_monitor(service))
+        children.append(service_monitor(service, context))
     elif mode == "podMonitor":
-        children.append(pod_monitor(service))
+        children.append(pod_monitor(service, context))
     return children
 
 
@@ -148,7 +153,7 @@ def _pod_spec(service: LLMService, context: RenderContext) -> Manifest:
     scheduling = spec.scheduling
     node_selector = dict(scheduling.node_selector)
     if spec.resources.gpu.count and spec.resources.gpu.type:
-        node_selector[spec.resources.gpu.type_label] = spec.resources.gpu.type
+        node_selector[spec.resources.gpu.type_label or context.gpu_type_label] = spec.resources.gpu.type
     tolerations = [dict(t) for t in scheduling.tolerations]
     if spec.resources.gpu.count and not any(t.get("key") == spec.resources.gpu.resource_name for t in tolerations):
         # GPU node pools are commonly tainted with the resource name; tolerate it so a cluster
@@ -303,14 +308,24 @@ def _resources(spec: LLMServiceSpec) -> Manifest:
         # Extended resources cannot be overcommitted: request and limit must be equal.
         requests[resources.gpu.resource_name] = str(resources.gpu.count)
         limits[resources.gpu.resource_name] = str(resources.gpu.count)
+    if _downloads(spec):
+        # The download fills node disk: the scheduler must find room for it, and the kubelet evicts
+        # this pod, not its neighbours, when it outgrows it (rather than the node hitting DiskPressure).
+        requests["ephemeral-storage"] = resources.ephemeral_storage
+        limits["ephemeral-storage"] = resources.ephemeral_storage
     return {"requests": dict(sorted(requests.items())), "limits": dict(sorted(limits.items()))}
+
+
+def _downloads(spec: LLMServiceSpec) -> bool:
+    """Whether a replica downloads its model into the cache emptyDir at start (not from a cache volume)."""
+    return spec.model.source.hugging_face is not None and spec.model.cache is None
 
 
 def _volumes(service: LLMService) -> list[Manifest]:
     spec = service.spec
     volumes: list[Manifest] = [
         {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": spec.resources.shm_size}},
-        {"name": "cache", "emptyDir": {}},
+        {"name": "cache", "emptyDir": {"sizeLimit": spec.resources.ephemeral_storage} if _downloads(spec) else {}},
         {"name": "tmp", "emptyDir": {}},
     ]
     if spec.model.source.pvc is not None:
@@ -398,11 +413,19 @@ def _endpoint(service: LLMService) -> Manifest:
     return {"port": naming.PORT_NAME, "path": "/metrics", "interval": service.spec.monitoring.interval}
 
 
-def service_monitor(service: LLMService) -> Manifest:
+def _monitor_metadata(service: LLMService, context: RenderContext) -> Manifest:
+    metadata = _metadata(service)
+    extra = {**dict(context.monitor_labels), **service.spec.monitoring.labels}
+    # Ours last: a selector label must not take the object out of the operator's own watch.
+    metadata["labels"] = dict(sorted({**extra, **metadata["labels"]}.items()))
+    return metadata
+
+
+def service_monitor(service: LLMService, context: RenderContext) -> Manifest:
     return {
         "apiVersion": "monitoring.coreos.com/v1",
         "kind": "ServiceMonitor",
-        "metadata": _metadata(service),
+        "metadata": _monitor_metadata(service, context),
         "spec": {
             "selector": {"matchLabels": naming.selector_labels(service.ref.name)},
             "endpoints": [_endpoint(service)],
@@ -412,11 +435,11 @@ def service_monitor(service: LLMService) -> Manifest:
     }
 
 
-def pod_monitor(service: LLMService) -> Manifest:
+def pod_monitor(service: LLMService, context: RenderContext) -> Manifest:
     return {
         "apiVersion": "monitoring.coreos.com/v1",
         "kind": "PodMonitor",
-        "metadata": _metadata(service),
+        "metadata": _monitor_metadata(service, context),
         "spec": {
             "selector": {"matchLabels": naming.selector_labels(service.ref.name)},
             "podMetricsEndpoints": [_endpoint(service)],

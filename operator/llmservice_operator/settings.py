@@ -35,6 +35,30 @@ class OperatorSettings(BaseSettings):
         description="Ask each server pod that becomes ready for its fetch/load/warmup stages (GET /startupz on the"
         " pod IP) for status.startup; needs the operator to reach pod IPs. Off outside the chart.",
     )
+    gpu_type_label: str = Field(
+        default="nvidia.com/gpu.product",
+        description="Node label carrying the GPU type, for LLMServices that set resources.gpu.type but no typeLabel.",
+    )
+    monitor_labels: dict[str, str] = Field(
+        default_factory=dict,
+        description="Labels on every ServiceMonitor/PodMonitor (JSON object in the environment), for a Prometheus selector.",
+    )
+    capacity_grace_seconds: float = Field(
+        default=900.0, ge=0,
+        description="How long a GPU pod may wait for a node (a cluster autoscaler adding one) before the "
+                    "LLMService says InsufficientGPU and Stalled.",
+    )
+    leader_election: bool = Field(
+        default=False,
+        description="Reconcile only while holding a coordination.k8s.io Lease, so several replicas may run.",
+    )
+    lease_name: str = Field(default="llmservice-operator", description="Name of the leader election Lease.")
+    lease_namespace: str = Field(default="default", description="Namespace of the leader election Lease.")
+    lease_duration_seconds: int = Field(
+        default=15, ge=3,
+        description="How long a Lease that is not renewed stays with its holder; a standby takes over after it.",
+    )
+    identity: str = Field(default="", description="This process in the Lease; empty: the host name and a random suffix.")
     watch_timeout_seconds: int | None = Field(
         default=None, ge=1, description="Ask the API server to end each watch after this long (kopf then re-lists)."
     )

@@ -44,6 +44,17 @@ def quantity_value(quantity: str) -> float:
     return float(f"{number}{suffix}") if suffix else number
 
 
+SHM_MESSAGE = (
+    "spec.resources.shmSize (plus spec.server.prefixCacheSize per worker on CPU) must be below the memory "
+    "limit: both are memory the container is charged for, and the model needs the rest"
+)
+GPU_ROLLOUT_MESSAGE = (
+    "spec.rollout.maxUnavailable 0 on a GPU service needs spec.rollout.maxSurge above 0: with GPUs maxSurge "
+    "defaults to 0 (a new pod would need a spare GPU), so the rollout could never start; set maxSurge (and have "
+    "a spare GPU) or allow maxUnavailable 1"
+)
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(frozen=True, alias_generator=to_camel, populate_by_name=True, extra="forbid")
 
@@ -189,7 +200,7 @@ class GPUSpec(_Model):
     count: int = Field(default=1, ge=0, le=16)
     resource_name: str = "nvidia.com/gpu"
     type: str | None = None
-    type_label: str = "nvidia.com/gpu.product"
+    type_label: str | None = None  # None: the operator's default (RenderContext.gpu_type_label)
 
 
 class RequestLimit(_Model):
@@ -207,6 +218,7 @@ class ResourcesSpec(_Model):
     cpu: RequestLimit = RequestLimit(request="1")
     memory: RequestLimit = RequestLimit(request="4Gi")
     shm_size: str = "1Gi"
+    ephemeral_storage: str = "20Gi"
 
     @model_validator(mode="after")
     def _quantities(self) -> ResourcesSpec:
@@ -221,6 +233,7 @@ class ResourcesSpec(_Model):
         if self.memory.request is None and self.memory.limit is None:
             raise SpecError("spec.resources.memory needs a request or a limit: a model server is never unbounded")
         quantity_value(self.shm_size)
+        quantity_value(self.ephemeral_storage)
         return self
 
     @property
@@ -255,6 +268,7 @@ MonitoringMode = Literal["auto", "serviceMonitor", "podMonitor", "annotations", 
 class MonitoringSpec(_Model):
     mode: MonitoringMode = "auto"
     interval: str = Field(default="30s", pattern=r"^([0-9]+(ms|s|m|h))+$")
+    labels: dict[str, str] = Field(default_factory=dict)
 
 
 class RolloutSpec(_Model):
@@ -277,6 +291,24 @@ class LLMServiceSpec(_Model):
     def _replicas_or_autoscaling(self) -> LLMServiceSpec:
         if self.replicas is not None and self.autoscaling is not None:
             raise SpecError("set spec.replicas or spec.autoscaling, not both: the HPA owns replicas when autoscaling")
+        return self
+
+    # The same two rules are CEL rules in the CRD; here they catch objects stored before those existed.
+    @model_validator(mode="after")
+    def _shared_memory_fits(self) -> LLMServiceSpec:
+        resources = self.resources
+        # /dev/shm is memory-backed, and on CPU each worker's prefix cache lives in host memory.
+        prefix = 0.0 if resources.gpu.count else \
+            quantity_value(str(self.server.prefix_cache_size)) * self.server.workers
+        if quantity_value(resources.shm_size) + prefix >= quantity_value(resources.memory_limit):
+            raise SpecError(SHM_MESSAGE)
+        return self
+
+    @model_validator(mode="after")
+    def _gpu_rollout_can_start(self) -> LLMServiceSpec:
+        rollout = self.rollout
+        if self.resources.gpu.count and rollout.max_surge is None and str(rollout.max_unavailable) in ("0", "0%"):
+            raise SpecError(GPU_ROLLOUT_MESSAGE)
         return self
 
     @property

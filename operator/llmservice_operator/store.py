@@ -48,6 +48,10 @@ class ObjectStore:
     def pods(self, namespace: str, service: str) -> list[Manifest]:
         return self.owned("Pod", namespace, service)
 
+    def names(self, kind: str) -> list[tuple[str, str]]:
+        """(namespace, name) of every stored object of a kind."""
+        return list(self._objects.get(kind, {}))
+
     def count(self, kind: str) -> int:
         return len(self._objects.get(kind, {}))
 

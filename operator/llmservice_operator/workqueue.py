@@ -59,6 +59,13 @@ class WorkQueue(Generic[K]):
         self._queue.put_nowait(key)
         return True
 
+    def add_after(self, key: K, delay: float) -> None:
+        """Queue a key after `delay` seconds, for a change no watch event will announce (a deadline passing)."""
+        previous = self._timers.pop(key, None)
+        if previous is not None:
+            previous.cancel()
+        self._timers[key] = asyncio.get_running_loop().call_later(delay, self._fire, key)
+
     def _retry(self, key: K) -> None:
         failures = self._failures.get(key, 0) + 1
         self._failures[key] = failures

@@ -275,18 +275,22 @@ def test_namespaced_objects_live_in_the_release_namespace(helm: Path, values: di
 def test_default_render(helm: Path) -> None:
     rendered = render(helm)
     assert rendered.kinds == sorted(
-        ["ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition", "Deployment", "Service", "ServiceAccount"]
+        ["ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition", "Deployment", "Role", "RoleBinding", "Service",
+         "ServiceAccount"]
     )
     deployment = rendered.one("Deployment")
     assert deployment["spec"]["replicas"] == 1
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     assert container["image"] == "ghcr.io/llmservice/llmservice-operator:0.1.0"
-    env = {e["name"]: e["value"] for e in container["env"]}
+    env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["LLMSERVICE_OPERATOR_NAMESPACES"] == ""
     assert env["LLMSERVICE_OPERATOR_SERVER_IMAGE"] == "ghcr.io/llmservice/llmservice-server:0.1.0"
     assert env["LLMSERVICE_OPERATOR_LOG_LEVEL"] == "INFO"
     assert env["LLMSERVICE_OPERATOR_WORKERS"] == "8"
     assert env["LLMSERVICE_OPERATOR_RESYNC_SECONDS"] == "600"
+    assert env["LLMSERVICE_OPERATOR_CAPACITY_GRACE_SECONDS"] == "900"
+    assert env["LLMSERVICE_OPERATOR_GPU_TYPE_LABEL"] == "nvidia.com/gpu.product"
+    assert env["LLMSERVICE_OPERATOR_MONITOR_LABELS"] == "{}"
     assert env["LLMSERVICE_OPERATOR_HEALTH_PORT"] == "8080"
     assert env["LLMSERVICE_OPERATOR_METRICS_PORT"] == "9090"
     sa_name = deployment["spec"]["template"]["spec"]["serviceAccountName"]
@@ -324,6 +328,50 @@ def test_cluster_role_is_least_privilege(helm: Path) -> None:
         assert "*" not in rule["verbs"] and "*" not in rule["resources"] and "*" not in rule["apiGroups"]
 
 
+def test_leader_election_is_on_with_a_role_for_its_one_lease(helm: Path) -> None:
+    rendered = render(helm)
+    container = rendered.one("Deployment")["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e for e in container["env"]}
+    lease_name = env["LLMSERVICE_OPERATOR_LEASE_NAME"]["value"]
+    assert env["LLMSERVICE_OPERATOR_LEADER_ELECTION"]["value"] == "true"
+    assert env["LLMSERVICE_OPERATOR_LEASE_NAMESPACE"]["value"] == NAMESPACE
+    assert env["LLMSERVICE_OPERATOR_LEASE_DURATION_SECONDS"]["value"] == "15"
+    assert env["LLMSERVICE_OPERATOR_IDENTITY"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    role = rendered.one("Role")
+    assert role["metadata"]["namespace"] == NAMESPACE
+    assert role["rules"] == [
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "resourceNames": [lease_name],
+         "verbs": ["get", "update"]},
+    ]
+    binding = rendered.one("RoleBinding")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"][0]["name"] == rendered.one("ServiceAccount")["metadata"]["name"]
+
+    off = render(helm, {"leaderElection.enabled": "false"})
+    assert off.of_kind("Role") == [] and off.of_kind("RoleBinding") == []
+    container = off.one("Deployment")["spec"]["template"]["spec"]["containers"][0]
+    assert {e["name"]: e.get("value") for e in container["env"]}["LLMSERVICE_OPERATOR_LEADER_ELECTION"] == "false"
+
+
+@pytest.mark.parametrize(("value", "label"), [
+    ("gpu-operator", "nvidia.com/gpu.product"), ("gke", "cloud.google.com/gke-accelerator"),
+    ("eks-karpenter", "karpenter.k8s.aws/instance-gpu-name"), ("example.com/accelerator", "example.com/accelerator"),
+])
+def test_gpu_type_label_presets_and_monitor_labels_reach_the_operator(
+    helm: Path, monkeypatch: pytest.MonkeyPatch, value: str, label: str
+) -> None:
+    rendered = render(helm, {"gpuTypeLabel": value, "monitorLabels.release": "kube-prometheus-stack"})
+    container = rendered.one("Deployment")["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["LLMSERVICE_OPERATOR_GPU_TYPE_LABEL"] == label
+    for name, setting in env.items():
+        if name.startswith("LLMSERVICE_OPERATOR_") and setting is not None:
+            monkeypatch.setenv(name, setting)
+    settings = OperatorSettings()
+    assert (settings.gpu_type_label, settings.monitor_labels) == (label, {"release": "kube-prometheus-stack"})
+
+
 def test_metrics_service_selects_the_operator(helm: Path) -> None:
     rendered = render(helm)
     service = rendered.one("Service")
@@ -344,8 +392,10 @@ def test_crd_is_installed_and_kept_by_default(helm: Path) -> None:
 
 def test_watch_namespaces_uses_roles(helm: Path) -> None:
     rendered = render(helm, VARIANTS["watch-namespaces"])
-    roles = {r["metadata"]["namespace"]: r for r in rendered.of_kind("Role")}
-    bindings = {b["metadata"]["namespace"]: b for b in rendered.of_kind("RoleBinding")}
+    roles = {r["metadata"]["namespace"]: r for r in rendered.of_kind("Role")
+             if not r["metadata"]["name"].endswith("-leader-election")}
+    bindings = {b["metadata"]["namespace"]: b for b in rendered.of_kind("RoleBinding")
+                if not b["metadata"]["name"].endswith("-leader-election")}
     assert sorted(roles) == sorted(bindings) == ["team-a", "team-b"]
     sa_name = rendered.one("ServiceAccount")["metadata"]["name"]
     for namespace, role in roles.items():
@@ -361,7 +411,7 @@ def test_watch_namespaces_uses_roles(helm: Path) -> None:
     assert rendered.one("ClusterRole")["rules"] == [CRD_RULE]
     assert rendered.one("ClusterRoleBinding")["roleRef"]["name"] == rendered.one("ClusterRole")["metadata"]["name"]
     container = rendered.one("Deployment")["spec"]["template"]["spec"]["containers"][0]
-    env = {e["name"]: e["value"] for e in container["env"]}
+    env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["LLMSERVICE_OPERATOR_NAMESPACES"] == "team-a,team-b"
 
 
@@ -410,24 +460,25 @@ def test_values_override_images(helm: Path) -> None:
     rendered = render(helm, {"image.tag": "dev", "serverImage": "registry.local/server:cpu", "logLevel": "DEBUG"})
     container = rendered.one("Deployment")["spec"]["template"]["spec"]["containers"][0]
     assert container["image"] == "ghcr.io/llmservice/llmservice-operator:dev"
-    env = {e["name"]: e["value"] for e in container["env"]}
+    env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["LLMSERVICE_OPERATOR_SERVER_IMAGE"] == "registry.local/server:cpu"
     assert env["LLMSERVICE_OPERATOR_LOG_LEVEL"] == "DEBUG"
     assert env["LLMSERVICE_OPERATOR_PROBE_PODS"] == "true"  # on by default where the chart runs it
 
 
 def test_values_tune_the_reconciler_and_the_operator_reads_them(helm: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    rendered = render(helm, {"reconcileWorkers": "32", "resyncSeconds": "0", "probePods": "false"})
+    rendered = render(helm, {"reconcileWorkers": "32", "resyncSeconds": "0", "capacityGraceSeconds": "120", "probePods": "false"})
     container = rendered.one("Deployment")["spec"]["template"]["spec"]["containers"][0]
-    env = {e["name"]: e["value"] for e in container["env"]}
+    env = {e["name"]: e.get("value") for e in container["env"]}
     assert (env["LLMSERVICE_OPERATOR_WORKERS"], env["LLMSERVICE_OPERATOR_RESYNC_SECONDS"]) == ("32", "0")
     assert env["LLMSERVICE_OPERATOR_PROBE_PODS"] == "false"
+    assert env["LLMSERVICE_OPERATOR_CAPACITY_GRACE_SECONDS"] == "120"
     # The rendered variables are the operator's own settings, read as the operator reads them.
     for name, value in env.items():
-        if name.startswith("LLMSERVICE_OPERATOR_"):
+        if name.startswith("LLMSERVICE_OPERATOR_") and value is not None:  # None: from the downward API
             monkeypatch.setenv(name, value)
     settings = OperatorSettings()
-    assert (settings.workers, settings.resync_seconds, settings.probe_pods) == (32, 0.0, False)
+    assert (settings.workers, settings.resync_seconds, settings.capacity_grace_seconds, settings.probe_pods) == (32, 0.0, 120.0, False)
 
 
 # --- the schema rejects typos and nonsense ----------------------------------------------------

@@ -70,6 +70,7 @@ BINARIES = (
 GPU_RESOURCE = "nvidia.com/gpu"
 DEFAULT_GPU_PRODUCT = "NVIDIA-A100"
 FAKE_NODE_ANNOTATION = "kwok.x-k8s.io/node"
+KWOK_STATUS_ANNOTATION = "kwok.x-k8s.io/status"
 FAKE_NODE_VALUE = "fake"
 NOT_READY_TAINT = "node.kubernetes.io/not-ready"
 CLUSTER_NAME = "llmservice-e2e"
@@ -833,7 +834,9 @@ class ControlPlane:
                 {
                     "apiVersion": "config.kwok.x-k8s.io/v1alpha1",
                     "kind": "KwokConfiguration",
-                    "options": {},
+                    # A test that plays the kubelet (a crash loop, a termination message) annotates
+                    # its pod so that kwok leaves the status it writes alone.
+                    "options": {"disregardStatusWithAnnotationSelector": f"{KWOK_STATUS_ANNOTATION}=custom"},
                 }
             )
         )

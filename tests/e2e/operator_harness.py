@@ -62,11 +62,13 @@ def service_account_kubeconfig(cluster: ControlPlane, path: Path) -> Path:
 class OperatorProcess:
     """`llmservice-operator` as a child process, with its log kept for failure messages."""
 
-    def __init__(self, kubeconfig: Path, log_path: Path, *, watch_timeout: int = 20, resync_seconds: float | None = None) -> None:
+    def __init__(self, kubeconfig: Path, log_path: Path, *, watch_timeout: int = 20, resync_seconds: float | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.kubeconfig = kubeconfig
         self.log_path = log_path
         self.watch_timeout = watch_timeout
         self.resync_seconds = resync_seconds  # None: the operator's default
+        self.env = dict(env or {})  # more LLMSERVICE_OPERATOR_* settings
         self.health_port = free_port()
         self.metrics_port = free_port()
         self._process: subprocess.Popen[bytes] | None = None
@@ -89,6 +91,7 @@ class OperatorProcess:
         }
         if self.resync_seconds is not None:
             env["LLMSERVICE_OPERATOR_RESYNC_SECONDS"] = str(self.resync_seconds)
+        env.update(self.env)
         with self.log_path.open("ab") as log:
             self._process = subprocess.Popen(
                 [sys.executable, "-m", "llmservice_operator.main", "--kubeconfig", str(self.kubeconfig)],
@@ -105,6 +108,10 @@ class OperatorProcess:
                 return True
         except OSError:
             return False
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
 
     def kill(self) -> None:
         """SIGKILL: no cleanup, no goodbye, like a node dying."""

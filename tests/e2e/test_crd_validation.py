@@ -163,6 +163,22 @@ INVALID = [
         "cannot both be 0",
     ),
     (
+        "shm-fills-the-memory-limit",
+        with_changes(("resources", {"gpu": {"count": 1}, "memory": {"limit": "1Gi"}})),
+        "spec.resources.shmSize (plus spec.server.prefixCacheSize per worker on CPU) must be below the memory limit",
+    ),
+    (
+        "cpu-prefix-caches-fill-the-memory-limit",
+        with_changes(("resources", {"gpu": {"count": 0}, "memory": {"request": "2Gi"}, "shmSize": "256Mi"}),
+                     ("server", {"workers": 4, "prefixCacheSize": "512Mi"})),
+        "must be below the memory limit",
+    ),
+    (
+        "gpu-rollout-never-starts",
+        with_changes(("resources.gpu", {"count": 1}), ("rollout", {"maxUnavailable": 0})),
+        "spec.rollout.maxUnavailable 0 on a GPU service needs spec.rollout.maxSurge above 0",
+    ),
+    (
         "env-value-and-value-from",
         with_changes(("server.env", [{"name": "A", "value": "1", "valueFrom": {"fieldRef": {"fieldPath": "x"}}}])),
         "an env entry sets value or valueFrom, not both",
@@ -177,6 +193,17 @@ def test_invalid_llmservice_is_rejected_with_a_clear_message(
 ) -> None:
     output = apply(crd, namespace, manifest(case, spec), check=False)
     assert message in output
+
+
+@pytest.mark.parametrize(("case", "spec"), [
+    ("gpu-prefix-cache-on-the-device", with_changes(
+        ("resources", {"gpu": {"count": 1}, "memory": {"limit": "2Gi"}}), ("server", {"prefixCacheSize": "8Gi"}))),
+    ("cpu-zero-unavailable-surges", with_changes(("resources.gpu", {"count": 0}), ("rollout", {"maxUnavailable": 0}))),
+    ("gpu-zero-unavailable-with-surge", with_changes(("rollout", {"maxUnavailable": 0, "maxSurge": 1}))),
+])
+def test_what_the_new_rules_allow(crd: ControlPlane, namespace: str, case: str, spec: dict[str, Any]) -> None:
+    apply(crd, namespace, manifest(case, spec))
+    assert get(crd, namespace, case)["metadata"]["name"] == case
 
 
 def test_name_must_be_a_dns_1035_label(crd: ControlPlane, namespace: str) -> None:
@@ -202,10 +229,12 @@ def test_minimal_llmservice_is_accepted_and_defaulted(crd: ControlPlane, namespa
         "drainSeconds": 30,
     }
     assert spec["resources"] == {
-        "gpu": {"count": 1, "resourceName": "nvidia.com/gpu", "typeLabel": "nvidia.com/gpu.product"},
+        # No typeLabel: unset means the operator's default (chart value gpuTypeLabel).
+        "gpu": {"count": 1, "resourceName": "nvidia.com/gpu"},
         "cpu": {"request": "1"},
         "memory": {"request": "4Gi"},
         "shmSize": "1Gi",
+        "ephemeralStorage": "20Gi",
     }
     assert spec["model"] == {"source": {"bundled": {}}, "dtype": "auto", "trustRemoteCode": False}
     assert spec["service"] == {"type": "ClusterIP", "port": 8000}
@@ -264,10 +293,11 @@ def test_status_and_printer_columns(crd: ControlPlane, namespace: str) -> None:
     generation = get(crd, namespace, "shown")["metadata"]["generation"]
     status = {
         "observedGeneration": generation,
-        "replicas": 1,
+        "replicas": 2,  # mid-rollout: a surge pod beside the one wanted; DESIRED still shows 1
+        "desiredReplicas": 1,
         "readyReplicas": 1,
         "selector": "app.kubernetes.io/instance=shown",
-        "url": f"http://shown.{namespace}.svc:8000/v1",
+        "url": f"http://shown.{namespace}.svc:8000",
         "model": "SmolLM2-135M-Instruct",
         "conditions": [
             {
@@ -306,7 +336,7 @@ def test_status_and_printer_columns(crd: ControlPlane, namespace: str) -> None:
     assert "shown" in crd.kubectl("get", "llm", "-n", namespace).stdout
     scale = json.loads(crd.kubectl("get", f"{api.PLURAL}/shown", "-n", namespace, "--subresource=scale", "-o", "json").stdout)
     assert scale["spec"] == {"replicas": 1}
-    assert scale["status"] == {"replicas": 1, "selector": "app.kubernetes.io/instance=shown"}
+    assert scale["status"] == {"replicas": 2, "selector": "app.kubernetes.io/instance=shown"}
 
     bad = {
         "conditions": [

@@ -27,6 +27,8 @@ CHILD_KINDS = ("deployment", "service", "horizontalpodautoscaler", "poddisruptio
 READY_TIMEOUT = 90
 # Far shorter than the default, so every test runs with resyncs going on and the idle one sees several.
 RESYNC_SECONDS = 5
+# How long a GPU pod may wait for a node before InsufficientGPU: 15 minutes by default, seconds here.
+CAPACITY_GRACE_SECONDS = 20
 LISTS_OK = 'llmservice_operator_api_requests_total{code="200",verb="list"}'
 
 
@@ -34,7 +36,8 @@ LISTS_OK = 'llmservice_operator_api_requests_total{code="200",verb="list"}'
 def operator(cluster: ControlPlane, chart: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
     workdir = tmp_path_factory.mktemp("operator")
     process = OperatorProcess(service_account_kubeconfig(cluster, workdir / "kubeconfig"), workdir / "operator.log",
-                              resync_seconds=RESYNC_SECONDS)
+                              resync_seconds=RESYNC_SECONDS,
+                              env={"LLMSERVICE_OPERATOR_CAPACITY_GRACE_SECONDS": str(CAPACITY_GRACE_SECONDS)})
     process.start()
     yield process
     process.stop()
@@ -148,7 +151,7 @@ def test_llmservice_gets_its_children_and_becomes_ready(cluster: ControlPlane, o
 
 
 def test_scale_subresource_and_hpa_owned_replicas(cluster: ControlPlane, operator: OperatorProcess, namespace: str) -> None:
-    apply_manifest(cluster, llmservice("fixed", namespace, resources={"gpu": {"count": 0}, "memory": {"limit": "1Gi"}}))
+    apply_manifest(cluster, llmservice("fixed", namespace, resources={"gpu": {"count": 0}, "memory": {"limit": "2Gi"}}))
     wait_ready(cluster, operator, "fixed", namespace)
     cluster.kubectl("scale", "llmsvc", "fixed", "-n", namespace, "--replicas=3")
     wait_for(lambda: get_json(cluster, "deployment", "fixed", "-n", namespace)["spec"]["replicas"] == 3, 60,
@@ -158,7 +161,7 @@ def test_scale_subresource_and_hpa_owned_replicas(cluster: ControlPlane, operato
     assert get_json(cluster, "pdb", "fixed", "-n", namespace)["spec"]["maxUnavailable"] == 1
 
     apply_manifest(cluster, llmservice("auto", namespace, autoscaling={"minReplicas": 1, "maxReplicas": 4, "metric": "cpu"},
-                                       resources={"gpu": {"count": 0}, "memory": {"limit": "1Gi"}}))
+                                       resources={"gpu": {"count": 0}, "memory": {"limit": "2Gi"}}))
     wait_ready(cluster, operator, "auto", namespace)
     # What the HPA controller does: write the Deployment's replicas through the scale subresource.
     cluster.kubectl("scale", "deployment", "auto", "-n", namespace, "--replicas=2")
@@ -187,7 +190,7 @@ def test_sigkill_mid_reconcile_converges_to_one_of_each(cluster: ControlPlane, o
                                                         namespace: str) -> None:
     for index in range(5):
         apply_manifest(cluster, llmservice(f"burst-{index}", namespace, replicas=2,
-                                           resources={"gpu": {"count": 0}, "memory": {"limit": "1Gi"}}))
+                                           resources={"gpu": {"count": 0}, "memory": {"limit": "2Gi"}}))
     time.sleep(0.5)
     operator.kill()
     operator.start()
@@ -202,13 +205,20 @@ def test_more_gpus_than_any_node_says_so_then_recovers(cluster: ControlPlane, op
                                                        namespace: str) -> None:
     apply_manifest(cluster, llmservice("big", namespace, resources={"gpu": {"count": 8}, "memory": {"limit": "2Gi"}}))
 
-    def insufficient() -> bool:
-        return condition(get_json(cluster, "llmsvc", "big", "-n", namespace), "Ready").get("reason") == "InsufficientGPU"
+    def reason_is(reason: str) -> Any:
+        return lambda: condition(get_json(cluster, "llmsvc", "big", "-n", namespace), "Ready").get("reason") == reason
 
-    wait_for(insufficient, 90, "the status to report InsufficientGPU")
+    # First a wait a cluster autoscaler may end: progress, not degradation.
+    wait_for(reason_is("WaitingForCapacity"), 60, "the status to report WaitingForCapacity")
     obj = get_json(cluster, "llmsvc", "big", "-n", namespace)
     assert "nvidia.com/gpu" in condition(obj, "Ready")["message"]
-    assert condition(obj, "Degraded")["status"] == "True"
+    assert condition(obj, "Degraded")["status"] == "False"
+    assert (condition(obj, "Reconciling")["status"], condition(obj, "Stalled")["status"]) == ("True", "False")
+    # Past the grace period, with no event to wake the operator, it says the wait failed.
+    wait_for(reason_is("InsufficientGPU"), CAPACITY_GRACE_SECONDS + 30, "the status to report InsufficientGPU")
+    obj = get_json(cluster, "llmsvc", "big", "-n", namespace)
+    assert "nvidia.com/gpu" in condition(obj, "Ready")["message"]
+    assert (condition(obj, "Degraded")["status"], condition(obj, "Stalled")["status"]) == ("True", "True")
     cluster.add_gpu_node("e2e-big-gpu-node", gpus=8)
     try:
         wait_ready(cluster, operator, "big", namespace, timeout=120)

@@ -6,7 +6,7 @@ from typing import Any
 
 from hypothesis import strategies as st
 
-from llmservice_operator.spec import LLMService, parse
+from llmservice_operator.spec import LLMService, parse, quantity_value
 
 UID = "7a1c9a52-5f2e-4b8e-9d57-0c1f5d1f1a01"
 
@@ -54,6 +54,7 @@ def specs(draw: st.DrawFn) -> dict[str, Any]:
     spec["resources"] = {
         "gpu": {"count": draw(st.integers(0, 8)), **({"type": "NVIDIA-A100"} if draw(st.booleans()) else {})},
         "memory": {"limit": draw(_memory)},
+        "shmSize": draw(st.sampled_from(["64Mi", "256Mi", "1Gi"])),
     }
     spec["server"] = {
         "maxNumSeqs": draw(st.integers(1, 256)), "maxQueue": draw(st.integers(0, 1000)),
@@ -62,6 +63,12 @@ def specs(draw: st.DrawFn) -> dict[str, Any]:
         "maxRequestSize": draw(st.sampled_from([1, "512Ki", "16Mi", "1Gi", "100M"])),
         "requestReadTimeoutSeconds": draw(st.integers(1, 3600)), "maxConnections": draw(st.integers(1, 100000)),
     }
+    # /dev/shm and, on CPU, every worker's prefix cache must fit below the memory limit (a CEL rule).
+    shared = quantity_value(spec["resources"]["shmSize"]) + (
+        0 if spec["resources"]["gpu"]["count"] else
+        quantity_value(str(spec["server"]["prefixCacheSize"])) * spec["server"]["workers"])
+    if shared >= quantity_value(spec["resources"]["memory"]["limit"]):
+        spec["resources"]["memory"]["limit"] = "80Gi"
     if draw(st.booleans()):
         spec["server"]["apiKeySecretRef"] = {"name": "api-keys", "key": "key"}
         spec["server"]["env"] = [{"name": "LLMSERVICE_LOG_LEVEL", "value": "DEBUG"}]

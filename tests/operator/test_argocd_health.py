@@ -2,41 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-import pytest
-import yaml
-from lupa import LuaRuntime
-
-from llmservice_operator import spec as api
 from llmservice_operator.status import Observed, compute
 from tests.operator.specs import MINIMAL, body, service
 from tests.operator.test_status import NOW, deployment, pod
 
-HEALTH_FILE = Path(__file__).resolve().parents[2] / "examples" / "gitops" / "argocd-cm-health.yaml"
-
-
-@pytest.fixture(scope="module")
-def health_check() -> Any:
-    config = yaml.safe_load(HEALTH_FILE.read_text())
-    script = config["data"][f"resource.customizations.health.{api.GROUP}_{api.KIND}"]
-    lua = LuaRuntime()
-
-    def to_lua(value: Any) -> Any:  # Argo CD hands the script the object as nested Lua tables
-        if isinstance(value, dict):
-            return lua.table_from({k: to_lua(v) for k, v in value.items()})
-        if isinstance(value, list):
-            return lua.table_from([to_lua(v) for v in value])
-        return value
-
-    check = lua.eval(f"function(obj)\n{script}\nend")
-
-    def run(obj: dict[str, Any]) -> tuple[str, str]:
-        result = check(to_lua(obj))
-        return str(result["status"]), str(result["message"])
-
-    return run
+# The health_check fixture (tests/operator/conftest.py) runs the Lua of examples/gitops/argocd-cm-health.yaml.
 
 
 def llmservice(status: dict[str, Any] | None, generation: int = 3) -> dict[str, Any]:
@@ -65,7 +37,8 @@ def test_a_spec_the_operator_has_not_seen_is_progressing_even_if_ready(health_ch
 
 
 def test_oom_killed_is_degraded_with_the_operators_words(health_check: Any) -> None:
-    svc = service({**MINIMAL, "resources": {"gpu": {"count": 0}, "memory": {"limit": "512Mi"}}}, generation=3)
+    svc = service({**MINIMAL, "resources": {"gpu": {"count": 0}, "memory": {"limit": "512Mi"}, "shmSize": "64Mi"},
+                   "server": {"prefixCacheSize": 0}}, generation=3)
     oom = pod({"state": {"waiting": {"reason": "CrashLoopBackOff"}}, "lastState": {"terminated": {"reason": "OOMKilled", "exitCode": 137}}})
     status = compute(svc, Observed(deployment=deployment(1, 0), pods=(oom,)), None, NOW)
     state, message = health_check(llmservice(status))

@@ -68,9 +68,10 @@ def test_deployment_carries_gpu_memory_env_probes_and_security() -> None:
     deployment = by_kind(render(svc, CONTEXT))["Deployment"]
     pod = deployment["spec"]["template"]["spec"]
     container = pod["containers"][0]
+    # A Hugging Face download lands on node disk: the default 20Gi of ephemeral storage is asked for.
     assert container["resources"] == {
-        "requests": {"memory": "24Gi", "cpu": "1", "nvidia.com/gpu": "2"},
-        "limits": {"memory": "32Gi", "nvidia.com/gpu": "2"},
+        "requests": {"memory": "24Gi", "cpu": "1", "nvidia.com/gpu": "2", "ephemeral-storage": "20Gi"},
+        "limits": {"memory": "32Gi", "nvidia.com/gpu": "2", "ephemeral-storage": "20Gi"},
     }
     expected_env = {
         "LLMSERVICE_MODEL": "org/model", "LLMSERVICE_REVISION": "v1", "LLMSERVICE_MAX_NUM_SEQS": "32",
@@ -126,6 +127,55 @@ def test_monitoring_auto_picks_service_monitor_only_when_the_crd_exists() -> Non
     with_crd = by_kind(render(svc, RenderContext("img", Capabilities(service_monitor=True))))
     assert with_crd["ServiceMonitor"]["spec"]["endpoints"] == [{"port": "http", "path": "/metrics", "interval": "30s"}]
     assert "annotations" not in with_crd["Deployment"]["spec"]["template"]["metadata"]
+
+
+def test_monitors_carry_the_operators_and_the_specs_labels() -> None:
+    svc = service({**MINIMAL, "monitoring": {"mode": "podMonitor", "labels": {"release": "kps-team", "team": "ml"}}})
+    context = RenderContext("img", Capabilities(pod_monitor=True), monitor_labels=(("release", "kps"), ("tier", "x")))
+    monitor = by_kind(render(svc, context))["PodMonitor"]
+    labels = monitor["metadata"]["labels"]
+    assert (labels["release"], labels["team"], labels["tier"]) == ("kps-team", "ml", "x"), "the spec wins on a clash"
+    assert labels[naming.NAME_LABEL] == "chat" and labels[naming.MANAGED_BY_LABEL] == naming.MANAGED_BY
+    hijack = service({**MINIMAL, "monitoring": {"mode": "serviceMonitor", "labels": {naming.NAME_LABEL: "other"}}})
+    assert by_kind(render(hijack, context))["ServiceMonitor"]["metadata"]["labels"][naming.NAME_LABEL] == "chat"
+
+
+def test_the_gpu_type_label_comes_from_the_spec_or_the_operators_default() -> None:
+    gke = RenderContext("img", gpu_type_label="cloud.google.com/gke-accelerator")
+    typed = service({**MINIMAL, "resources": {"gpu": {"count": 1, "type": "nvidia-l4"}, "memory": {"limit": "8Gi"}}})
+    pod = by_kind(render(typed, gke))["Deployment"]["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"cloud.google.com/gke-accelerator": "nvidia-l4"}
+    assert by_kind(render(typed, CONTEXT))["Deployment"]["spec"]["template"]["spec"]["nodeSelector"] == {
+        "nvidia.com/gpu.product": "nvidia-l4"}
+    own = service({**MINIMAL, "resources": {"gpu": {"count": 1, "type": "L4", "typeLabel": "karpenter.k8s.aws/instance-gpu-name"},
+                                            "memory": {"limit": "8Gi"}}})
+    assert by_kind(render(own, gke))["Deployment"]["spec"]["template"]["spec"]["nodeSelector"] == {
+        "karpenter.k8s.aws/instance-gpu-name": "L4"}
+
+
+def test_only_replicas_that_download_ask_for_ephemeral_storage() -> None:
+    downloads = service({**MINIMAL, "model": {"source": {"huggingFace": {"repo": "org/m"}}},
+                         "resources": {"gpu": {"count": 0}, "memory": {"limit": "4Gi"}, "ephemeralStorage": "50Gi"}})
+    pod = by_kind(render(downloads, CONTEXT))["Deployment"]["spec"]["template"]["spec"]
+    resources = pod["containers"][0]["resources"]
+    assert resources["requests"]["ephemeral-storage"] == resources["limits"]["ephemeral-storage"] == "50Gi"
+    assert {v["name"]: v for v in pod["volumes"]}["cache"]["emptyDir"] == {"sizeLimit": "50Gi"}
+    bundled = by_kind(render(service(MINIMAL), CONTEXT))["Deployment"]["spec"]["template"]["spec"]
+    assert "ephemeral-storage" not in bundled["containers"][0]["resources"]["requests"]
+    assert {v["name"]: v for v in bundled["volumes"]}["cache"]["emptyDir"] == {}
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ({**MINIMAL, "resources": {"gpu": {"count": 0}, "memory": {"limit": "1Gi"}}}, "must be below the memory limit"),
+    ({**MINIMAL, "resources": {"gpu": {"count": 0}, "memory": {"request": "2Gi"}, "shmSize": "256Mi"},
+      "server": {"workers": 4, "prefixCacheSize": "512Mi"}}, "must be below the memory limit"),
+    ({**MINIMAL, "resources": {"gpu": {"count": 1}, "memory": {"limit": "8Gi"}}, "rollout": {"maxUnavailable": "0%"}},
+     "needs spec.rollout.maxSurge above 0"),
+])
+def test_what_the_crd_rules_refuse_the_model_refuses(spec: dict[str, Any], message: str) -> None:
+    """For objects stored before a CEL rule existed: InvalidSpec, not a broken rollout."""
+    with pytest.raises(SpecError, match=message):
+        service(spec)
 
 
 def test_pdb_only_with_more_than_one_replica() -> None:

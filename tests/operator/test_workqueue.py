@@ -58,3 +58,28 @@ def test_failures_come_back_after_a_growing_delay_and_stop_once_healed() -> None
     assert len(times) == 4, "a healed key must not be retried again"
     gaps = [b - a for a, b in itertools.pairwise(times)]
     assert gaps[0] >= 0.02 and gaps[1] >= 0.04 and gaps[2] >= 0.08
+
+
+def test_add_after_runs_a_key_once_its_delay_has_passed_and_a_later_call_replaces_it() -> None:
+    async def scenario() -> list[tuple[str, float]]:
+        loop = asyncio.get_running_loop()
+        runs: list[tuple[str, float]] = []
+        ran = asyncio.Event()
+
+        async def handler(key: str) -> None:
+            runs.append((key, loop.time()))
+            ran.set()
+
+        queue: WorkQueue[str] = WorkQueue(handler, workers=1, base_delay=0.01, max_delay=0.1)
+        queue.start()
+        start = loop.time()
+        queue.add_after("ns/a", 5.0)
+        queue.add_after("ns/a", 0.2)  # the deadline moved: one run, at the new time
+        await asyncio.wait_for(ran.wait(), 5)
+        await asyncio.sleep(0.3)
+        await queue.stop()
+        return [(key, at - start) for key, at in runs]
+
+    runs = asyncio.run(scenario())
+    assert [key for key, _ in runs] == ["ns/a"]
+    assert 0.15 <= runs[0][1] < 2.0

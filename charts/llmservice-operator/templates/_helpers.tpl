@@ -112,3 +112,11 @@ RBAC rules on cluster-scoped resources kopf reads at startup.
   resources: ["customresourcedefinitions"]
   verbs: ["get", "list", "watch"]
 {{- end }}
+
+{{/*
+The GPU type node label: a preset name (gpu-operator, gke, eks-karpenter) or a label key.
+*/}}
+{{- define "llmservice-operator.gpuTypeLabel" -}}
+{{- $presets := dict "gpu-operator" "nvidia.com/gpu.product" "gke" "cloud.google.com/gke-accelerator" "eks-karpenter" "karpenter.k8s.aws/instance-gpu-name" -}}
+{{- get $presets .Values.gpuTypeLabel | default .Values.gpuTypeLabel -}}
+{{- end }}

@@ -313,6 +313,7 @@ class Controller:
     store: ObjectStore
     registry: CollectorRegistry
     queued: list[Key] = field(default_factory=list)  # what every resync so far put on the work queue
+    requeued: list[tuple[Key, float]] = field(default_factory=list)  # (key, delay) the reconciler asked to look again
     mark: int = 0  # requests made before the last reconcile began
 
     async def sync(self) -> list[Key]:
@@ -356,8 +357,10 @@ async def controller(kmock: ApiServer) -> AsyncIterator[Controller]:
         kube = Kube(http, str(kmock.url), FIELD_MANAGER, metrics)
         # Cluster-wide, as the operator runs by default.
         resync = Resync(kube, store, (), queued.append)
-        reconciler = Reconciler(kube, store, metrics, IMAGE, clock=lambda: NOW)
-        yield Controller(kmock, reconciler, resync, store, registry, queued)
+        requeued: list[tuple[Key, float]] = []
+        reconciler = Reconciler(kube, store, metrics, IMAGE, clock=lambda: NOW,
+                                requeue=lambda key, delay: requeued.append((key, delay)))
+        yield Controller(kmock, reconciler, resync, store, registry, queued, requeued)
 
 
 def seed(kmock: ApiServer, llmservice: Manifest) -> None:

@@ -1,4 +1,5 @@
-"""API faults: transient ones retry with backoff, a rejected child becomes a condition, a gone object is left alone."""
+"""API faults: conflicts and throttling retry quietly, every other refused write is ApplyFailed in the status while
+the backoff goes on, a rejected child becomes a condition, a gone object is left alone."""
 
 from __future__ import annotations
 
@@ -37,8 +38,8 @@ TRANSIENT = {
 }
 
 
-@pytest.mark.parametrize("code", [409, 429, 500])
-async def test_a_transient_fault_on_apply_retries_later(kmock: ApiServer, controller: Controller, code: int) -> None:
+@pytest.mark.parametrize("code", [409, 429])
+async def test_a_conflict_or_throttling_on_apply_retries_quietly(kmock: ApiServer, controller: Controller, code: int) -> None:
     seed(kmock, body(MINIMAL))
     kmock[f"patch {DEPLOYMENT_PATH}"] << TRANSIENT[code]
 
@@ -52,10 +53,56 @@ async def test_a_transient_fault_on_apply_retries_later(kmock: ApiServer, contro
     assert not exists(kmock, DEPLOYMENTS)
 
 
-@pytest.mark.parametrize("path", [f"{COLLECTIONS['Service']}/{NAME}", STATUS_PATH], ids=["apply-service", "apply-status"])
-async def test_a_server_error_on_any_write_retries_later(kmock: ApiServer, controller: Controller, path: str) -> None:
+REFUSALS = {
+    403: KubernetesError(status=403, reason="Forbidden", message='deployments.apps "chat" is forbidden: '
+                         'User "system:serviceaccount:ops:op" cannot patch resource "deployments"'),
+    404: KubernetesError(status=404, reason="NotFound", message="the server could not find the requested resource"),
+    500: KubernetesError(status=500, reason="InternalError", message='Internal error occurred: failed calling webhook '
+                         '"validate.kyverno.svc": context deadline exceeded'),
+}
+
+
+@pytest.mark.parametrize("code", [403, 404, 500])
+async def test_any_other_apply_error_is_apply_failed_in_status_and_retries(
+    kmock: ApiServer, controller: Controller, code: int
+) -> None:
     seed(kmock, body(MINIMAL))
-    kmock[f"patch {path}"] << TRANSIENT[503]
+    kmock[f"patch {DEPLOYMENT_PATH}"] << REFUSALS[code]
+
+    with pytest.raises(RetryLater, match=f"HTTP {code}"):
+        await controller.run()
+
+    assert controller.reconciles("retry") == 1  # the backoff continues
+    sent = writes(kmock)
+    assert [(r.method.value, r.url.path) for r in sent] == [
+        ("PATCH", DEPLOYMENT_PATH), ("PATCH", STATUS_PATH), ("POST", EVENTS_PATH)]
+    assert not exists(kmock, DEPLOYMENTS)
+    conditions = {c["type"]: c for c in stored(kmock, LLMSERVICES)["status"]["conditions"]}
+    ready = conditions["Ready"]
+    assert (ready["status"], ready["reason"]) == ("False", "ApplyFailed")
+    assert ready["message"].startswith(f"Applying Deployment team-a/{NAME} failed (HTTP {code}): {REFUSALS[code].message}")
+    assert {403: "Grant the operator's ServiceAccount", 404: "install its CRD", 500: ""}[code] in ready["message"]
+    assert (conditions["Reconciling"]["status"], conditions["Stalled"]["status"]) == ("True", "False")
+    event = body_of(sent[2])
+    assert (event["type"], event["reason"], event["note"]) == ("Warning", "ApplyFailed", ready["message"])
+
+
+async def test_apply_failed_clears_once_the_write_goes_through(kmock: ApiServer, controller: Controller) -> None:
+    seed(kmock, body(MINIMAL))
+    kmock[f"patch {DEPLOYMENT_PATH}"][:1] << REFUSALS[403]  # RBAC fixed after the first attempt
+
+    with pytest.raises(RetryLater):
+        await controller.run()
+    await controller.run()
+
+    ready = next(c for c in stored(kmock, LLMSERVICES)["status"]["conditions"] if c["type"] == "Ready")
+    assert ready["reason"] == "RollingOut"
+    assert exists(kmock, DEPLOYMENTS)
+
+
+async def test_an_error_writing_the_status_itself_retries_later(kmock: ApiServer, controller: Controller) -> None:
+    seed(kmock, body(MINIMAL))
+    kmock[f"patch {STATUS_PATH}"] << TRANSIENT[503]
 
     with pytest.raises(RetryLater, match="HTTP 503"):
         await controller.run()

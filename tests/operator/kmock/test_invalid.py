@@ -41,6 +41,7 @@ async def test_an_invalid_spec_gets_a_condition_and_a_warning_and_no_children(km
     conditions = {c["type"]: c for c in status["conditions"]}
     assert {kind: (c["status"], c["reason"]) for kind, c in conditions.items()} == {
         "Ready": ("False", "InvalidSpec"), "Progressing": ("False", "InvalidSpec"), "Degraded": ("True", "InvalidSpec"),
+        "Reconciling": ("False", "AsExpected"), "Stalled": ("True", "InvalidSpec"),
     }
     assert conditions["Ready"]["message"] == MESSAGE
     note = body_of(event)

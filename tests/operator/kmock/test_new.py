@@ -12,6 +12,7 @@ from tests.operator.kmock.conftest import (
     DEPLOYMENTS,
     EVENTS_PATH,
     FIELD_MANAGER,
+    KEY,
     LLMSERVICES,
     NAME,
     NAMESPACE,
@@ -86,7 +87,8 @@ async def test_writes_are_the_children_then_one_status(kmock: ApiServer, control
     assert set(status) == {"apiVersion", "kind", "metadata", "status"}  # nothing but the status is applied there
     assert status["status"]["observedGeneration"] == 1
     conditions = {c["type"]: c for c in status["status"]["conditions"]}
-    assert set(conditions) == {"Ready", "Progressing", "Degraded"}
+    assert set(conditions) == {"Ready", "Progressing", "Degraded", "Reconciling", "Stalled"}
+    assert (conditions["Reconciling"]["status"], conditions["Stalled"]["status"]) == ("True", "False")
     assert (conditions["Ready"]["status"], conditions["Ready"]["reason"]) == ("False", "RollingOut")
     assert all(c["observedGeneration"] == 1 and c["lastTransitionTime"] == "2026-11-29T10:00:00Z" for c in conditions.values())
     assert status["status"]["selector"] == "app.kubernetes.io/name=llmservice-server,llmservice.io/name=chat"
@@ -98,7 +100,9 @@ async def test_writes_are_the_children_then_one_status(kmock: ApiServer, control
     assert stored(kmock, DEPLOYMENTS)["spec"]["replicas"] == 1  # the server's default, not ours
 
 
-async def test_a_new_llmservice_costs_five_writes_and_reads_only_discovery(kmock: ApiServer, controller: Controller) -> None:
+async def test_a_new_llmservice_costs_five_writes_and_reads_only_discovery_and_its_names(
+    kmock: ApiServer, controller: Controller
+) -> None:
     seed(kmock, body(MINIMAL))
 
     assert await controller.reconcile() == "applied"
@@ -108,8 +112,11 @@ async def test_a_new_llmservice_costs_five_writes_and_reads_only_discovery(kmock
     second = [(r.method.value, r.url.path) for r in controller.requests()]
 
     # Everything else it needs comes from the store the watches feed; discovery is cached for a minute.
+    # Each child it is about to create is looked up once by name: the watches see only objects with
+    # our labels, and a name held by someone else's object must not be applied over.
     assert first == [
         ("GET", "/apis/monitoring.coreos.com/v1"), ("GET", "/apis/custom.metrics.k8s.io"),
+        ("GET", f"{COLLECTIONS['Deployment']}/{NAME}"), ("GET", f"{COLLECTIONS['Service']}/{NAME}"),
         ("PATCH", f"{COLLECTIONS['Deployment']}/{NAME}"), ("PATCH", f"{COLLECTIONS['Service']}/{NAME}"),
         ("PATCH", STATUS_PATH),
     ]
@@ -131,7 +138,23 @@ async def test_not_ready_says_why_from_the_pods_in_the_store(kmock: ApiServer, c
 
     assert await controller.reconcile() == "applied"
 
+    # A cluster autoscaler may add a GPU node: progress, not a failure, and no Event.
+    assert [(r.method.value, r.url.path) for r in controller.requests()] == [("PATCH", STATUS_PATH)]
+    conditions = {c["type"]: c for c in stored(kmock, LLMSERVICES)["status"]["conditions"]}
+    assert (conditions["Ready"]["status"], conditions["Ready"]["reason"]) == ("False", "WaitingForCapacity")
+    assert "chat-5d8f-abcde" in conditions["Ready"]["message"]
+    assert (conditions["Progressing"]["reason"], conditions["Degraded"]["status"]) == ("WaitingForCapacity", "False")
+    # Nothing will change in the cluster when the grace period ends: the reconciler asks to look again then.
+    assert controller.requeued == [(KEY, 900.0 + 1.0)]
+
+    # The scheduler said so long ago: past the grace period it is a failure that waiting will not fix.
+    pod = kmock.objects["v1/pods", NAMESPACE, "chat-5d8f-abcde"]
+    pod["status"] = {**pod.raw["status"], "conditions": [
+        {**pod.raw["status"]["conditions"][0], "lastTransitionTime": "2026-11-29T09:40:00Z"}]}
+    pod["metadata"] = {**pod.raw["metadata"], "resourceVersion": kmock.next_version()}
+    assert await controller.reconcile() == "applied"
+
     assert [(r.method.value, r.url.path) for r in controller.requests()] == [("PATCH", STATUS_PATH), ("POST", EVENTS_PATH)]
-    ready = next(c for c in stored(kmock, LLMSERVICES)["status"]["conditions"] if c["type"] == "Ready")
-    assert (ready["status"], ready["reason"]) == ("False", "InsufficientGPU")
-    assert "chat-5d8f-abcde" in ready["message"]
+    conditions = {c["type"]: c for c in stored(kmock, LLMSERVICES)["status"]["conditions"]}
+    assert (conditions["Ready"]["status"], conditions["Ready"]["reason"]) == ("False", "InsufficientGPU")
+    assert (conditions["Stalled"]["status"], conditions["Degraded"]["status"]) == ("True", "True")

@@ -69,7 +69,8 @@ async def test_the_hpa_keeps_the_replicas_it_chose(kmock: ApiServer, controller:
 
     assert stored(kmock, DEPLOYMENTS)["spec"]["replicas"] == 4
     conditions = stored(kmock, LLMSERVICES)["status"]["conditions"]
-    assert {c["type"]: c["status"] for c in conditions} == {"Ready": "True", "Progressing": "False", "Degraded": "False"}
+    assert {c["type"]: c["status"] for c in conditions} == {"Ready": "True", "Progressing": "False", "Degraded": "False",
+                                                      "Reconciling": "False", "Stalled": "False"}
 
 
 async def test_a_reconcile_right_after_our_writes_writes_nothing_again(kmock: ApiServer, controller: Controller) -> None:
