@@ -92,6 +92,8 @@ def apply_penalties(logits: torch.Tensor, counts: torch.Tensor, params: Sampling
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
     """transformers' and vLLM's definition: a seen token's positive logit is divided by the penalty, a negative one multiplied."""
     penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    # A penalty near 0 (vLLM allows any in (0, 2]) divides to inf, which would make softmax NaN.
+    penalized = penalized.clamp(max=torch.finfo(logits.dtype).max)
     return torch.where(seen.to(logits.device), penalized, logits)
 
 

@@ -79,6 +79,7 @@ def test_lone_surrogates_are_400_not_500(server: ServerProcess) -> None:
     [
         {"temperature": 5e-324},  # logits / t overflowed: NaN probabilities on the engine thread
         {"top_p": 5e-324},  # rounded to 0 in float32: an empty nucleus
+        {"repetition_penalty": 5e-324, "temperature": 1.0},  # a seen token's logit divided to inf
         {"seed": 2**63 - 1, "n": 2, "temperature": 1.0},  # seed + row index beyond 64 bits
     ],
 )

@@ -315,7 +315,10 @@ def test_slow_clients_are_closed_after_the_read_timeout_while_probes_stay_fast(l
     assert max(closed_after) < READ_TIMEOUT + 3, f"held for {max(closed_after):.2f} s"
     assert len(latencies) > 100
     p99 = statistics.quantiles(latencies, n=100)[98]
-    assert p99 < 0.020, f"/livez p99 {p99 * 1000:.1f} ms while 200 slow clients were held"
+    # Held clients that blocked the loop would cost probes seconds; the 20 ms p99 is a
+    # speed target, measured by bench/hostile_input.py (docs/limits.md), with headroom here for
+    # a machine whose two cores other work shares.
+    assert p99 < 0.050, f"/livez p99 {p99 * 1000:.1f} ms while 200 slow clients were held"
 
 
 def _request(port: int, path: str) -> bytes:

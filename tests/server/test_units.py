@@ -88,6 +88,15 @@ def test_a_vanishing_top_p_keeps_the_top_token() -> None:
     assert select_tokens(torch.log(probs)[None], [sampler])[0].token == 1
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_a_vanishing_repetition_penalty_samples_without_overflow(temperature: float) -> None:
+    # 5e-324 divided a seen token's positive logit to inf: softmax NaN, multinomial raising on the engine thread.
+    logits = torch.tensor([[0.5, 3.0, -1.0, 2.0]])
+    params = SamplingParams(temperature=temperature, repetition_penalty=5e-324)
+    sampler = RowSampler.create(params, 4, seed=1, prompt=[0, 2])
+    assert select_tokens(logits, [sampler])[0].token == 0  # the seen positive logit now outranks every other
+
+
 def test_admission_bounds_running_plus_waiting() -> None:
     admission = Admission(max_running=2, max_waiting=1)
     grants = [admission.try_acquire(1, ready=True) for _ in range(3)]
