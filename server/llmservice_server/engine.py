@@ -137,6 +137,7 @@ class Engine:
         self.error: str | None = None
         self.load_seconds: float | None = None
         self._settled = threading.Event()  # the model loaded, failed to load, or the engine stopped
+        self._ended = threading.Event()  # the engine failed for good, or was stopped
         self._thread = threading.Thread(target=self._run, name="llmservice-engine", daemon=True)
 
     # --- public API (any thread) ---
@@ -166,6 +167,9 @@ class Engine:
         """Block until loading is over (ready or failed) or the engine stopped; never on the event loop."""
         return self._settled.wait(timeout)
 
+    def wait_ended(self, timeout: float | None = None) -> bool:
+        return self._ended.wait(timeout)
+
     def submit(self, request: GenerationRequest, sink: Sink) -> Ticket:
         ticket = Ticket(request, sink, self._wake)
         with self._cond:
@@ -184,6 +188,7 @@ class Engine:
             self._stopping = True
             self._cond.notify()
         self._settled.set()
+        self._ended.set()
         if self._thread.is_alive():
             self._thread.join(timeout)
 
@@ -252,6 +257,8 @@ class Engine:
         self.stage = stage
         if self._on_stage is not None:
             self._on_stage(stage)
+        if stage == "failed":
+            self._ended.set()
 
     def _warm_up(self) -> None:
         # One real generation through the batching path: first-call overheads are paid here,

@@ -204,6 +204,7 @@ class EngineProcess:
         self._ids = itertools.count()
         self._facts: Facts | None = None
         self._settled = threading.Event()
+        self._ended = threading.Event()  # the engine failed (in the child, or the child died), or stop() was called
         self._stopping = False
         self.stage = "starting"
         self.error: str | None = None
@@ -234,6 +235,9 @@ class EngineProcess:
     def wait_settled(self, timeout: float | None = None) -> bool:
         return self._settled.wait(timeout)
 
+    def wait_ended(self, timeout: float | None = None) -> bool:
+        return self._ended.wait(timeout)
+
     def submit(self, request: GenerationRequest, sink: Sink) -> RemoteTicket:
         rid = next(self._ids)
         with self._sinks_lock:
@@ -257,6 +261,7 @@ class EngineProcess:
         self._stopping = True
         self._commands.put(Stop())
         self._settled.set()
+        self._ended.set()
         if self._process.pid is None:
             return  # never started
         # The reader ends once the child has exited and reaps it; only one thread may wait for it.
@@ -302,6 +307,8 @@ class EngineProcess:
         self.stage = stage.stage  # last: "ready" is seen only with the facts in place
         if stage.stage in _SETTLED:
             self._settled.set()
+        if stage.stage == "failed":
+            self._ended.set()
 
     def _child_gone(self) -> None:
         self._process.join(_KILL_GRACE_SECONDS)
@@ -321,6 +328,7 @@ class EngineProcess:
         for sink in sinks:
             sink([Failed(*gone)])
         self._settled.set()
+        self._ended.set()
         if multiprocess_dir() is not None and self._process.pid is not None:
             # Drop the child's live gauges (running / waiting), as a stopped worker does.
             multiprocess.mark_process_dead(self._process.pid)  # type: ignore[no-untyped-call]
