@@ -23,6 +23,12 @@ class ModelFacts(Protocol):
     def max_model_len(self) -> int: ...
 
 
+class StepClock(Protocol):
+    """When the engine's running step began (`time.monotonic()`), 0.0 between steps."""
+
+    value: float
+
+
 class Cancellable(Protocol):
     def cancel(self) -> None: ...
 

@@ -28,13 +28,14 @@ import multiprocessing
 import queue
 import signal
 import threading
+import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
 from prometheus_client import CollectorRegistry, multiprocess
 from transformers import PreTrainedTokenizerBase
 
-from .backend import Cancellable
+from .backend import Cancellable, StepClock
 from .events import Done, Event, Failed, FailureKind, GenerationRequest, Sink
 from .logs import configure_logging
 from .metrics import Metrics, multiprocess_dir
@@ -117,7 +118,9 @@ class _Uplink:
             self._conn.send(items)
 
 
-def serve_child(settings: Settings, model_name: str, conn: Connection, placement: Placement | None = None) -> None:
+def serve_child(
+    settings: Settings, model_name: str, conn: Connection, placement: Placement | None = None, step_clock: StepClock | None = None
+) -> None:
     """The child process: an `Engine` fed from `conn`, its events and stages sent back on it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C reaches the whole group:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the parent drains first, then sends Stop
@@ -146,7 +149,7 @@ def serve_child(settings: Settings, model_name: str, conn: Connection, placement
         return sink
 
     metrics = Metrics(CollectorRegistry(), model_name)
-    engine = Engine(settings, metrics, on_stage=on_stage, after_events=uplink.flush, placement=placement)
+    engine = Engine(settings, metrics, on_stage=on_stage, after_events=uplink.flush, placement=placement, step_clock=step_clock)
     engine.start()
     try:
         while True:
@@ -191,7 +194,11 @@ class EngineProcess:
         context = multiprocessing.get_context("spawn")  # never fork a process that has torch threads
         self._conn, child_conn = context.Pipe(duplex=True)
         self._child_conn: Connection | None = child_conn
-        args = (settings, model_name, child_conn, placement)
+        # When the engine's running step began (0.0: none), shared memory the child writes every step: a
+        # hung step (a stuck device) turns /livez to 503 here without a message from the child.
+        self._step_clock: StepClock = context.RawValue("d", 0.0)
+        self._step_timeout = settings.step_timeout_seconds
+        args = (settings, model_name, child_conn, placement, self._step_clock)
         self._process = context.Process(target=serve_child, args=args, name="llmservice-engine")
         self._reader = threading.Thread(target=self._read, name="llmservice-engine-reader", daemon=True)
         # Commands are written by a thread of their own: a pipe write can block (a full buffer, the
@@ -221,7 +228,11 @@ class EngineProcess:
         return self._facts
 
     def alive(self) -> bool:
-        # As `Engine.alive`: an engine that failed is dead even if its process idles on.
+        # As `Engine.alive`: an engine that failed is dead even if its process idles on, and so is one
+        # stuck in a step for longer than --step-timeout-seconds.
+        began = self._step_clock.value
+        if began > 0 and time.monotonic() - began > self._step_timeout:
+            return False
         return self.stage == "stopped" or (self.stage != "failed" and self._process.is_alive())
 
     def start(self) -> None:

@@ -86,8 +86,9 @@ class Settings(BaseSettings):
     prefix_cache_mib: int = Field(
         default=128,
         ge=0,
-        description="Memory (MiB, on the model's device) for the K/V of prompt beginnings already read; a prompt that "
-        "starts with one (a shared system prompt, a conversation's earlier turns) reads only the rest. 0: off.",
+        description="At most this much (MiB) of the K/V cache keeps blocks of prompts (and answers) no request holds any "
+        "more; a prompt that starts with one (a shared system prompt, a conversation's earlier turns) reads only the rest. "
+        "They live in the K/V cache's own blocks and give them up when running requests need them. 0: off.",
     )
     request_timeout_seconds: float = Field(default=600.0, gt=0)
     drain_seconds: float = Field(default=30.0, ge=0, description="How long SIGTERM waits for streams.")

@@ -88,12 +88,15 @@ def test_attention_the_engine_cannot_batch_is_refused_at_load(tiny_model_dir: Pa
         engine.stop()
 
 
-def test_an_idle_engine_holds_no_kv_cache(tiny_model_dir: Path) -> None:
-    engine = start_engine(tiny_model_dir, max_num_seqs=4)
+def test_the_kv_pool_is_allocated_once_and_requests_give_its_blocks_back(tiny_model_dir: Path) -> None:
+    engine = start_engine(tiny_model_dir, max_num_seqs=4, kv_cache_mib=1)
     try:
-        slots = engine._slots
-        assert slots is not None and slots.slots == 0  # released after the warm-up
+        cache = engine._cache
+        assert cache is not None
+        storage = [t.data_ptr() for t in cache.keys + cache.values]
+        assert cache.nbytes <= 2**20 and engine.pool.usage() == 0.0
         run(engine, [GenerationRequest(prompts=[[5, 6, 7]], max_tokens=[40], params=SamplingParams(temperature=0.0))] * 3)
-        assert slots.slots == 0 and slots.keys == []
+        assert engine._cache is cache and [t.data_ptr() for t in cache.keys + cache.values] == storage  # never regrown
+        assert engine.pool.usage() == 0.0  # every block back (some still findable in the prefix cache)
     finally:
         engine.stop()

@@ -1,0 +1,80 @@
+"""The K/V pool itself: per layer one tensor of keys and one of values, allocated once, never grown.
+
+Layout: `[blocks * block_tokens, kv_heads, head_dim]` per layer, token-major, so a token's K/V
+is one "slot" (`block * block_tokens + offset`) and one step writes all its tokens with one
+indexed store per layer. Attention reads a row's K/V by gathering its slots (`SlotTable`), so
+rows of any lengths share the pool with no padding held in memory, only in a step's gather.
+Allocated with zeros: a gathered column past a row's length (masked out) must never hold NaN
+(0 * NaN is NaN).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .memory import KVShape
+
+
+@dataclass(eq=False)
+class KVCache:
+    shape: KVShape
+    blocks: int
+    block_tokens: int
+    keys: list[torch.Tensor] = field(default_factory=list)
+    values: list[torch.Tensor] = field(default_factory=list)
+
+    @classmethod
+    def allocate(cls, shape: KVShape, blocks: int, block_tokens: int, dtype: torch.dtype, device: torch.device) -> KVCache:
+        size = (blocks * block_tokens, shape.kv_heads, shape.head_dim)
+        keys = [torch.zeros(size, dtype=dtype, device=device) for _ in range(shape.layers)]
+        values = [torch.zeros(size, dtype=dtype, device=device) for _ in range(shape.layers)]
+        return cls(shape, blocks, block_tokens, keys, values)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.keys) + sum(t.nbytes for t in self.values)
+
+    def block_slots(self, block: int) -> torch.Tensor:
+        start = block * self.block_tokens
+        return torch.arange(start, start + self.block_tokens, dtype=torch.long)
+
+    def slots(self, blocks: list[int], tokens: int) -> torch.Tensor:
+        """The slots of a sequence's first `tokens` tokens held in `blocks` (on the CPU)."""
+        index = torch.tensor(blocks, dtype=torch.long)[:, None] * self.block_tokens + torch.arange(self.block_tokens)
+        return index.flatten()[:tokens]
+
+    def copy_block(self, source: int, target: int) -> None:
+        """Copy one block's K/V (a choice of `n` taking its own copy of its prompt's last, partial block)."""
+        src, dst = self.block_slots(source).to(self.keys[0].device), self.block_slots(target).to(self.keys[0].device)
+        for tensor in (*self.keys, *self.values):
+            tensor[dst] = tensor[src]
+
+
+@dataclass(eq=False)
+class SlotTable:
+    """Per running row (by its index in the batch), the slot of each of its tokens: `[rows, max_len]` on the device.
+
+    Updated only when a row joins, gets a block, or moves: one step reads it with a slice.
+    """
+
+    table: torch.Tensor
+
+    @classmethod
+    def create(cls, rows: int, max_len: int, device: torch.device) -> SlotTable:
+        return cls(torch.zeros((rows, max_len), dtype=torch.long, device=device))
+
+    def ensure_rows(self, rows: int) -> None:
+        if rows > self.table.shape[0]:  # one request with more choices than max_num_seqs
+            grown = self.table.new_zeros((rows, self.table.shape[1]))
+            grown[: self.table.shape[0]] = self.table
+            self.table = grown
+
+    def set(self, row: int, start: int, slots: torch.Tensor) -> None:
+        self.table[row, start : start + slots.shape[0]] = slots.to(self.table.device, non_blocking=True)
+
+    def move(self, sources: list[int], targets: list[int]) -> None:
+        src = torch.tensor(sources, dtype=torch.long, device=self.table.device)
+        dst = torch.tensor(targets, dtype=torch.long, device=self.table.device)
+        self.table[dst] = self.table[src]
