@@ -84,7 +84,18 @@ def converted_dir(settings: Settings, source: Source) -> Path:
     return settings.cache_dir / f"{Path(source.gguf_file or 'model').stem}-{name}"
 
 
-def _from_pretrained(settings: Settings, location: str, gguf_file: str | None, dtype: torch.dtype) -> tuple[Any, Any]:
+def load_kwargs(settings: Settings, device: torch.device, gguf_file: str | None) -> dict[str, Any]:
+    """`from_pretrained`'s placement: on a GPU each weight is read straight onto the device
+    (`device_map`, through accelerate), so host memory never holds the whole model; a GGUF file is
+    dequantized on the host first either way (transformers' GGUF reader)."""
+    if device.type == "cuda" and gguf_file is None:
+        return {"device_map": {"": device.index if device.index is not None else torch.cuda.current_device()}}
+    return {}
+
+
+def _from_pretrained(
+    settings: Settings, location: str, gguf_file: str | None, dtype: torch.dtype, placed: dict[str, Any] | None = None
+) -> tuple[Any, Any]:
     kwargs: dict[str, Any] = {
         "revision": settings.revision,
         "trust_remote_code": settings.trust_remote_code,
@@ -93,7 +104,7 @@ def _from_pretrained(settings: Settings, location: str, gguf_file: str | None, d
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
     tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **kwargs, **(placed or {}))
     return model, tokenizer
 
 
@@ -113,10 +124,10 @@ def load(settings: Settings, on_stage: Callable[[str], None]) -> LoadedModel:
     on_stage("loading_model")
     if gguf_file is None:
         check_fits_before_loading(settings, location, device, dtype)
-    model, tokenizer = _from_pretrained(settings, location, gguf_file, dtype)
+    model, tokenizer = _from_pretrained(settings, location, gguf_file, dtype, load_kwargs(settings, device, gguf_file))
     if converted is not None and gguf_file is not None:
         _save_converted(model, tokenizer, converted)
-    model = model.to(device).eval()
+    model = model.to(device).eval()  # already there on a GPU (device_map): only a GGUF or CPU model moves, if at all
     config_len = getattr(model.config, "max_position_embeddings", None)
     max_len = settings.max_model_len or config_len or 2048
     if config_len is not None and max_len > config_len:
