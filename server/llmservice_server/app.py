@@ -6,6 +6,10 @@ The lifespan starts the engine (a child process, or a thread with `--no-engine-p
 loads the model in the background - the server answers health checks (503 with the loading stage)
 while that happens - and stops it on exit.
 
+When the engine fails for good (its model does not load, its process dies, its device is poisoned),
+the reason goes to `--termination-log` and `on_fatal` is told: `main` then ends the server with a
+non-zero exit, so a pod restarts instead of answering 503 until a probe gives up on it.
+
 With more than one worker, a worker's lifespan startup waits for its model instead: uvicorn starts
 accepting on the shared socket only after startup, so a loading worker takes no connection while
 its siblings serve, and no request (nor readiness probe) meets a worker that cannot answer it.

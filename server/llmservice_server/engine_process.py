@@ -15,8 +15,11 @@ had (docs/benchmarks.md). `EngineProcess` runs the same `Engine` in a child proc
   when the pipe closes, so it never outlives its parent;
 - both processes write metrics to prometheus-client's multiprocess directory (`main` sets it up),
   so `/metrics` reads as before;
-- a child that dies (OOM-killed, crashed) fails every request in flight with a 500 and turns
-  `/livez` to 503, so the kubelet restarts the container.
+- a child that dies (OOM-killed, crashed) fails every request in flight with a 500 and fails the
+  backend: the server writes why to its termination log and exits non-zero (`app`, `main`), so
+  the kubelet restarts the container;
+- the child writes when its running step began into shared memory (`step_clock`): a step longer
+  than `--step-timeout-seconds` turns `/livez` to 503 here without a message from the child.
 """
 
 from __future__ import annotations

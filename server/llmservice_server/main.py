@@ -4,6 +4,9 @@ One worker: the app is built here and served in this process. More workers: uvic
 supervisor starts each worker with the `app_from_env` factory; the settings travel as
 LLMSERVICE_* env vars. Whenever more than one process serves (workers, or the engine's own child
 process), Prometheus multiprocess mode gets a fresh directory.
+
+The exit status says whether the server gave up: 1 when the model failed to load or the engine
+failed (the reason is in `--termination-log`), 0 after a drain.
 """
 
 from __future__ import annotations
