@@ -8,7 +8,7 @@ engine step are packed into a single sequence `[1, T]`: first one decode token p
 then any prompt chunks. The model runs its linear layers over the packed tokens as usual; only
 attention has to know which token belongs to which row, so the model's attention is swapped for
 `ragged_attention` (through transformers' attention interface), which writes each token's K/V
-into the engine's one K/V pool (`kv_cache`) and attends row by row:
+into the engine's one K/V pool (`engine/kv_cache.py`) and attends row by row:
 
 - every token of the step has a slot in the pool (`write`): one indexed store per layer puts
   the step's K/V there;
@@ -23,13 +23,14 @@ rerun without the chunks (the engine does that to fail only the newcomers).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.nn.functional import scaled_dot_product_attention
 from transformers import AttentionInterface
 
-from .kv_cache import KVCache
+if TYPE_CHECKING:
+    from .engine.kv_cache import KVCache
 
 ATTENTION = "llmservice_ragged"
 # Attention options of other models that this implementation does not honour: a model that

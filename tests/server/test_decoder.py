@@ -20,7 +20,7 @@ from transformers import (
 )
 
 from llmservice_server.decoder import adopt
-from llmservice_server.kv_cache import KVCache
+from llmservice_server.engine.kv_cache import KVCache
 from llmservice_server.memory import KVShape
 from llmservice_server.ragged import Chunk, RaggedStep, install
 

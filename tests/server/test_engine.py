@@ -15,8 +15,8 @@ from prometheus_client import CollectorRegistry
 from transformers import AutoModelForCausalLM
 
 from llmservice_server.engine import Engine, Ticket
+from llmservice_server.engine.kv_blocks import BLOCK_TOKENS
 from llmservice_server.events import Delta, Done, Event, Failed, Finished, GenerationRequest, SamplingParams
-from llmservice_server.kv_blocks import BLOCK_TOKENS
 from llmservice_server.loader import LoadedModel, load
 from llmservice_server.metrics import Metrics
 from llmservice_server.ragged import ATTENTION, RaggedStep
@@ -406,7 +406,7 @@ def test_a_full_kv_pool_preempts_and_resumes_rows_with_the_text_they_would_have_
         if not fused:
             recorders[0].engine = engine
         try:
-            assert (engine._decoder is not None) == fused
+            assert (engine.runner.decoder is not None) == fused
             assert engine.pool.total * BLOCK_TOKENS == 2048
             sinks = run(engine, requests)
         finally:

@@ -50,14 +50,14 @@ def faulty_engine(tiny_model_dir: Path, fault: Callable[[], None], metrics: Metr
     engine = Engine(Settings(model=str(tiny_model_dir), dtype="float32", **settings), metrics, loader=loader)
     engine.start()
     assert engine.wait_settled(60) and engine.ready, engine.error
-    assert engine._decoder is not None  # the fused forward runs
+    assert engine.runner.decoder is not None  # the fused forward runs
     return engine
 
 
 def test_a_newcomer_whose_prompt_fails_fails_alone_in_the_fused_forward(tiny_model_dir: Path) -> None:
     engine = start_engine(tiny_model_dir)
     try:
-        assert engine._decoder is not None
+        assert engine.runner.decoder is not None
         running = started(engine, GenerationRequest(prompts=[[5, 6]], max_tokens=[300], params=GREEDY))
         vocab = engine.loaded.model.get_input_embeddings().weight.shape[0]
         (bad,) = run(engine, [GenerationRequest(prompts=[[5, vocab + 7, 6]], max_tokens=[5], params=GREEDY)])  # no such token

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from llmservice_server.kv_blocks import BlockPool
+from llmservice_server.engine.kv_blocks import BlockPool
 
 BLOCK = 4
 

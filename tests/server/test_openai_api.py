@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from llmservice_server.kv_blocks import BLOCK_TOKENS
+from llmservice_server.engine.kv_blocks import BLOCK_TOKENS
 
 from .conftest import ServerProcess
 from .test_lifecycle import metric

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .memory import KVShape
+from ..memory import KVShape
 
 
 @dataclass(eq=False)
