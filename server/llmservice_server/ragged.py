@@ -10,11 +10,11 @@ attention has to know which token belongs to which row, so the model's attention
 `ragged_attention` (through transformers' attention interface), which writes each token's K/V
 into the engine's one K/V pool (`engine/kv_cache.py`) and attends row by row:
 
-- every token of the step has a slot in the pool (`write`): one indexed store per layer puts
+- every token of the step has a slot in the pool (`write`): one `index_copy_` per layer puts
   the step's K/V there;
-- running rows gather their tokens' slots (`row_slots`, `[rows, kv_len]`) and attend in one SDPA
+- running rows gather their blocks (`row_blocks`, `[rows, blocks]`) and attend in one SDPA
   call with a per-row length mask;
-- a prompt chunk gathers the slots of its prompt up to its end and attends causally.
+- a prompt chunk gathers the blocks of its prompt up to its end and attends causally.
 
 Slots are fixed and lengths advance only after a forward succeeds, so a failed forward can be
 rerun without the chunks (the engine does that to fail only the newcomers).
@@ -50,7 +50,7 @@ class Chunk:
     start: int
     end: int
     offset: int
-    slots: torch.Tensor  # [end] the pool slots of the prompt's tokens 0..end (on the device)
+    blocks: torch.Tensor  # the pool blocks holding the prompt's tokens 0..end (on the device)
     masks: dict[int | None, torch.Tensor] = field(default_factory=dict)  # by sliding window, built once per step
 
     def mask(self, window: int | None, device: torch.device) -> torch.Tensor | None:
@@ -77,7 +77,7 @@ class RaggedStep:
     cache: KVCache
     rows: int  # decode tokens, one per running row, packed first
     row_columns: torch.Tensor  # [rows] the position of each decode token (the row's length)
-    row_slots: torch.Tensor  # [rows, kv_len] the pool slots of each row's tokens (past its length: masked)
+    row_blocks: torch.Tensor  # [rows, ceil(kv_len / block_tokens)] each row's blocks (past its length: masked)
     write: torch.Tensor  # [T] the pool slot of every packed token
     kv_len: int  # columns the running rows attend over (their longest length + 1)
     uniform: bool  # every running row has kv_len - 1 tokens
@@ -107,21 +107,29 @@ class RaggedStep:
             self.row_masks[window] = allowed[:, None, None, :]
         return self.row_masks[window]
 
+    def _gather(self, pool: torch.Tensor, blocks: torch.Tensor, tokens: int) -> torch.Tensor:
+        """The first `tokens` K (or V) of each row of `blocks` `[rows, n]`: `[rows, kv_heads, tokens, dim]`."""
+        size = self.cache.block_tokens
+        rows, count = blocks.shape
+        by_block = pool.view(-1, size, pool.shape[1], pool.shape[2])
+        gathered = by_block.index_select(0, blocks.flatten()).view(rows, count * size, pool.shape[1], pool.shape[2])
+        return gathered[:, :tokens].transpose(1, 2)
+
     def attend(
         self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None, window: int | None
     ) -> torch.Tensor:
         self.calls += 1
         q, k, v = query[0], key[0], value[0]  # [heads, T, dim], [kv_heads, T, dim]
         keys, values = self.cache.keys[layer], self.cache.values[layer]  # [slots, kv_heads, dim]
-        keys[self.write] = k.transpose(0, 1)
-        values[self.write] = v.transpose(0, 1)
+        keys.index_copy_(0, self.write, k.transpose(0, 1))
+        values.index_copy_(0, self.write, v.transpose(0, 1))
         out = q.new_empty((q.shape[1], q.shape[0], q.shape[2]))  # [T, heads, dim]
         rows = self.rows
         if rows:
             attended = scaled_dot_product_attention(
                 q[:, :rows].transpose(0, 1).unsqueeze(2),
-                keys[self.row_slots].transpose(1, 2),  # [rows, kv_heads, kv_len, dim]
-                values[self.row_slots].transpose(1, 2),
+                self._gather(keys, self.row_blocks, self.kv_len),  # [rows, kv_heads, kv_len, dim]
+                self._gather(values, self.row_blocks, self.kv_len),
                 attn_mask=self.row_mask(window),
                 scale=scale,
                 enable_gqa=True,
@@ -132,8 +140,8 @@ class RaggedStep:
             mask = chunk.mask(window, q.device)
             attended = scaled_dot_product_attention(
                 q[None, :, part],
-                keys[chunk.slots].transpose(0, 1)[None],  # [1, kv_heads, end, dim]
-                values[chunk.slots].transpose(0, 1)[None],
+                self._gather(keys, chunk.blocks[None], chunk.end),  # [1, kv_heads, end, dim]
+                self._gather(values, chunk.blocks[None], chunk.end),
                 attn_mask=mask,
                 is_causal=mask is None,
                 scale=scale,

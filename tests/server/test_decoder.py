@@ -89,7 +89,9 @@ def a_ragged_step(model: Any, later: int = 0) -> tuple[RaggedStep, torch.Tensor,
     row_slots = torch.stack([cache.slots(blocks, kv_len) for blocks in row_blocks])
     prompt_slots = cache.slots(prompt_blocks, 10)
     write = torch.cat((row_slots[torch.arange(3), lengths], prompt_slots[4:]))
-    step = RaggedStep(cache, 3, lengths, row_slots, write, kv_len, uniform=False, chunks=[Chunk(4, 10, offset=3, slots=prompt_slots)])
+    table = torch.tensor(row_blocks)
+    chunk = Chunk(4, 10, offset=3, blocks=torch.tensor(prompt_blocks))
+    step = RaggedStep(cache, 3, lengths, table, write, kv_len, uniform=False, chunks=[chunk])
     ids = torch.cat((torch.tensor([7, 8, 9]), torch.arange(24, 30)))
     positions = torch.cat((lengths, torch.arange(4, 10)))
     return step, ids, positions, torch.tensor([0, 1, 2, 8])  # every row's logits, and the prompt's last

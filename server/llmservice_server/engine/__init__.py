@@ -19,7 +19,7 @@ How a request and a step move through its parts:
   and failures;
 - `scheduler`: admission, preemption, chunk planning, joining and retiring rows, by K/V blocks;
 - `kv_blocks`: which block holds what (reference counts, the prefix cache), no tensors;
-- `kv_cache`: the pool's tensors, allocated once, and the slot table the runner gathers by;
+- `kv_cache`: the pool's tensors, allocated once, and the block table the runner gathers by;
 - `runner`: one forward over a step's packed tokens, and torch's threads for it;
 - `requests`: the ticket, rows and readings these pass between them;
 - the sampler is `sampling.py` (next to the HTTP side's request model, which it shares).

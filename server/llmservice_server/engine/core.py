@@ -31,7 +31,7 @@ from ..settings import Settings
 from ..textstream import IncrementalDetokenizer, StopMatcher
 from ..threads import ThreadTuner
 from .kv_blocks import BLOCK_TOKENS, BlockPool
-from .kv_cache import KVCache, SlotTable
+from .kv_cache import BlockTable, KVCache
 from .requests import Active, Reading, Row, Ticket
 from .runner import Runner
 from .scheduler import Scheduler
@@ -256,8 +256,7 @@ class Engine:
         cache_blocks = min(blocks, settings.prefix_cache_mib * MIB // shape.block_bytes(BLOCK_TOKENS))
         self._scheduler = None  # the old pool goes before the new one is allocated
         cache = KVCache.allocate(shape, blocks, BLOCK_TOKENS, dtype, loaded.device)
-        columns = -(-loaded.max_model_len // BLOCK_TOKENS) * BLOCK_TOKENS
-        table = SlotTable.create(settings.max_num_seqs, columns, loaded.device)
+        table = BlockTable.create(settings.max_num_seqs, -(-loaded.max_model_len // BLOCK_TOKENS), loaded.device)
         self._scheduler = Scheduler(settings, BlockPool(blocks, BLOCK_TOKENS, cache_blocks), cache, table, self._metrics)
 
     def _cuda_kv_budget(self, block_bytes: int, dtype: torch.dtype) -> int:

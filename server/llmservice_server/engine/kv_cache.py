@@ -2,8 +2,10 @@
 
 Layout: `[blocks * block_tokens, kv_heads, head_dim]` per layer, token-major, so a token's K/V
 is one "slot" (`block * block_tokens + offset`) and one step writes all its tokens with one
-indexed store per layer. Attention reads a row's K/V by gathering its slots (`SlotTable`), so
-rows of any lengths share the pool with no padding held in memory, only in a step's gather.
+`index_copy_` per layer. Attention reads a row's K/V by gathering its blocks (`BlockTable`): one
+`index_select` of whole blocks per layer for all rows, about 5 times cheaper on a CPU than
+gathering token by token with advanced indexing. Rows of any lengths share the pool with no
+padding held in memory, only in a step's gather.
 Allocated with zeros: a gathered column past a row's length (masked out) must never hold NaN
 (0 * NaN is NaN).
 """
@@ -53,17 +55,17 @@ class KVCache:
 
 
 @dataclass(eq=False)
-class SlotTable:
-    """Per running row (by its index in the batch), the slot of each of its tokens: `[rows, max_len]` on the device.
+class BlockTable:
+    """Per running row (by its index in the batch), its blocks in token order: `[rows, max_blocks]` on the device.
 
-    Updated only when a row joins, gets a block, or moves: one step reads it with a slice.
+    Updated only when a row joins, gets a block, or moves: a step reads it with a slice.
     """
 
     table: torch.Tensor
 
     @classmethod
-    def create(cls, rows: int, max_len: int, device: torch.device) -> SlotTable:
-        return cls(torch.zeros((rows, max_len), dtype=torch.long, device=device))
+    def create(cls, rows: int, max_blocks: int, device: torch.device) -> BlockTable:
+        return cls(torch.zeros((rows, max_blocks), dtype=torch.long, device=device))
 
     def ensure_rows(self, rows: int) -> None:
         if rows > self.table.shape[0]:  # one request with more choices than max_num_seqs
@@ -71,8 +73,11 @@ class SlotTable:
             grown[: self.table.shape[0]] = self.table
             self.table = grown
 
-    def set(self, row: int, start: int, slots: torch.Tensor) -> None:
-        self.table[row, start : start + slots.shape[0]] = slots.to(self.table.device, non_blocking=True)
+    def set(self, row: int, blocks: list[int]) -> None:
+        self.table[row, : len(blocks)] = torch.tensor(blocks, dtype=torch.long).to(self.table.device, non_blocking=True)
+
+    def append(self, row: int, index: int, block: int) -> None:
+        self.table[row, index] = block
 
     def move(self, sources: list[int], targets: list[int]) -> None:
         src = torch.tensor(sources, dtype=torch.long, device=self.table.device)

@@ -87,7 +87,8 @@ class Reading:
     read: int = 0  # tokens already through the model (or found in the prefix cache)
     blocks: list[int] = field(default_factory=list)
     copies: list[int] = field(default_factory=list)  # rows[1:]: each its own copy of a partial last block
-    slots: torch.Tensor | None = None  # [len(ids)] pool slots of the tokens, on the device
+    slots: torch.Tensor | None = None  # [len(ids)] pool slots of the tokens (where they are written), on the device
+    block_ids: torch.Tensor | None = None  # its blocks (where they are read from), on the device
     tokens: torch.Tensor | None = None  # [len(ids)] on the CPU: packed with the step's other tokens
     admitted: int = 0
 

@@ -44,15 +44,16 @@ class Runner:
         positions = [lengths]
         kv_len = max((row.length for row in rows), default=0) + 1
         table = scheduler.table.table
+        size = scheduler.cache.block_tokens
         row_columns = lengths.to(device)
-        row_slots = table[:count, :kv_len]
-        writes = [table[torch.arange(count, device=device), row_columns]] if count else []
+        row_blocks = table[:count, : -(-kv_len // size)]
+        writes = [table[torch.arange(count, device=device), row_columns // size] * size + row_columns % size] if count else []
         chunks: list[Chunk] = []
         offset = count
         keep = list(range(count))
         for reading, start, end in plan:
-            assert reading.slots is not None and reading.tokens is not None
-            chunks.append(Chunk(start, end, offset, reading.slots[:end]))
+            assert reading.slots is not None and reading.block_ids is not None and reading.tokens is not None
+            chunks.append(Chunk(start, end, offset, reading.block_ids[: -(-end // size)]))
             writes.append(reading.slots[start:end])
             ids.append(reading.tokens[start:end])
             positions.append(torch.arange(start, end, dtype=torch.long))
@@ -60,7 +61,7 @@ class Runner:
             if end == reading.length:
                 keep.append(offset - 1)
         uniform = all(row.length == kv_len - 1 for row in rows)
-        step = RaggedStep(scheduler.cache, count, row_columns, row_slots, torch.cat(writes), kv_len, uniform, chunks)
+        step = RaggedStep(scheduler.cache, count, row_columns, row_blocks, torch.cat(writes), kv_len, uniform, chunks)
         threads = self._threads_for(offset)
         started = time.perf_counter()
         input_ids, position_ids = torch.cat(ids).to(device), torch.cat(positions).to(device)

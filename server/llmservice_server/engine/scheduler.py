@@ -1,13 +1,13 @@
 """The scheduler: which rows run this step and which prompt chunks it reads, by the K/V blocks free.
 
 It owns the queue (new requests; preempted work at its head), the prompts being read and the
-running rows, and the K/V pool's book-keeping (`kv_blocks`) with the slot table the runner reads
+running rows, and the K/V pool's book-keeping (`kv_blocks`) with the block table the runner reads
 (`kv_cache`). Per step, in this order: `grow` gives every running row whose blocks are full the
 block its next token is written to, preempting the most recently admitted row or prompt when none
 is left; `plan_chunks` picks the prompt tokens read alongside; after the forward, `join` moves
 prompts read to their end into the batch and `retire` takes finished rows out. Between steps
 `admit` starts new work while rows, the read budget and free blocks allow. It runs no model:
-tensors move only in `join` (a partial block copied per extra choice) and the slot table.
+tensors move only in `join` (a partial block copied per extra choice) and the block table.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 from ..metrics import Metrics
 from ..settings import Settings
 from .kv_blocks import BLOCK_TOKENS, BlockPool
-from .kv_cache import KVCache, SlotTable
+from .kv_cache import BlockTable, KVCache
 from .requests import Reading, Row, Ticket
 
 log = logging.getLogger(__name__)
@@ -31,14 +31,14 @@ PREFILL_TOKEN_BUDGET = 8192  # prompt tokens being read at once (bounds how long
 
 
 class Scheduler:
-    def __init__(self, settings: Settings, pool: BlockPool, cache: KVCache, table: SlotTable, metrics: Metrics | None) -> None:
+    def __init__(self, settings: Settings, pool: BlockPool, cache: KVCache, table: BlockTable, metrics: Metrics | None) -> None:
         self.settings = settings
         self.pool = pool
         self.cache = cache
         self.table = table
         self.metrics = metrics  # None while warming up: warm-up traffic is not user traffic
         self.waiting: deque[Ticket | Reading] = deque()  # new requests; preempted work at the head
-        self.rows: list[Row] = []  # the running batch: row i's slots are row i of the slot table
+        self.rows: list[Row] = []  # the running batch: row i's blocks are row i of the block table
         self.reading: list[Reading] = []  # prompts being read, oldest first
         self._admissions = itertools.count(1)
 
@@ -108,7 +108,9 @@ class Scheduler:
             reading.blocks.append(self.allocated())
         if reading.length % BLOCK_TOKENS:
             reading.copies = [self.allocated() for _ in reading.rows[1:]]
-        reading.slots = cache.slots(reading.blocks, reading.length).to(self.table.table.device)
+        device = self.table.table.device
+        reading.slots = cache.slots(reading.blocks, reading.length).to(device)
+        reading.block_ids = torch.tensor(reading.blocks, dtype=torch.long, device=device)
         reading.tokens = torch.tensor(reading.ids, dtype=torch.long)
         self.reading.append(reading)
 
@@ -121,7 +123,7 @@ class Scheduler:
     def release_reading(self, reading: Reading) -> None:
         self.pool.release(reading.blocks)
         self.pool.release(reading.copies)
-        reading.blocks, reading.copies, reading.slots, reading.read = [], [], None, 0
+        reading.blocks, reading.copies, reading.slots, reading.block_ids, reading.read = [], [], None, None, 0
 
     def youngest(self) -> Row | Reading:
         """The most recently admitted row or prompt being read: the first to preempt."""
@@ -150,7 +152,7 @@ class Scheduler:
         full = [row for row in self.rows if row.length == len(row.blocks) * BLOCK_TOKENS]
         if not full:
             return
-        pool, cache, table = self.pool, self.cache, self.table
+        pool, table = self.pool, self.table
         for row in sorted(full, key=lambda r: r.admitted):
             if not any(r is row for r in self.rows):
                 continue  # preempted for an older row in this loop
@@ -162,7 +164,7 @@ class Scheduler:
                     break
                 block = pool.allocate()
             if block is not None:
-                table.set(self.rows.index(row), len(row.blocks) * BLOCK_TOKENS, cache.block_slots(block))
+                table.append(self.rows.index(row), len(row.blocks), block)
                 row.blocks.append(block)
 
     def plan_chunks(self) -> list[tuple[Reading, int, int]]:
@@ -197,13 +199,13 @@ class Scheduler:
                     cache.copy_block(reading.blocks[-1], blocks[-1])
             row.blocks = blocks
             row.length = reading.length
-            table.set(first + i, 0, cache.slots(blocks, len(blocks) * BLOCK_TOKENS))
+            table.set(first + i, blocks)
         reading.blocks, reading.copies = [], []
         self.rows.extend(reading.rows)
 
     def retire(self, finished: set[int]) -> None:
         """Drop rows by index, their blocks back to the pool (full ones stay findable in the prefix cache);
-        the last rows move into the freed places of the slot table."""
+        the last rows move into the freed places of the block table."""
         if not finished:
             return
         rows, pool = self.rows, self.pool
