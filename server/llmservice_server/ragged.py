@@ -107,29 +107,29 @@ class RaggedStep:
             self.row_masks[window] = allowed[:, None, None, :]
         return self.row_masks[window]
 
-    def _gather(self, pool: torch.Tensor, blocks: torch.Tensor, tokens: int) -> torch.Tensor:
-        """The first `tokens` K (or V) of each row of `blocks` `[rows, n]`: `[rows, kv_heads, tokens, dim]`."""
+    def _gather(self, pool: torch.Tensor, blocks: torch.Tensor, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of the first `tokens` of each row of `blocks` `[rows, n]`: each `[rows, kv_heads, tokens, dim]`."""
         size = self.cache.block_tokens
         rows, count = blocks.shape
-        by_block = pool.view(-1, size, pool.shape[1], pool.shape[2])
-        gathered = by_block.index_select(0, blocks.flatten()).view(rows, count * size, pool.shape[1], pool.shape[2])
-        return gathered[:, :tokens].transpose(1, 2)
+        shape = pool.shape[1:]
+        gathered = pool.view(-1, size, *shape).index_select(0, blocks.flatten()).view(rows, count * size, *shape)[:, :tokens]
+        return gathered[:, :, 0].transpose(1, 2), gathered[:, :, 1].transpose(1, 2)
 
     def attend(
         self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None, window: int | None
     ) -> torch.Tensor:
         self.calls += 1
         q, k, v = query[0], key[0], value[0]  # [heads, T, dim], [kv_heads, T, dim]
-        keys, values = self.cache.keys[layer], self.cache.values[layer]  # [slots, kv_heads, dim]
-        keys.index_copy_(0, self.write, k.transpose(0, 1))
-        values.index_copy_(0, self.write, v.transpose(0, 1))
+        pool = self.cache.layers[layer]  # [slots, 2, kv_heads, dim]
+        pool.index_copy_(0, self.write, torch.stack((k, v)).permute(2, 0, 1, 3))
         out = q.new_empty((q.shape[1], q.shape[0], q.shape[2]))  # [T, heads, dim]
         rows = self.rows
         if rows:
+            keys, values = self._gather(pool, self.row_blocks, self.kv_len)  # [rows, kv_heads, kv_len, dim]
             attended = scaled_dot_product_attention(
                 q[:, :rows].transpose(0, 1).unsqueeze(2),
-                self._gather(keys, self.row_blocks, self.kv_len),  # [rows, kv_heads, kv_len, dim]
-                self._gather(values, self.row_blocks, self.kv_len),
+                keys,
+                values,
                 attn_mask=self.row_mask(window),
                 scale=scale,
                 enable_gqa=True,
@@ -138,10 +138,11 @@ class RaggedStep:
         for chunk in self.chunks:
             part = slice(chunk.offset, chunk.offset + chunk.end - chunk.start)
             mask = chunk.mask(window, q.device)
+            keys, values = self._gather(pool, chunk.blocks[None], chunk.end)  # [1, kv_heads, end, dim]
             attended = scaled_dot_product_attention(
                 q[None, :, part],
-                self._gather(keys, chunk.blocks[None], chunk.end),  # [1, kv_heads, end, dim]
-                self._gather(values, chunk.blocks[None], chunk.end),
+                keys,
+                values,
                 attn_mask=mask,
                 is_causal=mask is None,
                 scale=scale,

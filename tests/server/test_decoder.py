@@ -81,7 +81,7 @@ def a_ragged_step(model: Any, later: int = 0) -> tuple[RaggedStep, torch.Tensor,
     per_row = -(-kv_len // BLOCK)
     shape = KVShape(config.num_hidden_layers, config.num_key_value_heads, head_dim, 4)
     cache = KVCache.allocate(shape, blocks=3 * per_row + 3, block_tokens=BLOCK, dtype=torch.float32, device=torch.device("cpu"))
-    for tensor in cache.keys + cache.values:
+    for tensor in cache.layers:
         tensor.normal_(generator=generator)
     order = torch.randperm(cache.blocks, generator=generator).tolist()
     row_blocks = [order[i * per_row : (i + 1) * per_row] for i in range(3)]
@@ -121,8 +121,7 @@ def agree_with_transformers(model: Any, reference: Any, decoder: Any, later: int
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
     assert step.calls == step_ref.calls == model.config.num_hidden_layers
     for layer in range(model.config.num_hidden_layers):  # the K/V written for the next steps agree too
-        torch.testing.assert_close(step.cache.keys[layer], step_ref.cache.keys[layer], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(step.cache.values[layer], step_ref.cache.values[layer], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(step.cache.layers[layer], step_ref.cache.layers[layer], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("build", BUILDS, ids=lambda build: build.__name__)

@@ -93,10 +93,10 @@ def test_the_kv_pool_is_allocated_once_and_requests_give_its_blocks_back(tiny_mo
     try:
         cache = engine.scheduler.cache
         assert cache is not None
-        storage = [t.data_ptr() for t in cache.keys + cache.values]
+        storage = [t.data_ptr() for t in cache.layers]
         assert cache.nbytes <= 2**20 and engine.pool.usage() == 0.0
         run(engine, [GenerationRequest(prompts=[[5, 6, 7]], max_tokens=[40], params=SamplingParams(temperature=0.0))] * 3)
-        assert engine.scheduler.cache is cache and [t.data_ptr() for t in cache.keys + cache.values] == storage  # never regrown
+        assert engine.scheduler.cache is cache and [t.data_ptr() for t in cache.layers] == storage  # never regrown
         assert engine.pool.usage() == 0.0  # every block back (some still findable in the prefix cache)
     finally:
         engine.stop()

@@ -1,10 +1,10 @@
 """The K/V pool itself: per layer one tensor of keys and one of values, allocated once, never grown.
 
-Layout: `[blocks * block_tokens, kv_heads, head_dim]` per layer, token-major, so a token's K/V
-is one "slot" (`block * block_tokens + offset`) and one step writes all its tokens with one
-`index_copy_` per layer. Attention reads a row's K/V by gathering its blocks (`BlockTable`): one
-`index_select` of whole blocks per layer for all rows, about 5 times cheaper on a CPU than
-gathering token by token with advanced indexing. Rows of any lengths share the pool with no
+Layout: `[blocks * block_tokens, 2, kv_heads, head_dim]` per layer (keys and values side by side),
+token-major, so a token's K/V is one "slot" (`block * block_tokens + offset`) and one step writes
+all its tokens with one `index_copy_` per layer. Attention reads a row's K/V by gathering its
+blocks (`BlockTable`): one `index_select` of whole blocks, keys and values together, per layer for
+all rows - on a CPU about 5 times cheaper than gathering token by token with advanced indexing. Rows of any lengths share the pool with no
 padding held in memory, only in a step's gather.
 Allocated with zeros: a gathered column past a row's length (masked out) must never hold NaN
 (0 * NaN is NaN).
@@ -24,19 +24,25 @@ class KVCache:
     shape: KVShape
     blocks: int
     block_tokens: int
-    keys: list[torch.Tensor] = field(default_factory=list)
-    values: list[torch.Tensor] = field(default_factory=list)
+    layers: list[torch.Tensor] = field(default_factory=list)  # per layer [slots, 2 (keys, values), kv_heads, head_dim]
 
     @classmethod
     def allocate(cls, shape: KVShape, blocks: int, block_tokens: int, dtype: torch.dtype, device: torch.device) -> KVCache:
-        size = (blocks * block_tokens, shape.kv_heads, shape.head_dim)
-        keys = [torch.zeros(size, dtype=dtype, device=device) for _ in range(shape.layers)]
-        values = [torch.zeros(size, dtype=dtype, device=device) for _ in range(shape.layers)]
-        return cls(shape, blocks, block_tokens, keys, values)
+        size = (blocks * block_tokens, 2, shape.kv_heads, shape.head_dim)
+        return cls(shape, blocks, block_tokens, [torch.zeros(size, dtype=dtype, device=device) for _ in range(shape.layers)])
+
+    @property
+    def keys(self) -> list[torch.Tensor]:
+        """Per layer a `[slots, kv_heads, head_dim]` view of the keys."""
+        return [layer[:, 0] for layer in self.layers]
+
+    @property
+    def values(self) -> list[torch.Tensor]:
+        return [layer[:, 1] for layer in self.layers]
 
     @property
     def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.keys) + sum(t.nbytes for t in self.values)
+        return sum(t.nbytes for t in self.layers)
 
     def block_slots(self, block: int) -> torch.Tensor:
         start = block * self.block_tokens
@@ -49,8 +55,9 @@ class KVCache:
 
     def copy_block(self, source: int, target: int) -> None:
         """Copy one block's K/V (a choice of `n` taking its own copy of its prompt's last, partial block)."""
-        src, dst = self.block_slots(source).to(self.keys[0].device), self.block_slots(target).to(self.keys[0].device)
-        for tensor in (*self.keys, *self.values):
+        device = self.layers[0].device
+        src, dst = self.block_slots(source).to(device), self.block_slots(target).to(device)
+        for tensor in self.layers:
             tensor[dst] = tensor[src]
 
 

@@ -76,7 +76,7 @@ class Runner:
                 logits = out.logits[0]
         if self.tuner is not None and threads is not None:
             self.tuner.record(offset, threads, time.perf_counter() - started)
-        layers = len(scheduler.cache.keys)
+        layers = len(scheduler.cache.layers)
         if step.calls != layers:
             raise UnsupportedModel(f"the model made {step.calls} attention calls for {layers} layers: not all of it is batched")
         return logits
