@@ -1,22 +1,36 @@
-"""The K/V pool itself: per layer one tensor of keys and one of values, allocated once, never grown.
+"""The K/V pool itself: per layer one tensor of keys and values, allocated once, never grown.
 
 Layout: `[blocks * block_tokens, 2, kv_heads, head_dim]` per layer (keys and values side by side),
 token-major, so a token's K/V is one "slot" (`block * block_tokens + offset`) and one step writes
 all its tokens with one `index_copy_` per layer. Attention reads a row's K/V by gathering its
-blocks (`BlockTable`): one `index_select` of whole blocks, keys and values together, per layer for
-all rows - on a CPU about 5 times cheaper than gathering token by token with advanced indexing. Rows of any lengths share the pool with no
-padding held in memory, only in a step's gather.
+blocks (`BlockTable`): one `index_select` of whole blocks, keys and values together, per layer
+for all rows - on a CPU about 5 times cheaper than gathering token by token with advanced
+indexing. Rows of any lengths share the pool with no padding held in memory, only in a step's
+gather.
+
 Allocated with zeros: a gathered column past a row's length (masked out) must never hold NaN
-(0 * NaN is NaN).
+(0 * NaN is NaN). On a CPU those zeros are anonymous pages committed as they are first written.
 """
 
 from __future__ import annotations
 
+import math
+import mmap
 from dataclasses import dataclass, field
 
 import torch
 
 from ..memory import KVShape
+
+
+def _zeros(size: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Zeros that, on a CPU, take memory only as they are written: anonymous pages, zero from the kernel
+    and committed on first touch, so a pool sized for the busiest hour costs what is used of it (its
+    size is still the bound). On a GPU the pool is the memory set aside for it, allocated now."""
+    if device.type != "cpu":
+        return torch.zeros(size, dtype=dtype, device=device)
+    count = math.prod(size)
+    return torch.frombuffer(mmap.mmap(-1, max(1, count * dtype.itemsize)), dtype=dtype, count=count).view(size)
 
 
 @dataclass(eq=False)
@@ -29,7 +43,7 @@ class KVCache:
     @classmethod
     def allocate(cls, shape: KVShape, blocks: int, block_tokens: int, dtype: torch.dtype, device: torch.device) -> KVCache:
         size = (blocks * block_tokens, 2, shape.kv_heads, shape.head_dim)
-        return cls(shape, blocks, block_tokens, [torch.zeros(size, dtype=dtype, device=device) for _ in range(shape.layers)])
+        return cls(shape, blocks, block_tokens, [_zeros(size, dtype, device) for _ in range(shape.layers)])
 
     @property
     def keys(self) -> list[torch.Tensor]:
