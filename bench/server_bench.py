@@ -13,7 +13,9 @@ Systems (``--systems``):
   ``ours-nocache``: ours with the prefix cache off (``LLMSERVICE_PREFIX_CACHE_MIB=0``);
   ``ours-noplace``: ours with CPU placement off (``LLMSERVICE_CPU_PLACEMENT=false``: the kernel
   places the HTTP and the engine process); ``ours-unfused``: ours with transformers' forward
-  instead of the engine's own (``LLMSERVICE_FUSED_FORWARD=false``, ``decoder.py``);
+  instead of the engine's own (``LLMSERVICE_FUSED_FORWARD=false``, ``decoder.py``); ``ours-kvtight``: ours
+  with a 1 MiB K/V cache (``LLMSERVICE_KV_CACHE_MIB=1``: 2048 tokens of the tiny model, so 16 streams
+  preempt one another; too small for a real model's context, which the server refuses at start-up);
 - ``seed``: the seed article's design as written, ``bench/baselines/seed_server.py`` (one
   ``model.generate`` thread per request streaming through a ``TextIteratorStreamer`` that the
   event loop waits on); ``seed-locked``: the same server with ``--design locked`` (one locked
@@ -85,7 +87,7 @@ RESULTS_DIR = REPO / "bench" / "results"
 VENV_BIN = Path(sys.executable).parent
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 SERVER_SYSTEMS = (
-    *("ours", "ours-omp1", "ours-allcores", "ours-thread", "ours-nocache", "ours-noplace", "ours-unfused"),
+    *("ours", "ours-omp1", "ours-allcores", "ours-thread", "ours-nocache", "ours-noplace", "ours-unfused", "ours-kvtight"),
     *("seed", "seed-omp1", "seed-locked", "tserve", "tserve-omp1"),
 )
 ALL_SYSTEMS = (*SERVER_SYSTEMS, "inprocess")
@@ -95,6 +97,7 @@ VARIANT_ENV = {
     "nocache": {"LLMSERVICE_PREFIX_CACHE_MIB": "0"},  # ours without the prefix cache
     "noplace": {"LLMSERVICE_CPU_PLACEMENT": "false"},  # ours with the kernel placing both processes
     "unfused": {"LLMSERVICE_FUSED_FORWARD": "false"},  # ours with transformers' forward instead of the engine's own
+    "kvtight": {"LLMSERVICE_KV_CACHE_MIB": "1"},  # ours with a 1 MiB K/V cache: 2048 tokens of the tiny model, rows preempted
 }
 DEFAULT_SYSTEMS = ("ours", "ours-omp1", "seed", "seed-locked", "tserve", "inprocess")
 TARGETS = {

@@ -6,6 +6,10 @@ The lifespan starts the engine (a child process, or a thread with `--no-engine-p
 loads the model in the background - the server answers health checks (503 with the loading stage)
 while that happens - and stops it on exit.
 
+When the engine fails for good (its model does not load, its process dies, its device is poisoned),
+the reason goes to `--termination-log` and `on_fatal` is told: `main` then ends the server with a
+non-zero exit, so a pod restarts instead of answering 503 until a probe gives up on it.
+
 With more than one worker, a worker's lifespan startup waits for its model instead: uvicorn starts
 accepting on the shared socket only after startup, so a loading worker takes no connection while
 its siblings serve, and no request (nor readiness probe) meets a worker that cannot answer it.
@@ -19,7 +23,7 @@ import os
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -41,6 +45,7 @@ from .routes import build_router
 from .serving import Serving
 from .settings import BUNDLED, Settings
 from .source import resolve_source
+from .termination import write_termination_log
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +99,7 @@ class RequestContext:
             request_id_var.reset(token)
 
 
-async def _until_loaded(engine: Backend, drainer: Drainer) -> None:
+async def _until_loaded(engine: Backend, drainer: Drainer, fatal: Callable[[str], None]) -> None:
     """Wait for the model (or a SIGTERM, which ends startup so uvicorn can exit); a failed load raises."""
     loaded = asyncio.ensure_future(asyncio.to_thread(engine.wait_settled))
     stopping = asyncio.ensure_future(drainer.requested.wait())
@@ -109,7 +114,23 @@ async def _until_loaded(engine: Backend, drainer: Drainer) -> None:
     if not engine.ready:
         # The worker exits as a startup failure and uvicorn stops the whole server: a pod that
         # crashes with the reason in its log, instead of one that answers 503 forever.
-        raise RuntimeError(f"model failed to load: {engine.error}")
+        reason = _failure(engine)
+        fatal(reason)
+        await asyncio.to_thread(engine.stop)  # an engine process left behind would hold the worker's exit
+        raise RuntimeError(reason)
+
+
+def _failure(engine: Backend) -> str:
+    if engine.load_seconds is None:
+        return f"model failed to load: {engine.error}"
+    return f"the engine failed: {engine.error}"
+
+
+async def _watch(engine: Backend, fatal: Callable[[str], None]) -> None:
+    """Report the engine's failure (a failed load, a dead engine process, a poisoned device) once it happens."""
+    await asyncio.to_thread(engine.wait_ended)
+    if engine.stage == "failed":
+        fatal(_failure(engine))
 
 
 def _read_api_key(path: Path | None) -> str | None:
@@ -122,9 +143,15 @@ def _read_api_key(path: Path | None) -> str | None:
 
 
 def create_app(
-    settings: Settings, engine: Backend | None = None, registry: CollectorRegistry | None = None, placement: Placement | None = None
+    settings: Settings,
+    engine: Backend | None = None,
+    registry: CollectorRegistry | None = None,
+    placement: Placement | None = None,
+    on_fatal: Callable[[str], None] | None = None,
 ) -> FastAPI:
-    """The server's app; `placement`: where the server's two processes may run (`main` passes it)."""
+    """The server's app; `placement`: where the server's two processes may run (`main` passes it);
+    `on_fatal(reason)`: told once the engine has failed for good, after the reason is in the termination log
+    (`main` ends the process with a non-zero exit; without it the server answers 503 on /livez)."""
     model_name = served_model_name(settings)
     metrics = Metrics(registry if registry is not None else CollectorRegistry(), model_name)
     if engine is None and settings.engine_process:
@@ -138,18 +165,26 @@ def create_app(
     drainer = Drainer(admission, serving.idle, settings.drain_seconds, engine.abort_all)
     api_key = _read_api_key(settings.api_key_file)
 
+    def fatal(reason: str) -> None:
+        log.error("Fatal: %s", reason)
+        write_termination_log(settings.termination_log, reason)
+        if on_fatal is not None:
+            on_fatal(reason)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         drainer.install()
         if not engine.alive():
             engine.start()  # loads the model on the engine thread; readiness follows its stage
         if settings.workers > 1:
-            await _until_loaded(engine, drainer)
+            await _until_loaded(engine, drainer, fatal)
+        watcher = asyncio.ensure_future(_watch(engine, fatal))
         log.info("Server started", extra={"model": model_name})
         try:
             yield
         finally:
             drainer.uninstall()
+            watcher.cancel()
             await asyncio.to_thread(engine.stop)  # joins the engine: not on the event loop
             if multiprocess_dir() is not None:
                 # Drop this worker's live gauges (untyped in prometheus-client).

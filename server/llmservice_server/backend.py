@@ -24,6 +24,12 @@ class ModelFacts(Protocol):
     def max_model_len(self) -> int: ...
 
 
+class StepClock(Protocol):
+    """When the engine's running step began (`time.monotonic()`), 0.0 between steps."""
+
+    value: float
+
+
 class Cancellable(Protocol):
     def cancel(self) -> None: ...
 
@@ -45,6 +51,10 @@ class Backend(Protocol):
     def start(self) -> None: ...
 
     def wait_settled(self, timeout: float | None = None) -> bool: ...
+
+    def wait_ended(self, timeout: float | None = None) -> bool:
+        """Block until the engine has failed for good (`stage` "failed") or was stopped; never on the event loop."""
+        ...
 
     def submit(self, request: GenerationRequest, sink: Sink) -> Cancellable: ...
 

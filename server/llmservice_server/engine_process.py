@@ -15,8 +15,11 @@ had (docs/benchmarks.md). `EngineProcess` runs the same `Engine` in a child proc
   when the pipe closes, so it never outlives its parent;
 - both processes write metrics to prometheus-client's multiprocess directory (`main` sets it up),
   so `/metrics` reads as before;
-- a child that dies (OOM-killed, crashed) fails every request in flight with a 500 and turns
-  `/livez` to 503, so the kubelet restarts the container.
+- a child that dies (OOM-killed, crashed) fails every request in flight with a 500 and fails the
+  backend: the server writes why to its termination log and exits non-zero (`app`, `main`), so
+  the kubelet restarts the container;
+- the child writes when its running step began into shared memory (`step_clock`): a step longer
+  than `--step-timeout-seconds` turns `/livez` to 503 here without a message from the child.
 """
 
 from __future__ import annotations
@@ -28,13 +31,14 @@ import multiprocessing
 import queue
 import signal
 import threading
+import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
 from prometheus_client import CollectorRegistry, multiprocess
 from transformers import PreTrainedTokenizerBase
 
-from .backend import Cancellable
+from .backend import Cancellable, StepClock
 from .events import Done, Event, Failed, FailureKind, GenerationRequest, Sink
 from .logs import configure_logging
 from .metrics import Metrics, multiprocess_dir
@@ -118,7 +122,9 @@ class _Uplink:
             self._conn.send(items)
 
 
-def serve_child(settings: Settings, model_name: str, conn: Connection, placement: Placement | None = None) -> None:
+def serve_child(
+    settings: Settings, model_name: str, conn: Connection, placement: Placement | None = None, step_clock: StepClock | None = None
+) -> None:
     """The child process: an `Engine` fed from `conn`, its events and stages sent back on it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C reaches the whole group:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the parent drains first, then sends Stop
@@ -147,7 +153,7 @@ def serve_child(settings: Settings, model_name: str, conn: Connection, placement
         return sink
 
     metrics = Metrics(CollectorRegistry(), model_name)
-    engine = Engine(settings, metrics, on_stage=on_stage, after_events=uplink.flush, placement=placement)
+    engine = Engine(settings, metrics, on_stage=on_stage, after_events=uplink.flush, placement=placement, step_clock=step_clock)
     engine.start()
     try:
         while True:
@@ -192,7 +198,11 @@ class EngineProcess:
         context = multiprocessing.get_context("spawn")  # never fork a process that has torch threads
         self._conn, child_conn = context.Pipe(duplex=True)
         self._child_conn: Connection | None = child_conn
-        args = (settings, model_name, child_conn, placement)
+        # When the engine's running step began (0.0: none), shared memory the child writes every step: a
+        # hung step (a stuck device) turns /livez to 503 here without a message from the child.
+        self._step_clock: StepClock = context.RawValue("d", 0.0)
+        self._step_timeout = settings.step_timeout_seconds
+        args = (settings, model_name, child_conn, placement, self._step_clock)
         self._process = context.Process(target=serve_child, args=args, name="llmservice-engine")
         self._reader = threading.Thread(target=self._read, name="llmservice-engine-reader", daemon=True)
         # Commands are written by a thread of their own: a pipe write can block (a full buffer, the
@@ -205,6 +215,7 @@ class EngineProcess:
         self._ids = itertools.count()
         self._facts: Facts | None = None
         self._settled = threading.Event()
+        self._ended = threading.Event()  # the engine failed (in the child, or the child died), or stop() was called
         self._stopping = False
         self.stage = "starting"
         self.error: str | None = None
@@ -222,7 +233,11 @@ class EngineProcess:
         return self._facts
 
     def alive(self) -> bool:
-        # As `Engine.alive`: an engine that failed is dead even if its process idles on.
+        # As `Engine.alive`: an engine that failed is dead even if its process idles on, and so is one
+        # stuck in a step for longer than --step-timeout-seconds.
+        began = self._step_clock.value
+        if began > 0 and time.monotonic() - began > self._step_timeout:
+            return False
         return self.stage == "stopped" or (self.stage != "failed" and self._process.is_alive())
 
     def start(self) -> None:
@@ -235,6 +250,9 @@ class EngineProcess:
 
     def wait_settled(self, timeout: float | None = None) -> bool:
         return self._settled.wait(timeout)
+
+    def wait_ended(self, timeout: float | None = None) -> bool:
+        return self._ended.wait(timeout)
 
     def submit(self, request: GenerationRequest, sink: Sink) -> RemoteTicket:
         rid = next(self._ids)
@@ -259,6 +277,7 @@ class EngineProcess:
         self._stopping = True
         self._commands.put(Stop())
         self._settled.set()
+        self._ended.set()
         if self._process.pid is None:
             return  # never started
         # The reader ends once the child has exited and reaps it; only one thread may wait for it.
@@ -305,6 +324,8 @@ class EngineProcess:
         self.stage = stage.stage  # last: "ready" is seen only with the facts in place
         if stage.stage in _SETTLED:
             self._settled.set()
+        if stage.stage == "failed":
+            self._ended.set()
 
     def _child_gone(self) -> None:
         self._process.join(_KILL_GRACE_SECONDS)
@@ -324,6 +345,7 @@ class EngineProcess:
         for sink in sinks:
             sink([Failed(*gone)])
         self._settled.set()
+        self._ended.set()
         if multiprocess_dir() is not None and self._process.pid is not None:
             # Drop the child's live gauges (running / waiting), as a stopped worker does.
             multiprocess.mark_process_dead(self._process.pid)  # type: ignore[no-untyped-call]

@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
 from .fetch import fetch, progress_writer
+from .memory import KVShape, available_memory, check_model_fits, container_memory, cpu_free
 from .placement import worker_cores
 from .settings import Settings
 from .source import Source, hub_layout, offline, resolve_source
@@ -80,7 +81,18 @@ def converted_dir(settings: Settings, source: Source) -> Path:
     return settings.cache_dir / f"{Path(source.gguf_file or 'model').stem}-{name}"
 
 
-def _from_pretrained(settings: Settings, location: str, gguf_file: str | None, dtype: torch.dtype) -> tuple[Any, Any]:
+def load_kwargs(settings: Settings, device: torch.device, gguf_file: str | None) -> dict[str, Any]:
+    """`from_pretrained`'s placement: on a GPU each weight is read straight onto the device
+    (`device_map`, through accelerate), so host memory never holds the whole model; a GGUF file is
+    dequantized on the host first either way (transformers' GGUF reader)."""
+    if device.type == "cuda" and gguf_file is None:
+        return {"device_map": {"": device.index if device.index is not None else torch.cuda.current_device()}}
+    return {}
+
+
+def _from_pretrained(
+    settings: Settings, location: str, gguf_file: str | None, dtype: torch.dtype, placed: dict[str, Any] | None = None
+) -> tuple[Any, Any]:
     kwargs: dict[str, Any] = {
         "revision": settings.revision,
         "trust_remote_code": settings.trust_remote_code,
@@ -89,7 +101,7 @@ def _from_pretrained(settings: Settings, location: str, gguf_file: str | None, d
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
     tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **kwargs, **(placed or {}))
     return model, tokenizer
 
 
@@ -116,10 +128,12 @@ def load(settings: Settings, on_stage: Callable[[str], None]) -> LoadedModel:
         location, gguf_file = str(converted), None
         log.info("Using converted GGUF copy", extra={"path": str(converted)})
     on_stage("loading_model")
-    model, tokenizer = _from_pretrained(settings, location, gguf_file, dtype)
+    if gguf_file is None:
+        check_fits_before_loading(settings, location, device, dtype)
+    model, tokenizer = _from_pretrained(settings, location, gguf_file, dtype, load_kwargs(settings, device, gguf_file))
     if converted is not None and gguf_file is not None:
         _save_converted(model, tokenizer, converted)
-    model = model.to(device).eval()
+    model = model.to(device).eval()  # already there on a GPU (device_map): only a GGUF or CPU model moves, if at all
     config_len = getattr(model.config, "max_position_embeddings", None)
     max_len = settings.max_model_len or config_len or 2048
     if config_len is not None and max_len > config_len:
@@ -127,6 +141,46 @@ def load(settings: Settings, on_stage: Callable[[str], None]) -> LoadedModel:
     vocab_size = int(model.get_output_embeddings().weight.shape[0])
     threads = thread_plan(settings, device, model.config)
     return LoadedModel(model, tokenizer, device, int(max_len), _eos_ids(model, tokenizer), vocab_size, threads)
+
+
+def kv_shape(config: Any, dtype: torch.dtype) -> KVShape:
+    """What one token of this model costs in the K/V cache, from its config."""
+    heads = int(config.num_attention_heads)
+    head_dim = getattr(config, "head_dim", None) or int(config.hidden_size) // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    return KVShape(int(config.num_hidden_layers), int(kv_heads), int(head_dim), dtype.itemsize)
+
+
+def free_memory(settings: Settings, device: torch.device) -> int:
+    """Bytes the model and its K/V may take on `device` now (see `memory`)."""
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        return min(int(free), int(total * settings.gpu_memory_utilization))
+    limit, used = container_memory()
+    return cpu_free(limit, used, available_memory())
+
+
+def check_fits_before_loading(settings: Settings, location: str, device: torch.device, dtype: torch.dtype) -> None:
+    """Refuse, before reading any weight, a model whose weights and one full-length sequence exceed free memory.
+
+    The sizes come from the config alone: the model is built on the meta device (no memory) to count
+    its parameters. Quantized checkpoints and configs that cannot be read are not checked here.
+    """
+    try:
+        local = offline() or Path(location).is_dir()
+        config = AutoConfig.from_pretrained(
+            location, revision=settings.revision, trust_remote_code=settings.trust_remote_code, local_files_only=local
+        )
+        if getattr(config, "quantization_config", None) is not None:
+            return
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=settings.trust_remote_code)  # type: ignore[no-untyped-call]
+        weights = sum(p.numel() for p in skeleton.parameters()) * dtype.itemsize
+        shape = kv_shape(config, dtype)
+    except Exception:  # no sizes: the load itself reports what is wrong
+        return
+    max_len = settings.max_model_len or getattr(config, "max_position_embeddings", None) or 2048
+    check_model_fits(weights, shape, int(max_len), free_memory(settings, device), str(device))
 
 
 def _save_converted(model: Any, tokenizer: Any, target: Path) -> None:

@@ -16,6 +16,8 @@ carries the label `model_name` (the served model name).
 | `vllm:prefix_cache_queries_total` | counter | prompt tokens looked up in the prefix cache |
 | `vllm:prefix_cache_hits_total` | counter | of those, tokens found (their K/V copied, not computed) |
 | `vllm:request_success_total` | counter | finished requests, label `finished_reason` = stop, length, abort |
+| `vllm:kv_cache_usage_perc` | gauge | share of the K/V pool's blocks held by requests, 0..1 (vLLM's name; not a percent) |
+| `vllm:num_preemptions_total` | counter | rows preempted for K/V blocks (their K/V is recomputed when they resume) |
 | `llmservice:requests_rejected_total` | counter | requests refused, label `reason` = queue_full, draining, not_ready |
 | `llmservice:model_load_seconds` | gauge | time to load and warm the model |
 
@@ -70,6 +72,10 @@ class Metrics:
         self.generation_tokens = counter("vllm:generation_tokens", "Tokens generated.").labels(model_name)
         self._cache_queries = counter("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.").labels(model_name)
         self._cache_hits = counter("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.").labels(model_name)
+        self.kv_cache_usage = gauge("vllm:kv_cache_usage_perc", "Share of the K/V cache's blocks in use, 0..1.", "livemax").labels(
+            model_name
+        )
+        self.preemptions = counter("vllm:num_preemptions", "Rows preempted for K/V cache blocks.").labels(model_name)
         self._success = Counter("vllm:request_success", "Finished requests by reason.", [*labels, "finished_reason"], registry=registry)
         self._rejected = Counter("llmservice:requests_rejected", "Refused requests by reason.", [*labels, "reason"], registry=registry)
         self._model_name = model_name

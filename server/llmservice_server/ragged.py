@@ -7,31 +7,32 @@ the benchmark's SmolLM2 workload 42 % of the prompt tokens read were padding), a
 engine step are packed into a single sequence `[1, T]`: first one decode token per running row,
 then any prompt chunks. The model runs its linear layers over the packed tokens as usual; only
 attention has to know which token belongs to which row, so the model's attention is swapped for
-`ragged_attention` (through transformers' attention interface), which writes each token's K/V in
-place and attends row by row:
+`ragged_attention` (through transformers' attention interface), which writes each token's K/V
+into the engine's one K/V pool (`engine/kv_cache.py`) and attends row by row:
 
-- running rows live in preallocated slots `[slots, kv_heads, capacity, head_dim]` per layer, row
-  `i` in slot `i` with its tokens in columns `0..length-1`; a decode token's K/V is written at its
-  row's length, and all rows attend in one SDPA call with a per-row length mask;
-- a prompt being read has a buffer of its own sized to the prompt; each chunk attends causally to
-  what was read before it; when the last chunk is through, the prompt's K/V is copied into a slot
-  (one per choice, `n > 1`) and its rows join the running batch.
+- every token of the step has a slot in the pool (`write`): one `index_copy_` per layer puts
+  the step's K/V there;
+- running rows gather their blocks (`row_blocks`, `[rows, blocks]`) and attend in one SDPA
+  call with a per-row length mask;
+- a prompt chunk gathers the blocks of its prompt up to its end and attends causally.
 
-Writes go to fixed columns and lengths advance only after a forward succeeds, so a failed forward
-can be rerun without the chunks (the engine does that to fail only the newcomers).
+Slots are fixed and lengths advance only after a forward succeeds, so a failed forward can be
+rerun without the chunks (the engine does that to fail only the newcomers).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.nn.functional import scaled_dot_product_attention
 from transformers import AttentionInterface
 
+if TYPE_CHECKING:
+    from .engine.kv_cache import KVCache
+
 ATTENTION = "llmservice_ragged"
-_MIN_COLUMNS = 64
 # Attention options of other models that this implementation does not honour: a model that
 # passes one of them (not None) is refused at warm-up instead of computing something else.
 _UNSUPPORTED = ("softcap", "s_aux")
@@ -42,122 +43,14 @@ class UnsupportedModel(RuntimeError):
     """The model's attention cannot run ragged (soft-capping, attention sinks, other layer kinds, no attention interface)."""
 
 
-def _pow2_at_least(n: int, floor: int) -> int:
-    size = floor
-    while size < n:
-        size *= 2
-    return size
-
-
-@dataclass(eq=False)
-class PromptKV:
-    """K/V of one prompt while it is read, chunk by chunk."""
-
-    tokens: torch.Tensor  # [len] on the CPU: packed with the step's other tokens before one copy to the device
-    keys: list[torch.Tensor | None]
-    values: list[torch.Tensor | None]
-    read: int = 0  # tokens already through the model
-
-    @classmethod
-    def create(cls, prompt: list[int], layers: int) -> PromptKV:
-        return cls(torch.tensor(prompt, dtype=torch.long), [None] * layers, [None] * layers)
-
-    @property
-    def length(self) -> int:
-        return int(self.tokens.shape[0])
-
-    def begin_with(self, prefix: torch.Tensor) -> None:
-        """Start from the K/V of the prompt's first `n` tokens, `[layers, 2, kv_heads, n, head_dim]`
-        (a prefix cache hit): reading goes on from token `n`."""
-        count = int(prefix.shape[3])
-        shape = (1, prefix.shape[2], self.length, prefix.shape[4])
-        for index in range(len(self.keys)):
-            keys, values = prefix.new_zeros(shape), prefix.new_zeros(shape)
-            keys[0, :, :count] = prefix[index, 0]
-            values[0, :, :count] = prefix[index, 1]
-            self.keys[index], self.values[index] = keys, values
-        self.read = count
-
-    def stacked(self, start: int, end: int) -> torch.Tensor:
-        """K/V of tokens `start..end` of every layer, `[layers, 2, kv_heads, end - start, head_dim]` (read ones only)."""
-        pairs = []
-        for keys, values in zip(self.keys, self.values, strict=True):
-            assert keys is not None and values is not None
-            pairs.append(torch.stack((keys[0, :, start:end], values[0, :, start:end])))
-        return torch.stack(pairs)
-
-    def layer(self, index: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        keys, values = self.keys[index], self.values[index]
-        if keys is None or values is None:  # zeros: masked-out columns must not hold NaN (0 * NaN)
-            shape = (1, like.shape[0], self.length, like.shape[-1])
-            keys = self.keys[index] = like.new_zeros(shape)
-            values = self.values[index] = like.new_zeros(shape)
-        return keys, values
-
-
-@dataclass(eq=False)
-class Slots:
-    """The running rows' K/V: one `[slots, kv_heads, columns, head_dim]` pair per layer, grown by doubling."""
-
-    layers: int
-    max_rows: int  # the engine's max_num_seqs: rows never grow past it (unless one request needs more)
-    keys: list[torch.Tensor] = field(default_factory=list)
-    values: list[torch.Tensor] = field(default_factory=list)
-
-    @property
-    def slots(self) -> int:
-        return int(self.keys[0].shape[0]) if self.keys else 0
-
-    @property
-    def columns(self) -> int:
-        return int(self.keys[0].shape[2]) if self.keys else 0
-
-    def reserve(self, rows: int, columns: int, like: torch.Tensor) -> None:
-        """Make room for `rows` x `columns`, keeping what is there; `like` gives K/V's shape and dtype."""
-        if rows <= self.slots and columns <= self.columns:
-            return
-        new_rows = min(max(_pow2_at_least(rows, 1), self.slots), max(self.max_rows, rows))
-        new_columns = max(_pow2_at_least(columns, _MIN_COLUMNS), self.columns)
-        shape = (new_rows, like.shape[1], new_columns, like.shape[3])
-        old_rows, old_columns = self.slots, self.columns  # grown by doubling: copying all of it is amortized
-        keys, values = [], []
-        for index in range(self.layers):
-            k, v = like.new_zeros(shape), like.new_zeros(shape)
-            if self.keys:
-                k[:old_rows, :, :old_columns] = self.keys[index]
-                v[:old_rows, :, :old_columns] = self.values[index]
-            keys.append(k)
-            values.append(v)
-        self.keys, self.values = keys, values
-
-    def release(self) -> None:
-        self.keys, self.values = [], []
-
-    def fill(self, slot: int, prompt: PromptKV) -> None:
-        """Copy a fully read prompt's K/V into `slot` (columns 0..len-1)."""
-        for index in range(self.layers):
-            keys, values = prompt.keys[index], prompt.values[index]
-            assert keys is not None and values is not None
-            self.keys[index][slot, :, : prompt.length] = keys[0]
-            self.values[index][slot, :, : prompt.length] = values[0]
-
-    def move(self, sources: list[int], targets: list[int], columns: int) -> None:
-        """Copy whole rows (their first `columns`) from slots `sources` to slots `targets`."""
-        src = torch.tensor(sources, dtype=torch.long, device=self.keys[0].device)
-        dst = torch.tensor(targets, dtype=torch.long, device=self.keys[0].device)
-        for index in range(self.layers):
-            for tensor in (self.keys[index], self.values[index]):
-                tensor[dst, :, :columns] = tensor[src, :, :columns]
-
-
 @dataclass(frozen=True)
 class Chunk:
     """Prompt tokens `start..end` of one prompt, at `offset` in the packed sequence."""
 
-    prompt: PromptKV
     start: int
     end: int
     offset: int
+    blocks: torch.Tensor  # the pool blocks holding the prompt's tokens 0..end (on the device)
     masks: dict[int | None, torch.Tensor] = field(default_factory=dict)  # by sliding window, built once per step
 
     def mask(self, window: int | None, device: torch.device) -> torch.Tensor | None:
@@ -181,9 +74,11 @@ class Chunk:
 class RaggedStep:
     """What one forward carries; handed to the model as the `ragged` keyword, read by `ragged_attention`."""
 
-    slots: Slots
-    rows: int  # decode tokens, one per running row (slot i = token i), packed first
-    row_columns: torch.Tensor  # [rows] where each decode token's K/V goes (the row's length)
+    cache: KVCache
+    rows: int  # decode tokens, one per running row, packed first
+    row_columns: torch.Tensor  # [rows] the position of each decode token (the row's length)
+    row_blocks: torch.Tensor  # [rows, ceil(kv_len / block_tokens)] each row's blocks (past its length: masked)
+    write: torch.Tensor  # [T] the pool slot of every packed token
     kv_len: int  # columns the running rows attend over (their longest length + 1)
     uniform: bool  # every running row has kv_len - 1 tokens
     chunks: list[Chunk]
@@ -212,38 +107,42 @@ class RaggedStep:
             self.row_masks[window] = allowed[:, None, None, :]
         return self.row_masks[window]
 
+    def _gather(self, pool: torch.Tensor, blocks: torch.Tensor, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of the first `tokens` of each row of `blocks` `[rows, n]`: each `[rows, kv_heads, tokens, dim]`."""
+        size = self.cache.block_tokens
+        rows, count = blocks.shape
+        shape = pool.shape[1:]
+        gathered = pool.view(-1, size, *shape).index_select(0, blocks.flatten()).view(rows, count * size, *shape)[:, :tokens]
+        return gathered[:, :, 0].transpose(1, 2), gathered[:, :, 1].transpose(1, 2)
+
     def attend(
         self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None, window: int | None
     ) -> torch.Tensor:
         self.calls += 1
         q, k, v = query[0], key[0], value[0]  # [heads, T, dim], [kv_heads, T, dim]
+        pool = self.cache.layers[layer]  # [slots, 2, kv_heads, dim]
+        pool.index_copy_(0, self.write, torch.stack((k, v)).permute(2, 0, 1, 3))
         out = q.new_empty((q.shape[1], q.shape[0], q.shape[2]))  # [T, heads, dim]
         rows = self.rows
         if rows:
-            keys, values = self.slots.keys[layer], self.slots.values[layer]
-            index = torch.arange(rows, device=keys.device)
-            keys[index, :, self.row_columns] = k[:, :rows].transpose(0, 1)
-            values[index, :, self.row_columns] = v[:, :rows].transpose(0, 1)
+            keys, values = self._gather(pool, self.row_blocks, self.kv_len)  # [rows, kv_heads, kv_len, dim]
             attended = scaled_dot_product_attention(
                 q[:, :rows].transpose(0, 1).unsqueeze(2),
-                keys[:rows, :, : self.kv_len],
-                values[:rows, :, : self.kv_len],
+                keys,
+                values,
                 attn_mask=self.row_mask(window),
                 scale=scale,
                 enable_gqa=True,
             )
             out[:rows] = attended[:, :, 0]
         for chunk in self.chunks:
-            count = chunk.end - chunk.start
-            part = slice(chunk.offset, chunk.offset + count)
-            keys, values = chunk.prompt.layer(layer, k)
-            keys[0, :, chunk.start : chunk.end] = k[:, part]
-            values[0, :, chunk.start : chunk.end] = v[:, part]
+            part = slice(chunk.offset, chunk.offset + chunk.end - chunk.start)
             mask = chunk.mask(window, q.device)
+            keys, values = self._gather(pool, chunk.blocks[None], chunk.end)  # [1, kv_heads, end, dim]
             attended = scaled_dot_product_attention(
                 q[None, :, part],
-                keys[:, :, : chunk.end],
-                values[:, :, : chunk.end],
+                keys,
+                values,
                 attn_mask=mask,
                 is_causal=mask is None,
                 scale=scale,

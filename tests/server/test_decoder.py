@@ -20,11 +20,14 @@ from transformers import (
 )
 
 from llmservice_server.decoder import adopt
-from llmservice_server.ragged import Chunk, PromptKV, RaggedStep, Slots, install
+from llmservice_server.engine.kv_cache import KVCache
+from llmservice_server.memory import KVShape
+from llmservice_server.ragged import Chunk, RaggedStep, install
 
 VOCAB = 96
 SIZE = {"vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3}
 SIZE |= {"num_attention_heads": 4, "num_key_value_heads": 2}
+BLOCK = 4  # tokens per K/V block
 
 
 def llama() -> Any:
@@ -69,19 +72,27 @@ def built(build: Callable[[], Any]) -> Any:
 
 def a_ragged_step(model: Any, later: int = 0) -> tuple[RaggedStep, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Three running rows of different lengths (`later` tokens longer each) and the second chunk of a
-    10-token prompt; their K/V so far random."""
+    10-token prompt, their K/V so far random, in blocks scattered over the pool in no order."""
     config = model.config
     head_dim = config.hidden_size // config.num_attention_heads
     generator = torch.Generator().manual_seed(1)
-    slots = Slots(config.num_hidden_layers, max_rows=3)
-    slots.reserve(3, 16 + later, torch.zeros(1, config.num_key_value_heads, 1, head_dim))
-    for tensor in slots.keys + slots.values:
-        tensor.normal_(generator=generator)
-    prompt = PromptKV.create(list(range(20, 30)), config.num_hidden_layers)
-    prompt.begin_with(torch.randn(config.num_hidden_layers, 2, config.num_key_value_heads, 4, head_dim, generator=generator))
     lengths = torch.tensor([5, 9, 2]) + later
-    step = RaggedStep(slots, 3, lengths, kv_len=10 + later, uniform=False, chunks=[Chunk(prompt, 4, 10, offset=3)])
-    ids = torch.cat((torch.tensor([7, 8, 9]), prompt.tokens[4:]))
+    kv_len = int(lengths.max()) + 1
+    per_row = -(-kv_len // BLOCK)
+    shape = KVShape(config.num_hidden_layers, config.num_key_value_heads, head_dim, 4)
+    cache = KVCache.allocate(shape, blocks=3 * per_row + 3, block_tokens=BLOCK, dtype=torch.float32, device=torch.device("cpu"))
+    for tensor in cache.layers:
+        tensor.normal_(generator=generator)
+    order = torch.randperm(cache.blocks, generator=generator).tolist()
+    row_blocks = [order[i * per_row : (i + 1) * per_row] for i in range(3)]
+    prompt_blocks = order[3 * per_row :]
+    row_slots = torch.stack([cache.slots(blocks, kv_len) for blocks in row_blocks])
+    prompt_slots = cache.slots(prompt_blocks, 10)
+    write = torch.cat((row_slots[torch.arange(3), lengths], prompt_slots[4:]))
+    table = torch.tensor(row_blocks)
+    chunk = Chunk(4, 10, offset=3, blocks=torch.tensor(prompt_blocks))
+    step = RaggedStep(cache, 3, lengths, table, write, kv_len, uniform=False, chunks=[chunk])
+    ids = torch.cat((torch.tensor([7, 8, 9]), torch.arange(24, 30)))
     positions = torch.cat((lengths, torch.arange(4, 10)))
     return step, ids, positions, torch.tensor([0, 1, 2, 8])  # every row's logits, and the prompt's last
 
@@ -110,9 +121,7 @@ def agree_with_transformers(model: Any, reference: Any, decoder: Any, later: int
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
     assert step.calls == step_ref.calls == model.config.num_hidden_layers
     for layer in range(model.config.num_hidden_layers):  # the K/V written for the next steps agree too
-        torch.testing.assert_close(step.slots.keys[layer], step_ref.slots.keys[layer], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(step.slots.values[layer], step_ref.slots.values[layer], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(step.chunks[0].prompt.keys[layer], step_ref.chunks[0].prompt.keys[layer], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(step.cache.layers[layer], step_ref.cache.layers[layer], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("build", BUILDS, ids=lambda build: build.__name__)

@@ -11,12 +11,14 @@ from typing import Any
 
 import pytest
 import torch
+from prometheus_client import CollectorRegistry
 from transformers import AutoModelForCausalLM
 
 from llmservice_server.engine import Engine, Ticket
+from llmservice_server.engine.kv_blocks import BLOCK_TOKENS
 from llmservice_server.events import Delta, Done, Event, Failed, Finished, GenerationRequest, SamplingParams
 from llmservice_server.loader import LoadedModel, load
-from llmservice_server.prefix_cache import BLOCK_TOKENS
+from llmservice_server.metrics import Metrics
 from llmservice_server.ragged import ATTENTION, RaggedStep
 from llmservice_server.settings import Settings
 from llmservice_server.threads import EXPLORE_EVERY, FIRST_STEPS
@@ -360,3 +362,58 @@ def test_the_engine_moves_each_step_size_to_the_thread_count_it_measured_faster(
     assert decode[:FIRST_STEPS] == [1] * FIRST_STEPS  # the plan: a one-token step leaves a core to HTTP
     assert decode[FIRST_STEPS : 2 * FIRST_STEPS] == [2] * FIRST_STEPS  # then two threads, timed ...
     assert decode[2 * FIRST_STEPS :].count(1) <= 1  # ... were faster here: one thread is only re-timed now and then
+
+
+class UsageRecorder:
+    """The real model, recording the K/V pool's usage at every step (read by the engine thread itself)."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.engine: Engine | None = None
+        self.usage: list[float] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.model, name)
+
+    def __call__(self, **kwargs: Any) -> Any:
+        if self.engine is not None:
+            self.usage.append(self.engine.pool.usage())
+        return self.model(**kwargs)
+
+
+def test_a_full_kv_pool_preempts_and_resumes_rows_with_the_text_they_would_have_had(tiny_model_dir: Path) -> None:
+    # Tiny model: 512 bytes of K/V per token, 1 MiB = 2048 tokens; 16 rows of ~500 tokens need 4 times that.
+    prompts = [[10 + i, 20 + i % 5, 30 + i % 3] for i in range(16)]
+    requests = [GenerationRequest(prompts=[p], max_tokens=[500], params=GREEDY) for p in prompts]
+    free = start_engine(tiny_model_dir, max_num_seqs=16)
+    try:
+        expected = [sink.text() for sink in run(free, requests)]
+    finally:
+        free.stop()
+    recorders: list[UsageRecorder] = []
+
+    def loader(settings: Settings, stage: Callable[[str], None]) -> LoadedModel:
+        loaded = load(settings, stage)
+        recorders.append(UsageRecorder(loaded.model))
+        return dataclasses.replace(loaded, model=recorders[-1])
+
+    # The transformers forward here (the recorder wraps the model); the fused one below.
+    for fused_loader, fused in ((loader, False), (load, True)):
+        metrics = Metrics(CollectorRegistry(), "tiny")
+        engine = Engine(Settings(model=str(tiny_model_dir), dtype="float32", max_num_seqs=16, kv_cache_mib=1), metrics, loader=fused_loader)
+        engine.start()
+        assert engine.wait_settled(60) and engine.ready, engine.error
+        if not fused:
+            recorders[0].engine = engine
+        try:
+            assert (engine.runner.decoder is not None) == fused
+            assert engine.pool.total * BLOCK_TOKENS == 2048
+            sinks = run(engine, requests)
+        finally:
+            engine.stop()
+        assert [sink.text() for sink in sinks] == expected  # no token lost, none repeated, none different
+        assert all(sink.finish().completion_tokens == 500 for sink in sinks)
+        assert all(next(e for e in sink.events if isinstance(e, Done)).completion_tokens == 500 for sink in sinks)
+        assert metrics.preemptions._value.get() > 0
+    usage = recorders[0].usage
+    assert max(usage) <= 1.0 and max(usage) > 0.9  # full, never over

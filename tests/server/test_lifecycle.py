@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import signal
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
 import httpx
+import pytest
 
-from .conftest import BackgroundStream, ServerProcess
+from .conftest import BackgroundStream, ServerProcess, free_port
 
 
 def metric(server: ServerProcess, name: str) -> float:
@@ -124,3 +128,39 @@ def _answers(proc: ServerProcess) -> bool:
         return True
     except httpx.TransportError:
         return False
+
+
+def _fails_fast(model: str, tmp_path: Path, workers: int) -> tuple[float, str, str]:
+    """Run the server on a model that cannot load: (seconds to exit, termination log, output); asserts a non-zero exit."""
+    log_file = tmp_path / f"termination-{workers}.log"
+    output = tmp_path / f"server-{workers}.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLMSERVICE_")} | {"HF_HUB_OFFLINE": "1"}
+    args = [sys.executable, "-m", "llmservice_server.main", "--model", model, "--host", "127.0.0.1", "--port", str(free_port())]
+    args += ["--workers", str(workers), "--termination-log", str(log_file)]
+    started = time.monotonic()
+    with output.open("wb") as out:
+        code = subprocess.run(args, stdout=out, stderr=subprocess.STDOUT, env=env, timeout=120, check=False).returncode
+    elapsed = time.monotonic() - started
+    text = output.read_text(errors="replace")
+    assert code != 0, text[-3000:]
+    return elapsed, log_file.read_text(), text
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_missing_model_exits_non_zero_within_seconds_with_the_reason(tmp_path: Path, workers: int) -> None:
+    elapsed, reason, _ = _fails_fast("/nonexistent/model", tmp_path, workers)
+    assert elapsed < 15, f"took {elapsed:.1f} s"
+    assert reason == "model failed to load: FileNotFoundError: --model /nonexistent/model: no such file or directory\n"
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_model_that_fails_in_the_engine_exits_non_zero_with_the_reason(tmp_path: Path, workers: int) -> None:
+    # A directory with no model in it: the failure comes from transformers, in the engine process.
+    # The bound is generous: each worker's engine process imports torch first (slow on a busy 2-core box).
+    empty = tmp_path / "not-a-model"
+    empty.mkdir()
+    elapsed, reason, output = _fails_fast(str(empty), tmp_path, workers)
+    assert elapsed < 90, f"took {elapsed:.1f} s"
+    assert re.match(r"model failed to load: \w+Error: \S", reason), reason  # the exception's type and message
+    assert reason.count("\n") == 1 and len(reason.encode()) <= 4096
+    assert "Fatal: model failed to load" in output

@@ -64,7 +64,7 @@ def test_sliding_window_models_decode_as_transformers_does(
     engine, reference = engine_with(tiny_model_dir, build, max_num_seqs=4, prefill_chunk_tokens=chunk, fused_forward=fused)
     try:
         assert engine.ready, engine.error
-        assert (engine._decoder is not None) == fused
+        assert (engine.runner.decoder is not None) == fused
         prompts = [[5 + i for i in range(length)] for length in (3, 9, 14)]  # shorter and longer than the windows
         lengths = [20, 7, 12]
         greedy = SamplingParams(temperature=0.0)
@@ -88,12 +88,15 @@ def test_attention_the_engine_cannot_batch_is_refused_at_load(tiny_model_dir: Pa
         engine.stop()
 
 
-def test_an_idle_engine_holds_no_kv_cache(tiny_model_dir: Path) -> None:
-    engine = start_engine(tiny_model_dir, max_num_seqs=4)
+def test_the_kv_pool_is_allocated_once_and_requests_give_its_blocks_back(tiny_model_dir: Path) -> None:
+    engine = start_engine(tiny_model_dir, max_num_seqs=4, kv_cache_mib=1)
     try:
-        slots = engine._slots
-        assert slots is not None and slots.slots == 0  # released after the warm-up
+        cache = engine.scheduler.cache
+        assert cache is not None
+        storage = [t.data_ptr() for t in cache.layers]
+        assert cache.nbytes <= 2**20 and engine.pool.usage() == 0.0
         run(engine, [GenerationRequest(prompts=[[5, 6, 7]], max_tokens=[40], params=SamplingParams(temperature=0.0))] * 3)
-        assert slots.slots == 0 and slots.keys == []
+        assert engine.scheduler.cache is cache and [t.data_ptr() for t in cache.layers] == storage  # never regrown
+        assert engine.pool.usage() == 0.0  # every block back (some still findable in the prefix cache)
     finally:
         engine.stop()
