@@ -25,6 +25,10 @@ CONTEXT = 512
 READ_TIMEOUT = 2.0
 MAX_CONNECTIONS = 150  # above the burst of 100 below, below the 200 slow clients
 MIB = 2**20
+# "At once": the 1 s, with room for a loaded 2-core machine (a 50 MB upload alone took
+# 1.4 s at load 5). Before the limits these took 2.6 s (2 MB) and ~36 s (50 MB); the memory
+# bounds beside them are what tell the two apart. bench/hostile_input.py measures the times.
+AT_ONCE = 3.0
 TIMER_SLACK = 0.05  # the event loop's timers fire to the millisecond, not to the microsecond
 PROMPT_OF_400_TOKENS = "Hello world, " * 66  # ~400 tokens of the tiny model: large but valid, with 32 to generate
 
@@ -86,7 +90,7 @@ def test_a_50_mb_body_is_refused_with_413_from_its_length(limited: ServerProcess
         elapsed = time.perf_counter() - started
         assert response.status_code == 413
         assert _error(response)["code"] == "request_too_large"
-        assert elapsed < 1.0, f"413 after {elapsed:.2f} s"
+        assert elapsed < AT_ONCE, f"413 after {elapsed:.2f} s"
         assert memory.growth_mib < 50, f"server RSS grew {memory.growth_mib:.0f} MiB"
         # The rest of the body was read and dropped, so the same connection serves the next request.
         assert client.get("/v1/models").status_code == 200
@@ -138,7 +142,7 @@ def test_a_chunked_body_is_refused_once_it_passes_the_limit(limited: ServerProce
     elapsed = time.perf_counter() - started
     assert response.status_code == 413
     assert _error(response)["code"] == "request_too_large"
-    assert elapsed < 1.0, f"413 after {elapsed:.2f} s"
+    assert elapsed < AT_ONCE, f"413 after {elapsed:.2f} s"
     assert memory.growth_mib < 50, f"server RSS grew {memory.growth_mib:.0f} MiB"
 
 
@@ -160,7 +164,7 @@ def test_a_2_mb_prompt_is_refused_before_it_is_tokenised(limited: ServerProcess)
     error = _error(response)
     assert (error["code"], error["param"]) == ("context_length_exceeded", "prompt")
     assert f"maximum context length is {CONTEXT} tokens" in str(error["message"])
-    assert elapsed < 1.0, f"400 after {elapsed:.2f} s"
+    assert elapsed < AT_ONCE, f"400 after {elapsed:.2f} s"
     assert memory.growth_mib < 50, f"server RSS grew {memory.growth_mib:.0f} MiB"
 
 
@@ -177,7 +181,7 @@ def test_chat_messages_that_cannot_fit_are_refused_at_once(limited: ServerProces
     response = httpx.post(limited.url + "/v1/chat/completions", json={"model": "tiny", **body}, timeout=30)
     assert response.status_code == 400
     assert (_error(response)["code"], _error(response)["param"]) == ("context_length_exceeded", param)
-    assert time.perf_counter() - started < 1.0
+    assert time.perf_counter() - started < AT_ONCE
 
 
 def test_a_prompt_of_short_tokens_is_refused_with_the_context_error(limited: ServerProcess) -> None:
