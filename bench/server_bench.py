@@ -105,8 +105,7 @@ PROFILES = {
 }
 
 
-# --- machine and process accounting ------------------------------------------------------------------
-
+# --- one system through all levels -----------------------------------------------------------------
 
 
 def level_workload(profile: ModelProfile, concurrency: int, seed: int, num_prompts: int | None, repeat: int = 0) -> list[RequestSpec]:
@@ -269,7 +268,7 @@ def run_servers(
         result.pop("runs", None)
 
 
-# --- in-process baselines (run in a subprocess, so this process never imports torch) ---------------
+# --- models ----------------------------------------------------------------------------------------
 
 
 def prepare_model(name: str, work: Path) -> tuple[Path, str]:
@@ -304,9 +303,7 @@ def smollm2_dir() -> Path:
     return target
 
 
-# --- report ----------------------------------------------------------------------------------------
-
-
+# --- main ------------------------------------------------------------------------------------------
 
 
 def main(argv: Sequence[str] | None = None) -> int:
