@@ -154,6 +154,8 @@ def inprocess_worker(spec_path: Path, out_path: Path) -> None:
         result["engine_tok_s"] = {k: round(v["tok_s"], 1) for k, v in result["engine"].items()}
     if spec.get("roofline"):
         result["roofline"] = roofline(model, torch, device, synchronize)
+    if device.type == "cuda":  # what the weights, the batches' K/V and the activations took at the most
+        result["device_memory_peak_mib"] = torch.cuda.max_memory_reserved(device) / 2**20
     out_path.write_text(json.dumps(result, indent=2))
 
 

@@ -91,19 +91,27 @@ SMOKE_PLAN = Plan(("tiny",), "cpu", "float32", (1, 4), 64, 16, ("ours", "tserve"
 # --- the model ---------------------------------------------------------------------------------------
 
 
-def build_model(path: Path, shape: Shape, device: str, dtype: str) -> None:
-    """Random weights in `shape`, initialised on `device` and saved with a word-level tokenizer (runs in a child)."""
-    import torch
+def build_tokenizer(vocab_size: int) -> Any:
+    """One word per id ("w7 w8193 ..."), the specials first, and the tiny test model's chat template."""
     from tests.tiny_model import CHAT_TEMPLATE
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
-    vocab = {token: i for i, token in enumerate(SPECIALS)} | {f"w{i}": i for i in range(len(SPECIALS), shape.vocab_size)}
+    vocab = {token: i for i, token in enumerate(SPECIALS)} | {f"w{i}": i for i in range(len(SPECIALS), vocab_size)}
     words = Tokenizer(models.WordLevel(vocab, unk_token="<|unk|>"))
     words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, eos_token=SPECIALS[0], pad_token=SPECIALS[1], unk_token=SPECIALS[2])
     tokenizer.add_special_tokens({"additional_special_tokens": list(SPECIALS[3:])})
     tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_model(path: Path, shape: Shape, device: str, dtype: str) -> None:
+    """Random weights in `shape`, initialised on `device` and saved with a word-level tokenizer (runs in a child)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = build_tokenizer(shape.vocab_size)
     fields = asdict(shape)
     head_dim = shape.hidden_size // shape.num_attention_heads
     config = LlamaConfig(**fields, eos_token_id=0, pad_token_id=1, bos_token_id=None, head_dim=head_dim)
@@ -233,6 +241,7 @@ def rows(plan: Plan, shape: Shape, systems: dict[str, Any]) -> list[dict[str, An
             if system == "static":
                 level = static.get("bare") if streams == 1 else static.get("static", {}).get(str(streams))
                 row["tok_s"] = level["tok_s"] if level else None
+                row["device_memory_mib"] = static.get("device_memory_peak_mib")  # torch's peak reservation, not nvidia-smi's
             else:
                 level = systems.get(system, {}).get("levels", {}).get(str(streams))
                 row["tok_s"] = level["output_throughput"] if level and level["completed"] else None
