@@ -214,6 +214,7 @@ def run_static(plan: Plan, shape: Shape, model_dir: Path, work: Path) -> dict[st
         "engine": {},
         "max_num_seqs": max(plan.streams),
         "roofline": True,
+        "threads": False,
     }
     spec_path, out_path = work / f"static-{model_dir.name}.spec.json", work / f"static-{model_dir.name}.out.json"
     spec_path.write_text(json.dumps(spec))
@@ -252,7 +253,8 @@ def rows(plan: Plan, shape: Shape, systems: dict[str, Any]) -> list[dict[str, An
                 # Decode alone: a stream's tokens after its first, at the pace of its median gap.
                 itl = row["itl_p50_ms"]
                 row["decode_tok_s"] = streams * 1000 / itl if itl else None
-            row["fraction_of_roofline"] = (row.get("decode_tok_s") or row["tok_s"] or 0) / roof_tok_s if roof_tok_s else None
+            measured = row.get("decode_tok_s") or row["tok_s"]
+            row["fraction_of_roofline"] = measured / roof_tok_s if measured and roof_tok_s else None
             out.append(row)
     return out
 
@@ -271,6 +273,13 @@ def table(results: dict[str, Any]) -> str:
             cells += [fmt(r.get("itl_p50_ms"), ".1f"), fmt(r.get("device_memory_mib")), fmt(None if frac is None else 100 * frac, ".1f")]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def write(results: dict[str, Any], output: Path, started: float) -> None:
+    results["duration_s"] = time.monotonic() - started
+    results["table"] = table(results)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(results, indent=2) + "\n")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -316,14 +325,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 systems[system] = run_static(plan, shape, model_dir, work)
             else:
                 systems[system] = run_server(system, plan, shape, model_dir, work)
+            # Written after every system: a run cut short by its time limit still leaves what it measured.
+            results["models"][name] = {"shape": asdict(shape), "kv_bytes_per_token": kv_bytes_per_token(shape, plan.dtype)}
+            results["models"][name] |= {"systems": systems, "rows": rows(plan, shape, systems)}
+            write(results, output, started)
         failed |= "error" in systems["ours"]
-        results["models"][name] = {"shape": asdict(shape), "kv_bytes_per_token": kv_bytes_per_token(shape, plan.dtype)}
-        results["models"][name] |= {"systems": systems, "rows": rows(plan, shape, systems)}
         shutil.rmtree(model_dir, ignore_errors=True)  # 16 GB for the 8B shapes: the disk holds one at a time
-    results["duration_s"] = time.monotonic() - started
-    results["table"] = table(results)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(results, indent=2) + "\n")
+    write(results, output, started)
     print(results["table"])
     print(f"\nwrote {output} in {results['duration_s']:.0f} s; logs in {work}")
     return 1 if failed else 0
