@@ -1,6 +1,6 @@
 """Bare `model.generate` over left-padded batches: the in-process ceilings' one way to run the model.
 
-Imported only in the ceiling subprocesses (`server_bench.inprocess_worker`, `paired_ceiling`), so the
+Imported only in the ceiling subprocesses (`ceilings.inprocess_worker`, `paired_ceiling`), so the
 benchmark process itself never imports torch.
 """
 

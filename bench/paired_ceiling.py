@@ -7,7 +7,7 @@ two long-lived workers (torch's default threads and `OMP_NUM_THREADS=1`, as the 
 better of the two) keep the model loaded and, with every server paused, time a short burst of the
 level's own static batches (of N rows; at one stream, its requests one at a time: bare `generate`)
 before a level's first server and after each server. A run's ceiling is the mean of the probes on
-either side of it; its fraction of that ceiling is what `server_bench.analyse` reports per system.
+either side of it; its fraction of that ceiling is what `bench.report.analyse` reports per system.
 
     python bench/paired_ceiling.py <model_dir> <device> <dtype>   # a worker: JSON lines in, JSON lines out
 """

@@ -36,7 +36,9 @@ is polled every 50 ms from a separate thread during each run. The CPU used by ot
 the machine is measured per run (from /proc/stat minus this process and the server, a server
 being its whole session: server and engine process), because the machine is shared. Results:
 bench/results/server-<model>.json and server-<model>.png, and markdown tables on stdout.
-Nothing here fails on a missed target.
+Nothing here fails on a missed target. This module is the command and the run order; the parts
+are bench/systems.py (the servers), bench/processes.py (machine and CPU accounting),
+bench/ceilings.py (in-process ceilings and roofline) and bench/report.py (ratios, tables, plot).
 
     .venv/bin/python bench/server_bench.py                      # tiny random model, all systems
     .venv/bin/python bench/server_bench.py --model smollm2      # SmolLM2-135M (fewer requests)
@@ -46,67 +48,38 @@ Nothing here fails on a missed target.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
-import hashlib
 import importlib.metadata
 import json
 import logging
 import math
-import os
-import platform
-import signal
-import socket
-import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-
-import httpx
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script: make `bench` and `tests` importable
     sys.path.insert(0, str(REPO))
 
+from bench.ceilings import STATIC_BATCHES, inprocess_round, inprocess_worker, items_of, merge_inprocess  # noqa: E402
 from bench.loadgen import SLO, LoadConfig, RequestSpec, make_workload, run_benchmark  # noqa: E402
 from bench.loadgen import run as run_loadgen  # noqa: E402
 from bench.paired_ceiling import PairedCeiling  # noqa: E402
 from bench.paired_ceiling import fraction as paired_fraction  # noqa: E402
-from bench.plots import pyplot  # noqa: E402
+from bench.processes import CpuMeter, machine, source_state  # noqa: E402
+from bench.report import analyse, markdown, plot, replot  # noqa: E402
+from bench.systems import SERVER_SYSTEMS, Server, ServerSpec, server_spec  # noqa: E402
 
 log = logging.getLogger("bench.server")
 
 RESULTS_DIR = REPO / "bench" / "results"
-VENV_BIN = Path(sys.executable).parent
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-SERVER_SYSTEMS = (
-    *("ours", "ours-omp1", "ours-allcores", "ours-thread", "ours-nocache", "ours-noplace", "ours-unfused", "ours-kvtight"),
-    *("seed", "seed-omp1", "seed-locked", "tserve", "tserve-omp1"),
-)
 ALL_SYSTEMS = (*SERVER_SYSTEMS, "inprocess")
-VARIANT_ENV = {
-    "omp1": {"OMP_NUM_THREADS": "1"},  # one intra-op thread
-    "thread": {"LLMSERVICE_ENGINE_PROCESS": "false"},  # ours: the engine on a thread of the server process
-    "nocache": {"LLMSERVICE_PREFIX_CACHE_MIB": "0"},  # ours without the prefix cache
-    "noplace": {"LLMSERVICE_CPU_PLACEMENT": "false"},  # ours with the kernel placing both processes
-    "unfused": {"LLMSERVICE_FUSED_FORWARD": "false"},  # ours with transformers' forward instead of the engine's own
-    "kvtight": {"LLMSERVICE_KV_CACHE_MIB": "1"},  # ours with a 1 MiB K/V cache: 2048 tokens of the tiny model, rows preempted
-}
 DEFAULT_SYSTEMS = ("ours", "ours-omp1", "seed", "seed-locked", "tserve", "inprocess")
-TARGETS = {
-    "ours_over_seed_at_16": 15.0,
-    "ours_over_tserve_at_16": 1.4,
-    "ours_fraction_of_static_at_16": 0.80,
-    "ours_fraction_of_bare_at_1": 0.90,
-    "livez_p99_ms_saturated": 20.0,
-}
 
 
 @dataclass(frozen=True)
@@ -134,247 +107,16 @@ PROFILES = {
 }
 
 
-# --- machine and process accounting ------------------------------------------------------------------
-
-
-def machine() -> dict[str, Any]:
-    cpu_model = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    mem_kb = 0
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                mem_kb = int(line.split()[1])
-    versions = {}
-    for dist in ("torch", "transformers", "fastapi", "uvicorn", "httpx", "starlette", "pydantic"):
-        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            versions[dist] = importlib.metadata.version(dist)
-    return {
-        "nproc": os.cpu_count(),
-        "affinity_cpus": len(os.sched_getaffinity(0)),
-        "cpu_model": cpu_model,
-        "memory_gib": round(mem_kb / 1024 / 1024, 1),
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "versions": versions,
-        "loadavg_at_start": Path("/proc/loadavg").read_text().split()[:3],
-        "top_processes_at_start": _top_processes(),
-    }
-
-
-def source_state() -> dict[str, Any]:
-    """The commit measured, and whether the server's files differ from it (uncommitted work)."""
-
-    def git(*args: str) -> str:
-        with contextlib.suppress(OSError, subprocess.SubprocessError):
-            return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10, check=False).stdout.strip()
-        return ""
-
-    diff = git("diff", "HEAD", "--", "server")
-    return {
-        "commit": git("rev-parse", "HEAD"),
-        "server_uncommitted": git("status", "--short", "server", "bench").splitlines(),
-        "server_diff_sha256": hashlib.sha256(diff.encode()).hexdigest()[:16] if diff else None,
-    }
-
-
-def _top_processes(limit: int = 8) -> list[str]:
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        out = subprocess.run(["ps", "-eo", "pcpu,comm", "--sort=-pcpu"], capture_output=True, text=True, timeout=10, check=False).stdout
-        return [" ".join(line.split()) for line in out.splitlines()[1 : limit + 1]]
-    return []
-
-
-def _machine_ticks() -> tuple[int, int]:
-    """(busy, total) jiffies over all CPUs from /proc/stat."""
-    fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    idle = fields[3] + fields[4]  # idle + iowait
-    total = sum(fields[:8])  # user nice system idle iowait irq softirq steal (guest is inside user)
-    return total - idle, total
-
-
-def _proc_ticks(session: int) -> int:
-    """CPU ticks of every process in a server's session: the server and any processes it started.
-
-    Servers start in a session of their own (`start_new_session`), so a server whose engine runs
-    in a child process (ours by default) is counted whole; exited children count through their
-    parent's cutime/cstime once reaped.
-    """
-    ticks = 0
-    for stat_path in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            stat = stat_path.read_text()
-            fields = stat[stat.rindex(")") + 2 :].split()
-            if int(fields[3]) == session:  # state ppid pgrp session ...
-                ticks += sum(int(v) for v in fields[11:15])  # utime stime cutime cstime
-    return ticks
-
-
-@dataclass
-class CpuMeter:
-    """CPU used during a window: by the machine, by the server process, by this process, by others."""
-
-    server_pid: int | None
-    start_wall: float = 0.0
-    start_machine: tuple[int, int] = (0, 0)
-    start_server: int = 0
-    start_self: float = 0.0
-
-    def __enter__(self) -> CpuMeter:
-        self.start_wall = time.perf_counter()
-        self.start_machine = _machine_ticks()
-        self.start_server = _proc_ticks(self.server_pid) if self.server_pid else 0
-        self.start_self = _self_cpu()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-    def read(self) -> dict[str, float]:
-        wall = max(time.perf_counter() - self.start_wall, 1e-9)
-        busy, _ = _machine_ticks()
-        machine_cores = (busy - self.start_machine[0]) / CLOCK_TICKS / wall
-        server = ((_proc_ticks(self.server_pid) - self.start_server) / CLOCK_TICKS / wall) if self.server_pid else 0.0
-        mine = (_self_cpu() - self.start_self) / wall
-        return {
-            "wall_s": wall,
-            "machine_busy_cores": machine_cores,
-            "server_cores": server,
-            "bench_cores": mine,
-            "other_cores": max(0.0, machine_cores - server - mine),
-            "loadavg_1m": float(Path("/proc/loadavg").read_text().split()[0]),
-        }
-
-
-def _self_cpu() -> float:
-    """This process and its reaped children (the in-process workers); running servers are counted by pid."""
-    times = os.times()
-    return times.user + times.system + times.children_user + times.children_system
-
-
-# --- servers ---------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-@dataclass
-class ServerSpec:
-    system: str
-    argv: list[str]
-    port: int
-    ready_path: str
-    livez_path: str
-    env: dict[str, str] = field(default_factory=dict)
-    model_name: str | None = None  # None: ask GET /v1/models
-
-
-def server_spec(system: str, model_dir: Path, max_num_seqs: int, device: str = "cpu", dtype: str = "float32") -> ServerSpec:
-    """How each system is started; '-omp1': OMP_NUM_THREADS=1 (one intra-op thread); 'ours-allcores': a torch thread per core."""
-    port = free_port()
-    python = sys.executable
-    base, _, variant = system.partition("-")
-    env = dict(VARIANT_ENV.get(variant, {}))
-    if base == "ours":
-        argv = [python, "-m", "llmservice_server.main", "--model", str(model_dir), "--max-num-seqs", str(max_num_seqs)]
-        argv += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", "--drain-seconds", "1", "--max-queue", "512"]
-        argv += ["--device", device, "--dtype", dtype]
-        if variant == "allcores":  # as shipped small steps leave a core to HTTP (and the load generator, here)
-            argv += ["--torch-threads", str(len(os.sched_getaffinity(0)))]
-        return ServerSpec(system, argv, port, "/readyz", "/livez", env)
-    if base == "seed":
-        argv = [python, str(REPO / "bench" / "baselines" / "seed_server.py"), "--model", str(model_dir), "--port", str(port)]
-        argv += ["--device", device, "--dtype", dtype]
-        argv += ["--design", "locked"] if variant == "locked" else []
-        return ServerSpec(system, argv, port, "/livez", "/livez", env)
-    if base == "tserve":
-        # Its paged KV cache is sized from free RAM by default (60-90 % of it: ~14 GiB here, OOM-killed
-        # with two instances up); 512 pages of 32 tokens hold 32 streams of 512 tokens, more than asked.
-        argv = [str(VENV_BIN / "transformers"), "serve", str(model_dir), "--continuous-batching"]
-        argv += ["--cb-block-size", "32", "--cb-num-blocks", "512", "--cb-max-batch-tokens", "4096"]
-        argv += ["--host", "127.0.0.1", "--port", str(port), "--device", device, "--dtype", dtype, "--log-level", "warning"]
-        return ServerSpec(system, argv, port, "/health", "/health", env | {"HF_HUB_OFFLINE": "1"}, model_name=str(model_dir))
-    raise ValueError(system)
-
-
-class Server:
-    """A server subprocess: started on loopback, waited for, stopped by its own pid."""
-
-    def __init__(self, spec: ServerSpec, log_path: Path) -> None:
-        self.spec = spec
-        self.log_path = log_path
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.base_url = f"http://127.0.0.1:{spec.port}"
-        self.model = ""
-
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc is not None else None
-
-    def pause(self) -> None:
-        """SIGSTOP: a paused server takes no CPU while another system is measured."""
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGSTOP)  # its whole session: an engine process too
-
-    def resume(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGCONT)
-            time.sleep(0.2)
-
-    def start(self, timeout: float) -> float:
-        env = os.environ | {"PYTHONUNBUFFERED": "1"} | self.spec.env
-        started = time.monotonic()
-        with self.log_path.open("wb") as out:
-            self.proc = subprocess.Popen(self.spec.argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True)
-        deadline = started + timeout
-        with httpx.Client(timeout=5.0) as client:
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"{self.spec.system} exited with {self.proc.returncode} during startup; see {self.log_path}")
-                with contextlib.suppress(httpx.HTTPError):
-                    if client.get(self.base_url + self.spec.ready_path).status_code == 200:
-                        return time.monotonic() - started
-                time.sleep(0.5)
-        raise RuntimeError(f"{self.spec.system} not ready after {timeout:.0f} s; see {self.log_path}")
-
-    def model_name(self) -> str:
-        if self.spec.model_name is not None:
-            return self.spec.model_name
-        with httpx.Client(timeout=10.0) as client:
-            return str(client.get(self.base_url + "/v1/models").json()["data"][0]["id"])
-
-    def stop(self) -> None:
-        proc = self.proc
-        if proc is None or proc.poll() is not None:
-            return
-        os.killpg(proc.pid, signal.SIGCONT)
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-
-    def log_tail(self, lines: int = 15) -> str:
-        with contextlib.suppress(OSError):
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        return ""
-
-
 # --- one system through all levels -----------------------------------------------------------------
 
 
 def level_workload(profile: ModelProfile, concurrency: int, seed: int, num_prompts: int | None, repeat: int = 0) -> list[RequestSpec]:
     n = num_prompts or max(profile.min_prompts, profile.prompts_per_stream * concurrency)
     return make_workload(n, seed * 1000 + concurrency, profile.prompt_words, profile.output_tokens, variant=repeat)
+
+
+def _repeat_workload(profile: ModelProfile, args: argparse.Namespace, repeat: int, concurrency: int) -> list[RequestSpec]:
+    return level_workload(profile, concurrency, args.seed, args.num_prompts, repeat=repeat)
 
 
 def level_config(server: Server, args: argparse.Namespace, profile: ModelProfile, *, concurrency: int | None, rate: float) -> LoadConfig:
@@ -484,7 +226,7 @@ def run_servers(
                 shift = (repeat + step) % max(1, len(names))
                 probe = None
                 if paired is not None and concurrency is not None:  # fixed concurrency: a static batch of that size
-                    items = _items(workload if concurrency == 1 else workload[: concurrency * STATIC_BATCHES])
+                    items = items_of(workload if concurrency == 1 else workload[: concurrency * STATIC_BATCHES])
                     probe = functools.partial(paired.measure, concurrency, items)
                 before = probe() if probe is not None else {}
                 for system in names[shift:] + names[:shift]:
@@ -528,259 +270,6 @@ def run_servers(
         result.pop("runs", None)
 
 
-# --- in-process baselines (run in a subprocess, so this process never imports torch) ---------------
-
-
-def _items(specs: Sequence[RequestSpec]) -> list[dict[str, Any]]:
-    return [{"prompt": r.prompt, "max_tokens": r.max_tokens} for r in specs]
-
-
-STATIC_BATCHES = 4  # static batches timed per level and round: a burst of one batch is mostly noise here
-
-
-def inprocess_round(model_dir: Path, args: argparse.Namespace, profile: ModelProfile, work: Path, repeat: int) -> dict[str, Any]:
-    """One round of the in-process ceilings on repeat `repeat`'s workloads, both thread settings, each
-    in a fresh process. Run between the servers' repeats (`run_servers(before_repeat=...)`): measured
-    all before the servers, the ceilings and the servers met different machines (this one drifts by
-    a quarter within minutes, docs/benchmarks.md)."""
-
-    def workload(c: int) -> list[dict[str, Any]]:
-        return _items(level_workload(profile, c, args.seed, args.num_prompts, repeat=repeat))
-
-    spec = {
-        "model_dir": str(model_dir),
-        "device": args.device,
-        "dtype": args.dtype,
-        # The very requests the servers get at one stream: their prompt / output mix sets tok/s.
-        "bare": workload(1),
-        # The level's first requests, `STATIC_BATCHES` batches of `c`: what one batch of them costs, sustained.
-        "static": {str(c): workload(c)[: c * STATIC_BATCHES] for c in args.concurrency if c > 1},
-        "engine": {str(c): workload(c) for c in args.concurrency} if args.engine else {},
-        "max_num_seqs": args.max_num_seqs,
-        "static_batch": {str(c): c for c in args.concurrency if c > 1},
-    }
-    runs: dict[str, Any] = {}
-    for label, env in (("default", {}), ("omp1", {"OMP_NUM_THREADS": "1"})):
-        spec_path, out_path = work / f"inprocess-{label}-{repeat}.spec.json", work / f"inprocess-{label}-{repeat}.out.json"
-        spec_path.write_text(json.dumps(spec | {"roofline": label == "default" and repeat == 0}))
-        argv = [sys.executable, str(Path(__file__).resolve()), "--inprocess-worker", str(spec_path), str(out_path)]
-        with CpuMeter(None) as meter:
-            done = subprocess.run(argv, env=os.environ | env, capture_output=True, text=True, timeout=args.inprocess_timeout, check=False)
-            cpu = meter.read()
-        if done.returncode != 0:
-            log.warning("in-process (%s) failed: %s", label, done.stderr[-500:])
-            continue
-        run = json.loads(out_path.read_text()) | {"env": env, "cpu": cpu}
-        log.info(
-            "in-process (%s) #%d: bare %.1f tok/s; static %s; engine %s",
-            *(label, repeat, run["bare"]["tok_s"], run["static_tok_s"], run.get("engine_tok_s")),
-        )
-        runs[label] = run
-    return runs
-
-
-def merge_inprocess(rounds: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per thread setting, the median round of each number (bare, each static batch, each engine level)."""
-    results: dict[str, Any] = {}
-    for label in ("default", "omp1"):
-        runs = [r[label] for r in rounds if label in r]
-        if not runs:
-            results[label] = {"error": "every run failed"}
-            continue
-        merged = dict(runs[0])
-        merged["bare"] = _median_by([r["bare"] for r in runs])
-        merged["static"] = {key: _median_by([r["static"][key] for r in runs]) for key in runs[0]["static"]}
-        merged["static_tok_s"] = {k: round(v["tok_s"], 1) for k, v in merged["static"].items()}
-        if "engine" in runs[0]:
-            merged["engine"] = {key: _median_by([r["engine"][key] for r in runs]) for key in runs[0]["engine"]}
-            merged["engine_tok_s"] = {k: round(v["tok_s"], 1) for k, v in merged["engine"].items()}
-        merged["repeats"] = [
-            {"bare_tok_s": r["bare"]["tok_s"], "static_tok_s": r["static_tok_s"], "engine_tok_s": r.get("engine_tok_s"), "cpu": r["cpu"]}
-            for r in runs
-        ]
-        results[label] = merged
-    return results
-
-
-def _median_by(measurements: list[dict[str, Any]]) -> dict[str, Any]:
-    ordered = sorted(measurements, key=lambda m: float(m["tok_s"]))
-    return dict(ordered[(len(ordered) - 1) // 2])
-
-
-def inprocess_worker(spec_path: Path, out_path: Path) -> None:
-    """Runs in a fresh process: roofline, bare generate at batch 1, static batches. Writes JSON."""
-    import torch
-
-    from bench.padded import PaddedModel
-
-    spec = json.loads(spec_path.read_text())
-    padded = PaddedModel(spec["model_dir"], spec["device"], spec["dtype"])
-    model, device, encode, synchronize = padded.model, padded.device, padded.encode, padded.synchronize
-    generate, in_thread = padded.generate, padded.generate_in_thread
-
-    result: dict[str, Any] = {
-        "torch_threads": torch.get_num_threads(),
-        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-        "parallel_info": torch.__config__.parallel_info().splitlines()[:4],
-    }
-
-    def best(prompts: list[list[int]], new_tokens: int, where: dict[str, float]) -> float:
-        # The thread that runs torch matters here (see docs/benchmarks.md): time the call on the main
-        # thread and on a fresh worker thread (the seed server's situation) and keep the faster.
-        where["main_s"] = where.get("main_s", 0.0) + generate(prompts, new_tokens)
-        where["thread_s"] = where.get("thread_s", 0.0) + in_thread(prompts, new_tokens)
-        return min(where["main_s"], where["thread_s"])
-
-    generate([encode("warm up")], 4)
-    in_thread([encode("warm up")], 4)
-    bare_tokens, bare_seconds, bare_where = 0, 0.0, dict[str, float]()
-    for item in spec["bare"]:
-        bare_seconds = best([encode(item["prompt"])], item["max_tokens"], bare_where)
-        bare_tokens += item["max_tokens"]
-    result["bare"] = {"requests": len(spec["bare"]), "tokens": bare_tokens, "seconds": bare_seconds, "tok_s": bare_tokens / bare_seconds}
-    result["bare"] |= {f"tok_s_{k[:-2]}": bare_tokens / v for k, v in bare_where.items()}
-    static: dict[str, Any] = {}
-    for key, items in spec["static"].items():
-        size = spec["static_batch"][key]
-        where: dict[str, float] = {}
-        tokens = 0
-        for first in range(0, len(items), size):  # each batch generates its requests' mean output length
-            batch = items[first : first + size]
-            new_tokens = round(sum(item["max_tokens"] for item in batch) / len(batch))
-            seconds = best([encode(item["prompt"]) for item in batch], new_tokens, where)
-            tokens += len(batch) * new_tokens
-        static[key] = {"batch": size, "batches": -(-len(items) // size), "tokens": tokens, "seconds": seconds, "tok_s": tokens / seconds}
-        static[key] |= {f"tok_s_{k[:-2]}": tokens / v for k, v in where.items()}
-    result["static"] = static
-    result["static_tok_s"] = {k: round(v["tok_s"], 1) for k, v in static.items()}
-    if spec["engine"]:
-        result["engine"] = engine_alone(spec, encode)
-        result["engine_tok_s"] = {k: round(v["tok_s"], 1) for k, v in result["engine"].items()}
-    if spec.get("roofline"):
-        result["roofline"] = roofline(model, torch, device, synchronize)
-    out_path.write_text(json.dumps(result, indent=2))
-
-
-class _Tally:
-    """Counts finished engine requests from the engine thread; frees a concurrency slot per request."""
-
-    def __init__(self, requests: int, concurrency: int) -> None:
-        self.left = requests
-        self.tokens = 0
-        self.failed = 0
-        self.slots = threading.Semaphore(concurrency)
-        self.done = threading.Event()
-        self._lock = threading.Lock()
-
-    def sink(self, events: list[Any]) -> None:
-        from llmservice_server.events import Done, Failed
-
-        for event in events:
-            if isinstance(event, Done | Failed):
-                with self._lock:
-                    self.tokens += event.completion_tokens if isinstance(event, Done) else 0
-                    self.failed += isinstance(event, Failed)
-                    self.left -= 1
-                    if self.left == 0:
-                        self.done.set()
-                self.slots.release()
-
-
-def engine_alone(spec: dict[str, Any], encode: Callable[[str], list[int]]) -> dict[str, Any]:
-    """The server's own engine (llmservice_server.engine.Engine), driven in-process without HTTP:
-    each level's whole workload at that many concurrent requests. Separates the engine from the
-    HTTP/SSE path: server throughput / this = what the web layer costs."""
-    from llmservice_server.engine import Engine
-    from llmservice_server.events import GenerationRequest, SamplingParams
-    from llmservice_server.settings import Settings
-
-    engine = Engine(Settings(model=spec["model_dir"], max_num_seqs=spec["max_num_seqs"], device=spec["device"], dtype=spec["dtype"]))
-    engine.start()
-    deadline = time.monotonic() + 600
-    while not engine.ready and engine.stage != "failed" and time.monotonic() < deadline:
-        time.sleep(0.1)
-    if not engine.ready:
-        raise RuntimeError(f"engine did not become ready: {engine.stage} {engine.error}")
-    out: dict[str, Any] = {}
-    try:
-        for key, items in spec["engine"].items():
-            prompts = [encode(item["prompt"]) for item in items]
-            tally = _Tally(len(items), int(key))
-            started = time.perf_counter()
-            for prompt, item in zip(prompts, items, strict=True):
-                tally.slots.acquire()
-                request = GenerationRequest(prompts=[prompt], max_tokens=[item["max_tokens"]], params=SamplingParams(temperature=0.0))
-                engine.submit(request, tally.sink)
-            tally.done.wait(timeout=900)
-            seconds = time.perf_counter() - started
-            out[key] = {"requests": len(items), "tokens": tally.tokens, "failed": tally.failed, "seconds": seconds}
-            out[key]["tok_s"] = tally.tokens / seconds
-    finally:
-        engine.stop()
-    return out
-
-
-def roofline(model: Any, torch: Any, device: Any, synchronize: Callable[[], None]) -> dict[str, Any]:
-    """Memory bandwidth and GEMM throughput of the model's device and dtype, measured now, and what they allow per token."""
-    dtype = next(model.parameters()).dtype
-    x = torch.ones(256 * 1024 * 1024 // 4, dtype=torch.float32, device=device)  # 256 MiB: far larger than any cache
-    y = torch.empty_like(x)
-    x.sum()
-    read_times, copy_times = [], []
-    for _ in range(5):
-        synchronize()
-        t = time.perf_counter()
-        x.sum()
-        synchronize()
-        read_times.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        y.copy_(x)
-        synchronize()
-        copy_times.append(time.perf_counter() - t)
-    read_gbs = x.numel() * 4 / min(read_times) / 1e9
-    copy_gbs = 2 * x.numel() * 4 / min(copy_times) / 1e9  # read + write
-    del x, y
-    side = 1024 if device.type == "cpu" else 8192  # big enough to keep a GPU busy
-    a = torch.randn(side, side, dtype=dtype, device=device)
-    a @ a
-    gemm_times = []
-    for _ in range(5):
-        synchronize()
-        t = time.perf_counter()
-        a @ a
-        synchronize()
-        gemm_times.append(time.perf_counter() - t)
-    gflops = 2 * side**3 / min(gemm_times) / 1e9
-    params = {id(p): p for p in model.parameters()}
-    total_bytes = sum(p.numel() * p.element_size() for p in params.values())
-    embed = model.get_input_embeddings().weight
-    head = model.get_output_embeddings().weight
-    tied = embed.data_ptr() == head.data_ptr()
-    # Per token every weight is read once, except the input embedding: one row (unless it is the tied lm_head).
-    bytes_per_token = total_bytes if tied else total_bytes - embed.numel() * embed.element_size() + embed.shape[1] * embed.element_size()
-    flops_per_token = 2 * bytes_per_token / embed.element_size()  # one multiply-add per weight read
-    return {
-        "read_bandwidth_gbs": read_gbs,
-        "copy_bandwidth_gbs": copy_gbs,
-        "gemm_gflops": gflops,
-        "parameters": sum(p.numel() for p in params.values()),
-        "weight_bytes": total_bytes,
-        "tied_embeddings": tied,
-        "bytes_per_token": bytes_per_token,
-        "flops_per_token": flops_per_token,
-        "batch1_tok_s": read_gbs * 1e9 / bytes_per_token,
-        "compute_bound_tok_s": gflops * 1e9 / flops_per_token,
-        "note": "KV-cache reads are left out (under 1 % of the weight bytes at these context lengths)",
-    }
-
-
-def roofline_at(roof: dict[str, Any] | None, batch: int) -> float | None:
-    """min(batch x bandwidth / bytes per token, compute bound): weights are read once per step for the whole batch."""
-    if not roof:
-        return None
-    return float(min(batch * roof["batch1_tok_s"], roof["compute_bound_tok_s"]))
-
-
 # --- models ----------------------------------------------------------------------------------------
 
 
@@ -814,228 +303,6 @@ def smollm2_dir() -> Path:
         log.info("Converting the bundled GGUF once (about 30 s): %s", target)
         load(settings, lambda stage: None)
     return target
-
-
-# --- report ----------------------------------------------------------------------------------------
-
-
-def _get(d: dict[str, Any] | None, *keys: str) -> Any:
-    for key in keys:
-        if not isinstance(d, dict):
-            return None
-        d = d.get(key)
-    return d
-
-
-def _fmt(value: float | None, spec: str = ".0f", suffix: str = "") -> str:
-    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:{spec}}{suffix}"
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return a / b if a is not None and b else None
-
-
-def analyse(results: dict[str, Any]) -> dict[str, Any]:
-    """Per concurrency: the ratios and fractions the issue asks for.
-
-    Two readings: each system as shipped (default threads), and each system at its best thread
-    setting ("best": the fastest of X, X-omp1 and X-allcores at that level, of those that were run).
-    """
-    systems = results["systems"]
-    inproc = systems.get("inprocess") or {}
-    roof = _get(inproc, "default", "roofline")
-    rows = []
-    for c in results["config"]["concurrency"]:
-        key = str(c)
-
-        def tput(system: str, key: str = key) -> float | None:
-            level = _get(systems.get(system), "levels", key)
-            return float(level["output_throughput"]) if level and level.get("completed") else None
-
-        def best(base: str) -> float | None:
-            values = [v for v in (tput(base), tput(base + "-omp1"), tput(base + "-allcores")) if v is not None]
-            return max(values) if values else None
-
-        ceilings = []
-        for label in ("default", "omp1"):
-            value = _get(inproc, label, "bare", "tok_s") if c == 1 else _get(inproc, label, "static", key, "tok_s")
-            if value is not None:
-                ceilings.append(float(value))
-        ceiling = max(ceilings) if ceilings else None
-        engines = [float(v) for label in ("default", "omp1") if (v := _get(inproc, label, "engine", key, "tok_s")) is not None]
-        engine = max(engines) if engines else None
-        ours = tput("ours")
-        roof_c = roofline_at(roof, c)
-        paired = {s: _paired(systems.get(s), key, "repeats_paired_fraction") for s in SERVER_SYSTEMS}
-        row: dict[str, Any] = {
-            "concurrency": c,
-            "tok_s": {s: tput(s) for s in SERVER_SYSTEMS},
-            "best_tok_s": {base: best(base) for base in ("ours", "seed", "tserve")},
-            "inprocess_ceiling_tok_s": ceiling,
-            "engine_tok_s": engine,
-            "engine_fraction_of_inprocess": _ratio(engine, ceiling),
-            "best_ours_fraction_of_engine": _ratio(best("ours"), engine),
-            "ours_over_seed": _ratio(ours, tput("seed")),
-            "ours_over_seed_locked": _ratio(ours, tput("seed-locked")),
-            "ours_over_tserve": _ratio(ours, tput("tserve")),
-            "best_ours_over_best_seed": _ratio(best("ours"), best("seed")),
-            "best_ours_over_best_tserve": _ratio(best("ours"), best("tserve")),
-            "ours_fraction_of_inprocess": _ratio(ours, ceiling),
-            "best_ours_fraction_of_inprocess": _ratio(best("ours"), ceiling),
-            "roofline_tok_s": roof_c,
-            # Each run against the static batch timed right before and after it (bench/paired_ceiling.py), median over repeats.
-            "paired_fraction": paired,
-            "paired_ceiling_tok_s": {s: _paired(systems.get(s), key, "repeats_paired_ceiling_tok_s") for s in SERVER_SYSTEMS},
-            "best_ours_paired_fraction": max((v for s in ("ours", "ours-omp1", "ours-allcores") if (v := paired[s])), default=None),
-            "ours_fraction_of_roofline": _ratio(ours, roof_c),
-            "best_ours_fraction_of_roofline": _ratio(best("ours"), roof_c),
-            "ttft_ms": {s: _get(systems.get(s), "levels", key, "ttft_ms") for s in SERVER_SYSTEMS},
-            "tpot_p50_ms": {s: _get(systems.get(s), "levels", key, "tpot_ms", "p50") for s in SERVER_SYSTEMS},
-            "livez_p99_ms": {s: _get(systems.get(s), "levels", key, "livez_ms", "p99") for s in SERVER_SYSTEMS},
-            "goodput": {s: _get(systems.get(s), "levels", key, "goodput") for s in SERVER_SYSTEMS},
-            "completed": {s: _get(systems.get(s), "levels", key, "completed") for s in SERVER_SYSTEMS},
-            "other_cores": {s: _get(systems.get(s), "levels", key, "cpu", "other_cores") for s in SERVER_SYSTEMS},
-            "server_us_per_token": {s: _server_cpu_per_token(systems.get(s), key) for s in SERVER_SYSTEMS},
-            "client_us_per_token": {s: _client_cpu_per_token(systems.get(s), key) for s in SERVER_SYSTEMS},
-        }
-        rows.append(row)
-    return {"rows": rows, "targets": TARGETS}
-
-
-def _paired(system: dict[str, Any] | None, key: str, field: str) -> float | None:
-    """The median over repeats of a level's paired-ceiling numbers (None without them)."""
-    values = _get(system, "levels", key, field)
-    return float(statistics.median(values)) if values else None
-
-
-def _server_cpu_per_token(system: dict[str, Any] | None, key: str) -> float | None:
-    """CPU microseconds per output token of a level used by the server (its whole session)."""
-    level = _get(system, "levels", key)
-    cores, wall = _get(level, "cpu", "server_cores"), _get(level, "cpu", "wall_s")
-    if not level or cores is None or wall is None or not level.get("total_output_tokens"):
-        return None
-    return float(cores) * float(wall) / float(level["total_output_tokens"]) * 1e6
-
-
-def _client_cpu_per_token(system: dict[str, Any] | None, key: str) -> float | None:
-    """... and by the load generator's own process (its /livez poller, a process of its own, left out)."""
-    level = _get(system, "levels", key)
-    if not level or level.get("client_cpu_s") is None or not level.get("total_output_tokens"):
-        return None
-    return float(level["client_cpu_s"]) / float(level["total_output_tokens"]) * 1e6
-
-
-def markdown(results: dict[str, Any]) -> str:
-    rows = results["analysis"]["rows"]
-    present = [s for s in SERVER_SYSTEMS if s in results["systems"]]
-    lines = ["Output-token throughput (tok/s):", ""]
-    head = ["streams", *present, "in-process ceiling", "engine (no HTTP)", "roofline"]
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        cells = [str(r["concurrency"]), *[_fmt(r["tok_s"][s], ".1f") for s in present]]
-        cells += [_fmt(r["inprocess_ceiling_tok_s"], ".1f"), _fmt(r.get("engine_tok_s"), ".1f"), _fmt(r["roofline_tok_s"], ".0f")]
-        lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Ratios - as shipped (default threads) | each at its best thread setting (best of X, X-omp1, X-allcores):", ""]
-    head = ["streams", "ours/seed", "ours/seed-locked", "ours/tserve", "ours / ceiling", "ours / ceiling beside it", "ours % roofline"]
-    head += ["best ours / best seed", "best ours / best tserve", "best ours / ceiling", "best ours / ceiling beside it"]
-    head += ["best ours % roofline", "best ours / engine"]
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        cells = [str(r["concurrency"]), _fmt(r["ours_over_seed"], ".2f", "x"), _fmt(r.get("ours_over_seed_locked"), ".2f", "x")]
-        cells += [_fmt(r["ours_over_tserve"], ".2f", "x")]
-        cells += [_fmt(_pct(r["ours_fraction_of_inprocess"]), ".0f", " %")]
-        cells += [_fmt(_pct(r.get("paired_fraction", {}).get("ours")), ".0f", " %")]
-        cells += [_fmt(_pct(r["ours_fraction_of_roofline"]), ".1f", " %")]
-        cells += [_fmt(r["best_ours_over_best_seed"], ".2f", "x"), _fmt(r["best_ours_over_best_tserve"], ".2f", "x")]
-        cells += [
-            _fmt(_pct(r["best_ours_fraction_of_inprocess"]), ".0f", " %"),
-            _fmt(_pct(r.get("best_ours_paired_fraction")), ".0f", " %"),
-            _fmt(_pct(r["best_ours_fraction_of_roofline"]), ".1f", " %"),
-            _fmt(_pct(r.get("best_ours_fraction_of_engine")), ".0f", " %"),
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    title = (
-        "Latency (TTFT p50 / p99, TPOT p50: ms), goodput, /livez p99 (ms), CPU per output token (us; the server"
-        " is all its processes, the client the load generator's own process), CPU used by other processes (cores),"
-        " and the run against the static batch timed right before and after it (its tok/s; median over repeats):"
-    )
-    lines += ["", title, ""]
-    head = ["streams", "system", "done", "TTFT p50", "TTFT p99", "TPOT p50", "goodput req/s", "/livez p99", "server CPU/token"]
-    head += ["client CPU/token", "other load", "of the ceiling beside it", "ceiling beside it"]
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        for s in present:
-            ttft = r["ttft_ms"][s] or {}
-            cells = [str(r["concurrency"]), s, _fmt(r["completed"][s], "d"), _fmt(ttft.get("p50")), _fmt(ttft.get("p99"))]
-            cells += [_fmt(r["tpot_p50_ms"][s], ".1f"), _fmt(r["goodput"][s], ".2f"), _fmt(r["livez_p99_ms"][s], ".1f")]
-            cells += [_fmt(r.get("server_us_per_token", {}).get(s), ".0f"), _fmt(r.get("client_us_per_token", {}).get(s), ".0f")]
-            cells += [_fmt(r["other_cores"][s], ".2f")]
-            cells += [_fmt(_pct(r.get("paired_fraction", {}).get(s)), ".0f", " %"), _fmt(r.get("paired_ceiling_tok_s", {}).get(s), ".0f")]
-            lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def _pct(value: float | None) -> float | None:
-    return None if value is None else 100 * value
-
-
-def _x_axis(ax: Any, xs: list[int]) -> None:
-    from matplotlib.ticker import FuncFormatter, NullFormatter
-
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(xs, [str(x) for x in xs])
-    ax.xaxis.set_minor_formatter(NullFormatter())
-    if ax.get_yscale() == "log":
-        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.yaxis.set_minor_formatter(NullFormatter())
-
-
-def plot(results: dict[str, Any], path: Path) -> bool:
-    plt = pyplot()
-    if plt is None:
-        return False
-    rows = results["analysis"]["rows"]
-    xs = [r["concurrency"] for r in rows]
-    present = [s for s in SERVER_SYSTEMS if any(r["tok_s"][s] is not None for r in rows)]
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
-    ax = axes[0]
-    for s in present:
-        ax.plot(xs, [r["tok_s"][s] for r in rows], marker="o", label=s)
-    ax.plot(xs, [r["inprocess_ceiling_tok_s"] for r in rows], "k--", marker="x", label="in-process (bare / static batch)")
-    if any(r.get("engine_tok_s") for r in rows):
-        ax.plot(xs, [r.get("engine_tok_s") for r in rows], "k:", marker="+", label="our engine, no HTTP")
-    ax.set(yscale="log", xlabel="concurrent streams", ylabel="output tokens/s", title="Throughput")
-    _x_axis(ax, xs)
-    ax.legend(fontsize=8)
-    ax = axes[1]
-    for i, s in enumerate(present):
-        color = f"C{i}"
-        ax.plot(xs, [_get(r["ttft_ms"][s], "p50") for r in rows], marker="o", color=color, label=f"{s} p50")
-        ax.plot(xs, [_get(r["ttft_ms"][s], "p99") for r in rows], marker="^", linestyle=":", color=color, label=f"{s} p99")
-    ax.set(yscale="log", xlabel="concurrent streams", ylabel="ms", title="Time to first token")
-    _x_axis(ax, xs)
-    ax.legend(fontsize=7)
-    ax = axes[2]
-    for s in present:
-        ax.plot(xs, [r["livez_p99_ms"][s] for r in rows], marker="o", label=s)
-    ax.axhline(TARGETS["livez_p99_ms_saturated"], color="red", linestyle="--", linewidth=1, label="target 20 ms")
-    ax.set(xlabel="concurrent streams", ylabel="ms", title="/livez (tserve: /health) p99 during the run")
-    _x_axis(ax, xs)
-    ax.legend(fontsize=8)
-    fig.suptitle(f"server benchmark - model {results['config']['model']} - {results['machine']['nproc']} CPUs, shared machine")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
-
-
-def replot(saved: Path) -> None:
-    results = json.loads(saved.read_text())
-    results["analysis"] = analyse(results)
-    results["markdown"] = markdown(results)
-    saved.write_text(json.dumps(results, indent=2) + "\n")
-    plot(results, saved.with_suffix(".png"))
-    print(results["markdown"])
 
 
 # --- main ------------------------------------------------------------------------------------------
@@ -1117,7 +384,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     rounds: list[dict[str, Any]] = []
 
     def ceilings(repeat: int) -> None:
-        rounds.append(inprocess_round(model_dir, args, profile, work, repeat))
+        workload_of = functools.partial(_repeat_workload, profile, args, repeat)
+        rounds.append(inprocess_round(model_dir, args, workload_of, work, repeat))
 
     measure = ceilings if "inprocess" in args.systems else None
     paired = PairedCeiling(model_dir, args.device, args.dtype, work) if measure is not None and args.paired_ceiling else None
