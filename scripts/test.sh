@@ -12,7 +12,7 @@ BIN="$(scripts/build-cluster-tools.sh)"
 export PATH="$PWD/.venv/bin:$BIN:$PATH"
 
 step "ruff"
-ruff check operator server tests bench scripts
+ruff check operator server devtools tests bench scripts
 step "mypy --strict"
 mypy
 step "import-linter contracts"

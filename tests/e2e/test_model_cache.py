@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.cluster import ControlPlane, wait_for
-from tests.e2e.operator_harness import OperatorProcess, apply_manifest, condition, get_json, service_account_kubeconfig
+from devtools.controlplane import ControlPlane
+from devtools.fakehub import FakeHub
+from devtools.operator_harness import OperatorProcess, apply_manifest, condition, get_json, service_account_kubeconfig
+from devtools.waiting import wait_for
 from tests.e2e.test_operator import llmservice, wait_ready
-from tests.fakehub import FakeHub
 
 from llmservice_server.fetch import fetch
 from llmservice_server.model_cache import FetchResult

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tests.cluster import ControlPlane, wait_for
-from tests.e2e.operator_harness import CHART, OperatorProcess, apply_manifest, get_json
+from devtools.controlplane import ControlPlane
+from devtools.operator_harness import CHART, OperatorProcess, apply_manifest, get_json
+from devtools.waiting import wait_for
 from tests.e2e.test_operator import llmservice, wait_ready
 
 RELEASE = "scoped"

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.cluster import ControlPlane, wait_for
-from tests.e2e.operator_harness import (
+from devtools.controlplane import ControlPlane
+from devtools.operator_harness import (
     CHART,
     SYSTEM_NAMESPACE,
     OperatorProcess,
@@ -22,6 +22,7 @@ from tests.e2e.operator_harness import (
     helm_install,
     service_account_kubeconfig,
 )
+from devtools.waiting import wait_for
 
 CHILD_KINDS = ("deployment", "service", "horizontalpodautoscaler", "poddisruptionbudget")
 READY_TIMEOUT = 90
