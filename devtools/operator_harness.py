@@ -13,12 +13,12 @@ import signal
 import socket
 import subprocess
 import sys
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from devtools import prometheus
 from devtools.controlplane import ControlPlane
 from devtools.ports import free_port
 from devtools.waiting import wait_for
@@ -126,12 +126,9 @@ class OperatorProcess:
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
-    def metric(self, name: str) -> float:
-        """Sum of a metric's samples from the operator's /metrics."""
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as response:
-            text = response.read().decode()
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.startswith(name) and not line.startswith("#"))
+    def metric(self, name: str, **labels: str) -> float:
+        """Sum of a metric's samples (those with these labels) from the operator's /metrics."""
+        return prometheus.total(prometheus.scrape(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5), name, **labels)
 
 
 def get_json(cluster: ControlPlane, *args: str) -> dict[str, Any]:

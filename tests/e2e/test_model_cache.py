@@ -160,5 +160,5 @@ def test_startup_phases_add_up_for_a_ready_service(cluster: ControlPlane, operat
     assert abs(sum(parts.values()) - startup["total"]) <= 1.0
     pod = get_json(cluster, "pod", startup["pod"], "-n", namespace)
     assert pod["metadata"]["labels"]["llmservice.io/name"] == "quick"
-    wait_for(lambda: operator.metric('llmservice_operator_cold_start_seconds_count{phase="total"}') >= 1, TIMEOUT,
+    wait_for(lambda: operator.metric("llmservice_operator_cold_start_seconds_count", phase="total") >= 1, TIMEOUT,
              "the cold start in the operator's histogram")
