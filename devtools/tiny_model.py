@@ -73,7 +73,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
         show_progress=False,
     )
     tokenizer.train_from_iterator(_corpus_lines(), trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS, pad_token=PAD)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS, pad_token=PAD)  # type: ignore[no-untyped-call]  # untyped in transformers
     fast.chat_template = CHAT_TEMPLATE
     return fast
 
@@ -106,7 +106,7 @@ def build_tiny_model(
         tie_word_embeddings=False,
     )
     torch.manual_seed(SEED)
-    model = LlamaForCausalLM(config).to(torch.float32).eval()
+    model = LlamaForCausalLM(config).to(torch.float32).eval()  # type: ignore[arg-type]  # transformers' wrapper types `to` wrongly
     with torch.no_grad():
         # A zero output row gives EOS logit 0, far below the top logits of this peaked random
         # model: greedy runs last exactly max_tokens, so length/cancel/drain tests are exact.
