@@ -54,6 +54,7 @@ import math
 import os
 import platform
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -71,8 +72,6 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script: make `bench` and `tests` importable
     sys.path.insert(0, str(REPO))
-
-from devtools.ports import free_port  # noqa: E402
 
 from bench.loadgen import SLO, LoadConfig, RequestSpec, make_workload, run_benchmark  # noqa: E402
 from bench.loadgen import run as run_loadgen  # noqa: E402
@@ -255,6 +254,13 @@ def _self_cpu() -> float:
 
 
 # --- servers ---------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
 
 
 @dataclass
@@ -778,11 +784,11 @@ def roofline_at(roof: dict[str, Any] | None, batch: int) -> float | None:
 def prepare_model(name: str, work: Path) -> tuple[Path, str]:
     """A local model directory every system can load, and the profile name."""
     if name == "tiny":
-        from devtools.tiny_model import build_tiny_model
+        from tests.tiny_model import build_tiny_model
 
         return build_tiny_model(work / "tiny"), "tiny"
     if name == "tiny-3m":  # the size of the issue's first measurement: hidden 256, 4 layers, 3.4 M parameters
-        from devtools.tiny_model import build_tiny_model
+        from tests.tiny_model import build_tiny_model
 
         return build_tiny_model(work / "tiny-3m", hidden_size=256, intermediate_size=768, layers=4), "tiny-3m"
     if name == "smollm2":
