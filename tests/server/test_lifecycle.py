@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
 import statistics
 import threading
@@ -11,14 +12,25 @@ import time
 from pathlib import Path
 
 import httpx
-from devtools import prometheus
-from devtools.waiting import wait_for
 
 from .conftest import BackgroundStream, ServerProcess
 
 
 def metric(server: ServerProcess, name: str) -> float:
-    return prometheus.total(prometheus.parse(server.get("/metrics").text), name)
+    text = server.get("/metrics").text
+    total = 0.0
+    for match in re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.MULTILINE):
+        total += float(match.group(1))
+    return total
+
+
+def wait_for(predicate: object, deadline: float, what: str) -> None:
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        if predicate():  # type: ignore[operator]
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_disconnect_cancels_and_frees_the_slot(server: ServerProcess) -> None:
