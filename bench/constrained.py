@@ -14,7 +14,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -24,10 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-from tiny_model import build_tiny_model
+from devtools.ports import free_port
+from devtools.tiny_model import build_tiny_model
 
 STREAMS = 16
 SCHEMA = {
@@ -42,12 +39,6 @@ SCHEMA = {
     "additionalProperties": False,
 }
 FREE_TOKENS = 48  # about what the schema's answers take
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def one_client(client: httpx.AsyncClient, url: str, body: dict[str, Any], requests: int, seed: int) -> int:

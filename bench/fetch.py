@@ -5,7 +5,7 @@ plain `hf_hub_download` of the same file from the same server (which checks no h
 file, hashing it against the Hub's sha256, the rename, and a second run that finds the revision
 complete. It never fails on a number; it prints one JSON object.
 
-    .venv/bin/python bench/fetch.py --mib 512
+    .venv/bin/python -m bench.fetch --mib 512
 """
 
 from __future__ import annotations
@@ -19,14 +19,10 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "server"))
+from devtools.fakehub import FakeHub
+from huggingface_hub import hf_hub_download
 
-from huggingface_hub import hf_hub_download  # noqa: E402
-from tests.fakehub import FakeHub  # noqa: E402
-
-from llmservice_server.fetch import fetch  # noqa: E402
+from llmservice_server.fetch import fetch
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,18 +14,13 @@ import argparse
 import json
 import random
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-from tiny_model import build_tokenizer
+from devtools.tiny_model import build_tokenizer
 
 SCHEMA = {
     "type": "object",

@@ -13,8 +13,8 @@ Memory is the server process's peak resident set (VmHWM, reset through /proc/PID
 before each step) above its resident set at the start of the step. Results: JSON on stdout.
 Nothing here fails on a missed target; tests/server/test_limits.py holds the behaviour.
 
-    .venv/bin/python bench/hostile_input.py
-    .venv/bin/python bench/hostile_input.py --src /path/to/other/checkout --skip-50mb
+    .venv/bin/python -m bench.hostile_input
+    .venv/bin/python -m bench.hostile_input --src /path/to/other/checkout --skip-50mb
 """
 
 from __future__ import annotations
@@ -35,10 +35,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from devtools.ports import free_port
+from devtools.tiny_model import build_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run as a script: make `tests` importable
-    sys.path.insert(0, str(REPO))
 
 MIB = 2**20
 
@@ -68,12 +68,6 @@ def _post(url: str, **kwargs: Any) -> dict[str, Any]:
     except httpx.TransportError as exc:
         return {"status": None, "error": repr(exc)}
     return {"status": response.status_code, "code": response.json().get("error", {}).get("code")}
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def _slow_client(port: int) -> float:
@@ -155,11 +149,10 @@ def main() -> None:
     parser.add_argument("--read-timeout", type=float, default=5.0)
     parser.add_argument("--skip-50mb", action="store_true", help="leave out the 50 MB body (a server without a limit may need GBs)")
     args = parser.parse_args()
-    from tests.tiny_model import build_tiny_model
 
     with tempfile.TemporaryDirectory() as work:
         model = build_tiny_model(Path(work) / "tiny")
-        port = _free_port()
+        port = free_port()
         url = f"http://127.0.0.1:{port}"
         env = {k: v for k, v in os.environ.items() if not k.startswith("LLMSERVICE_")}
         env.update({"HF_HUB_OFFLINE": "1", "PYTHONPATH": str(args.src / "server"), "LLMSERVICE_CACHE_DIR": f"{work}/cache"})

@@ -16,7 +16,7 @@ this process over one HTTP/1.1 connection pool, or by `kubectl apply` processes)
 
 It never fails on a missed target: it writes the numbers to bench/results/ and prints a table.
 
-    .venv/bin/python bench/operator_scale.py --sizes 10 100 1000
+    .venv/bin/python -m bench.operator_scale --sizes 10 100 1000
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -46,21 +45,19 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+import yaml
+from devtools import prometheus
+from devtools.controlplane import ControlPlane, gpu_node_manifest
+from devtools.operator_harness import OperatorProcess, helm_install, service_account_kubeconfig
+from devtools.waiting import WaitTimeout, wait_for
+from prometheus_client import CollectorRegistry
+
+from bench.plots import pyplot
+from llmservice_operator.kube import Kube, http_client, load_credentials
+from llmservice_operator.metrics import OperatorMetrics
+
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run as a script: make `tests.cluster` and the harness importable
-    sys.path.insert(0, str(REPO))
-
-import aiohttp  # noqa: E402
-import yaml  # noqa: E402
-from prometheus_client import CollectorRegistry  # noqa: E402
-from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
-from tests.cluster import ControlPlane, WaitTimeout, wait_for  # noqa: E402
-from tests.cluster.controlplane import gpu_node_manifest  # noqa: E402
-from tests.e2e.operator_harness import OperatorProcess, helm_install, service_account_kubeconfig  # noqa: E402
-
-from bench.plots import pyplot  # noqa: E402
-from llmservice_operator.kube import Kube, http_client, load_credentials  # noqa: E402
-from llmservice_operator.metrics import OperatorMetrics  # noqa: E402
 
 log = logging.getLogger("bench.operator_scale")
 
@@ -71,7 +68,7 @@ OTHER_KINDS = ("replicasets", "pods")
 WRITE_VERBS = ("apply", "delete", "create")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 SAMPLE_INTERVAL = 0.5
-COMMAND = (".venv/bin/python", "bench/operator_scale.py")
+COMMAND = (".venv/bin/python", "-m", "bench.operator_scale")
 TARGETS = {
     "ready_all_seconds_at_1000": 120.0,
     "writes_per_new_llmservice": 5.0,
@@ -378,19 +375,16 @@ class Snapshot:
 
 
 def scrape(port: int) -> tuple[dict[str, float], dict[str, float], float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        text = response.read().decode()
     requests: dict[str, float] = {}
     reconciles: dict[str, float] = {}
     reconcile_seconds = 0.0
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == "llmservice_operator_api_requests_total":
-                requests[f"{sample.labels['verb']}/{sample.labels['code']}"] = sample.value
-            elif sample.name == "llmservice_operator_reconciles_total":
-                reconciles[sample.labels["result"]] = sample.value
-            elif sample.name == "llmservice_operator_reconcile_duration_seconds_sum":
-                reconcile_seconds = sample.value
+    for sample in prometheus.scrape(f"http://127.0.0.1:{port}/metrics"):
+        if sample.name == "llmservice_operator_api_requests_total":
+            requests[f"{sample.labels['verb']}/{sample.labels['code']}"] = sample.value
+        elif sample.name == "llmservice_operator_reconciles_total":
+            reconciles[sample.labels["result"]] = sample.value
+        elif sample.name == "llmservice_operator_reconcile_duration_seconds_sum":
+            reconcile_seconds = sample.value
     return requests, reconciles, reconcile_seconds
 
 

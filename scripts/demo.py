@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,13 +30,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from devtools.controlplane import ControlPlane
+from devtools.operator_harness import OperatorProcess, get_json, helm_install, service_account_kubeconfig
+from devtools.ports import free_port
+from devtools.waiting import wait_for
 from openai import OpenAI
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from tests.cluster import ControlPlane, wait_for  # noqa: E402
-from tests.e2e.operator_harness import OperatorProcess, get_json, helm_install, service_account_kubeconfig  # noqa: E402
 
 EXAMPLES = ("minimal-cpu.yaml", "gpu.yaml", "autoscaled-queue-depth.yaml")
 SERVED_EXAMPLE = "smollm2"
@@ -50,13 +49,6 @@ def step(message: str) -> None:
     log.info("\033[1m==> %s\033[0m", message)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 @contextmanager
 def control_plane(state_dir: Path, keep: bool) -> Iterator[ControlPlane]:
     step("Starting a local Kubernetes control plane (binaries are built once into the cache)")
@@ -66,7 +58,7 @@ def control_plane(state_dir: Path, keep: bool) -> Iterator[ControlPlane]:
         yield plane
     finally:
         if keep:
-            log.info("    left running; stop it with: python tests/cluster/controlplane.py down --state-dir %s", state_dir)
+            log.info("    left running; stop it with: scripts/cluster down --state-dir %s", state_dir)
         else:
             step("Stopping the control plane")
             plane.stop()
@@ -105,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="leave the control plane and operator running")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    logging.getLogger("tests.cluster.controlplane").setLevel(logging.WARNING)
+    logging.getLogger("devtools.controlplane").setLevel(logging.WARNING)
     logging.getLogger("httpx").setLevel(logging.WARNING)
     workdir = Path(tempfile.mkdtemp(prefix="llmservice-demo-"))
     namespace = "demo"

@@ -13,9 +13,8 @@ from typing import Any
 import kopf
 
 from llmservice_operator import naming
-from llmservice_operator.kube import RESOURCES
+from llmservice_operator.kinds import KINDS, WATCHED
 from llmservice_operator.reconcile import Key
-from llmservice_operator.resync import WATCHED_KINDS
 from llmservice_operator.spec import KIND
 from llmservice_operator.store import ObjectStore
 from llmservice_operator.workqueue import WorkQueue
@@ -26,11 +25,10 @@ CHILD_LABELS: dict[str, Any] = {naming.MANAGED_BY_LABEL: naming.MANAGED_BY, nami
 
 def register(registry: kopf.OperatorRegistry, queue: WorkQueue[Key], store: ObjectStore) -> None:
     """Watch LLMServices and, by our labels, everything made for them: drift, rollouts, pod failures."""
-    for kind in WATCHED_KINDS:
-        resource = RESOURCES[kind]
-        group, _, version = resource.api_version.rpartition("/")
+    for kind in WATCHED:
+        resource = KINDS[kind]
         kopf.on.event(
-            group, version, resource.plural,
+            resource.group, resource.version, resource.plural,
             labels=None if kind == KIND else CHILD_LABELS,
             registry=registry, id=f"watch-{resource.plural}",
         )(_observer(kind, queue, store))
@@ -44,11 +42,10 @@ def narrow_watches(settings: kopf.OperatorSettings) -> None:
     costs what its LLMServices cost, whatever else runs in the cluster. The resync LISTs use the
     same selector.
     """
-    for kind in WATCHED_KINDS:
+    for kind in WATCHED:
         if kind != KIND:
-            resource = RESOURCES[kind]
-            group, _, version = resource.api_version.rpartition("/")
-            settings.watching.label_selectors[(group, version, resource.plural)] = naming.managed_selector()
+            resource = KINDS[kind]
+            settings.watching.label_selectors[(resource.group, resource.version, resource.plural)] = naming.managed_selector()
 
 
 def _observer(kind: str, queue: WorkQueue[Key], store: ObjectStore) -> Any:

@@ -19,6 +19,7 @@ from typing import Any
 import aiohttp
 from kubernetes import client, config  # the credentials loader only
 
+from llmservice_operator.kinds import KINDS
 from llmservice_operator.metrics import OperatorMetrics
 from llmservice_operator.render import Manifest
 
@@ -27,38 +28,6 @@ log = logging.getLogger(__name__)
 APPLY_CONTENT_TYPE = "application/apply-patch+yaml"
 # Pages keep one LIST of every pod in the cluster from being one huge response in either process.
 LIST_PAGE_SIZE = 500
-
-
-@dataclass(frozen=True)
-class Resource:
-    api_version: str
-    plural: str
-
-    def path(self, namespace: str | None, name: str | None = None, subresource: str | None = None) -> str:
-        """The URL path; namespace None addresses the collection across all namespaces."""
-        prefix = "/api/v1" if self.api_version == "v1" else f"/apis/{self.api_version}"
-        path = f"{prefix}/{self.plural}" if namespace is None else f"{prefix}/namespaces/{namespace}/{self.plural}"
-        if name is not None:
-            path += f"/{name}"
-        if subresource is not None:
-            path += f"/{subresource}"
-        return path
-
-
-RESOURCES: dict[str, Resource] = {
-    "LLMService": Resource("llmservice.io/v1alpha1", "llmservices"),
-    "Deployment": Resource("apps/v1", "deployments"),
-    "Service": Resource("v1", "services"),
-    "HorizontalPodAutoscaler": Resource("autoscaling/v2", "horizontalpodautoscalers"),
-    "PodDisruptionBudget": Resource("policy/v1", "poddisruptionbudgets"),
-    "ServiceMonitor": Resource("monitoring.coreos.com/v1", "servicemonitors"),
-    "PodMonitor": Resource("monitoring.coreos.com/v1", "podmonitors"),
-    "Pod": Resource("v1", "pods"),
-    "PersistentVolumeClaim": Resource("v1", "persistentvolumeclaims"),
-    "Job": Resource("batch/v1", "jobs"),
-    "Event": Resource("events.k8s.io/v1", "events"),
-    "Lease": Resource("coordination.k8s.io/v1", "leases"),
-}
 
 
 @dataclass(frozen=True)
@@ -145,9 +114,9 @@ class Kube:
         items: list[Manifest] = []
         version: str | None = None
         while True:
-            response = await self._request("list", "GET", RESOURCES[kind].path(namespace), params=params)
-            if response.status_code == 404 and kind in ("ServiceMonitor", "PodMonitor"):
-                return Listing([], None)  # the prometheus-operator CRDs are not installed: nothing of ours can exist
+            response = await self._request("list", "GET", KINDS[kind].path(namespace), params=params)
+            if response.status_code == 404 and KINDS[kind].optional:
+                return Listing([], None)  # its CRD is not installed: nothing of ours can exist
             self._raise_for(response)
             page = response.json()
             items.extend(page.get("items") or [])
@@ -161,7 +130,7 @@ class Kube:
 
     async def get(self, kind: str, namespace: str, name: str) -> Manifest | None:
         """One object by name, or None when there is none."""
-        response = await self._request("get", "GET", RESOURCES[kind].path(namespace, name))
+        response = await self._request("get", "GET", KINDS[kind].path(namespace, name))
         if response.status_code == 404:
             return None
         self._raise_for(response)
@@ -171,7 +140,7 @@ class Kube:
     async def apply(self, manifest: Manifest, *, subresource: str | None = None) -> Manifest:
         """Server-side apply under our field manager; force, since we own what we render."""
         metadata = manifest["metadata"]
-        path = RESOURCES[manifest["kind"]].path(metadata["namespace"], metadata["name"], subresource)
+        path = KINDS[manifest["kind"]].path(metadata["namespace"], metadata["name"], subresource)
         response = await self._request(
             "apply", "PATCH", path,
             params={"fieldManager": self._field_manager, "force": "true"},
@@ -187,7 +156,7 @@ class Kube:
         """POST a new object; 409 AlreadyExists raises. Only for objects written by compare-and-swap (a Lease)."""
         metadata = manifest["metadata"]
         response = await self._request(
-            "create", "POST", RESOURCES[manifest["kind"]].path(metadata["namespace"]),
+            "create", "POST", KINDS[manifest["kind"]].path(metadata["namespace"]),
             params={"fieldManager": self._field_manager},
             content=json.dumps(manifest).encode(), content_type="application/json",
         )
@@ -199,7 +168,7 @@ class Kube:
         """PUT an object whose metadata.resourceVersion says which version it replaces: 409 Conflict if another did."""
         metadata = manifest["metadata"]
         response = await self._request(
-            "update", "PUT", RESOURCES[manifest["kind"]].path(metadata["namespace"], metadata["name"]),
+            "update", "PUT", KINDS[manifest["kind"]].path(metadata["namespace"], metadata["name"]),
             params={"fieldManager": self._field_manager},
             content=json.dumps(manifest).encode(), content_type="application/json",
         )
@@ -212,7 +181,7 @@ class Kube:
         body = {"apiVersion": "v1", "kind": "DeleteOptions", "preconditions": {"uid": uid},
                 "propagationPolicy": "Background"}
         response = await self._request(
-            "delete", "DELETE", RESOURCES[kind].path(namespace, name),
+            "delete", "DELETE", KINDS[kind].path(namespace, name),
             content=json.dumps(body).encode(), content_type="application/json",
         )
         if response.status_code in (404, 409):
@@ -256,7 +225,7 @@ class Kube:
             },
         }
         response = await self._request(
-            "create", "POST", RESOURCES["Event"].path(metadata["namespace"]),
+            "create", "POST", KINDS["Event"].path(metadata["namespace"]),
             content=json.dumps(event).encode(), content_type="application/json",
         )
         if not response.is_success:

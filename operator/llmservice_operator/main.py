@@ -16,12 +16,13 @@ import kopf
 from prometheus_client import CollectorRegistry, start_http_server
 
 from llmservice_operator import handlers, podprobe
+from llmservice_operator.kinds import WATCHED
 from llmservice_operator.kube import Kube, KubeError, http_client, load_credentials
 from llmservice_operator.leader import LeaderElector, Timing, default_identity
 from llmservice_operator.logs import configure_logging
 from llmservice_operator.metrics import OperatorMetrics
 from llmservice_operator.reconcile import Key, Reconciler
-from llmservice_operator.resync import WATCHED_KINDS, Resync
+from llmservice_operator.resync import Resync
 from llmservice_operator.settings import OperatorSettings
 from llmservice_operator.spec import KIND
 from llmservice_operator.status import Policy
@@ -80,7 +81,7 @@ class Operator:
             base_delay=settings.retry_base_seconds, max_delay=settings.retry_max_seconds,
         )
         self.store = ObjectStore()
-        for kind in WATCHED_KINDS:
+        for kind in WATCHED:
             metrics.stored_objects.labels(kind=kind).set_function(functools.partial(self.store.count, kind))
         self._session: aiohttp.ClientSession | None = None
         self._pod_session: aiohttp.ClientSession | None = None

@@ -17,9 +17,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from llmservice_operator import cache, naming, startup, status
-from llmservice_operator.diff import contains
+from llmservice_operator.kinds import CHILDREN, KINDS
 from llmservice_operator.kube import Kube, KubeError
 from llmservice_operator.metrics import OperatorMetrics
+from llmservice_operator.plan import ObjectKey, Plan, controlled_by, key_of, owned, plan
 from llmservice_operator.render import DEFAULT_GPU_TYPE_LABEL, Capabilities, Manifest, RenderContext, render
 from llmservice_operator.spec import API_VERSION, KIND, LLMService, SpecError, parse
 from llmservice_operator.store import ObjectStore
@@ -27,9 +28,6 @@ from llmservice_operator.workqueue import RetryLater
 
 log = logging.getLogger(__name__)
 
-CHILD_KINDS = ("PersistentVolumeClaim", "Job", "Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget")
-# A Job's pod template cannot change: one that differs from the rendered one is replaced.
-REPLACED_KINDS = frozenset({"Job"})
 CAPABILITY_TTL_SECONDS = 60.0
 ROUTINE_REASONS = frozenset({"Creating", "RollingOut", "WaitingForCapacity", "CacheFetching"})
 # An object holding a child's name without our label is not watched, so its going away is not an
@@ -157,24 +155,26 @@ class Reconciler:
 
         capabilities = await self._capabilities.get()
         observed = self._observe_children(service, capabilities)
+        ours = owned(observed, service.ref.uid)
         cache_state, model_revision = None, None
         if service.spec.model.cache is not None:
-            cache_state = cache.observe(service, observed.get(("Job", cache.job_name(key.name))), self._pods(key, cache.FETCH_APP))
-            model_revision = cache.serving_revision(service, cache_state, observed.get(("Deployment", key.name)))
+            cache_state = cache.observe(service, ours.get(("Job", cache.job_name(key.name))), self._pods(key, cache.FETCH_APP))
+            model_revision = cache.serving_revision(service, cache_state, ours.get(("Deployment", key.name)))
         desired = render(service, RenderContext(
             self._default_image, capabilities, gpu_type_label=self._gpu_type_label,
             monitor_labels=self._monitor_labels, model_revision=model_revision,
         ))
+        todo = plan(desired, observed, service.ref.uid)
         try:
-            conflict = await self._name_conflict(service, desired, observed)
+            conflict = await self._name_conflict(service, todo)
             if conflict is not None:
                 return await self._blocked_by(body, key, service, conflict)
-            deployment, applied = await self._apply_changed(service, desired, observed)
-            pruned = await self._prune(service, desired, observed)
+            deployment = await self._write(service, todo)
+            await self._prune(service, todo)
         except ChildWriteFailed as failed:
             return await self._refused(body, failed)
 
-        autoscaler = observed.get(("HorizontalPodAutoscaler", service.ref.name))
+        autoscaler = todo.ours.get(("HorizontalPodAutoscaler", service.ref.name))
         now = self._now()
         seen = status.Observed(deployment, (), capabilities, autoscaler)
         settled = status.compute(service, seen, previous, now, self._policy)
@@ -192,7 +192,7 @@ class Reconciler:
             settled = self._with_cache(service, settled, cache_state, model_revision, previous)
         settled = self._with_startup(key, settled, previous)
         wrote = await self._write_status(body, settled)
-        return "applied" if applied or pruned or wrote else "unchanged"
+        return "applied" if todo.writes or todo.prune or wrote else "unchanged"
 
     def _pods(self, key: Key, app: str) -> list[Manifest]:
         return [pod for pod in self._store.pods(key.namespace, key.name)
@@ -263,89 +263,74 @@ class Reconciler:
         self._requeue(key, CONFLICT_RECHECK_SECONDS)
         return "conflict"
 
-    async def _name_conflict(
-        self, service: LLMService, desired: list[Manifest], observed: dict[tuple[str, str], Manifest]
-    ) -> Holder | None:
+    async def _name_conflict(self, service: LLMService, todo: Plan) -> Holder | None:
         """Why a child cannot be applied, when its name is held by an object this LLMService does not control.
 
         Server-side apply would merge into such an object and make it ours, and the garbage collector
-        would delete it with the LLMService. Children already observed as ours need no request; a
-        missing one is looked up once (the watches see only objects with our labels), just before it
+        would delete it with the LLMService. Children already observed need no request; a name not
+        observed is looked up once (the watches see only objects with our labels), just before it
         would be created. The lookup and the apply are two requests: an object someone creates in the
         milliseconds between them would still be merged into; server-side apply has no create-only mode.
         """
         namespace = service.ref.namespace
-        for manifest in desired:
-            kind, name = manifest["kind"], manifest["metadata"]["name"]
-            if (kind, name) in observed:
-                continue
-            holder = self._store.get(kind, namespace, name)
-            if holder is None:
+        if todo.held:
+            return self._holder(service, key_of(todo.held[0]), todo.held[0])
+        for manifest in todo.unseen:
+            kind, name = key_of(manifest)
+            found = self._store.get(kind, namespace, name)
+            if found is None:
                 try:
-                    holder = await self._kube.get(kind, namespace, name)
+                    found = await self._kube.get(kind, namespace, name)
                 except KubeError as error:
                     raise ChildWriteFailed(f"Reading {kind} {namespace}/{name}", error) from error
-            if holder is not None and not _controlled_by(holder, service.ref.uid):
-                return Holder(kind, namespace, name, holder, predecessor=_of_predecessor(holder, service))
+            if found is not None and not controlled_by(found, service.ref.uid):
+                return self._holder(service, (kind, name), found)
         return None
 
-    def _observe_children(self, service: LLMService, capabilities: Capabilities) -> dict[tuple[str, str], Manifest]:
-        kinds = list(CHILD_KINDS)
-        if capabilities.service_monitor:
-            kinds.append("ServiceMonitor")
-        if capabilities.pod_monitor:
-            kinds.append("PodMonitor")
-        return {
-            (kind, item["metadata"]["name"]): item
-            for kind, item in self._store.children(service.ref.namespace, service.ref.name, kinds)
-            if _controlled_by(item, service.ref.uid)
-        }
+    @staticmethod
+    def _holder(service: LLMService, key: ObjectKey, body: Manifest) -> Holder:
+        kind, name = key
+        return Holder(kind, service.ref.namespace, name, body, predecessor=_of_predecessor(body, service))
 
-    async def _apply_changed(
-        self, service: LLMService, desired: list[Manifest], observed: dict[tuple[str, str], Manifest]
-    ) -> tuple[Manifest | None, bool]:
-        deployment: Manifest | None = None
-        wrote = False
-        for manifest in desired:
-            current = observed.get((manifest["kind"], manifest["metadata"]["name"]))
-            if current is not None and manifest["kind"] in REPLACED_KINDS and not contains(current, manifest):
-                name = manifest["metadata"]["name"]
-                try:
-                    await self._kube.delete(manifest["kind"], service.ref.namespace, name, current["metadata"]["uid"])
-                except KubeError as error:
-                    raise ChildWriteFailed(f"Deleting {manifest['kind']} {service.ref.namespace}/{name}", error) from error
-                self._store.remove(manifest["kind"], service.ref.namespace, name, uid=current["metadata"]["uid"])
-                log.info("Deleted %s %s/%s to re-create it: its template changed", manifest["kind"], service.ref.namespace, name)
-                current = None
-            if current is None or not contains(current, manifest):
-                try:
-                    current = await self._kube.apply(manifest)
-                except KubeError as error:
-                    what = f"Applying {manifest['kind']} {service.ref.namespace}/{manifest['metadata']['name']}"
-                    raise ChildWriteFailed(what, error) from error
-                self._store.upsert(manifest["kind"], current)
-                wrote = True
-                log.info("Applied %s %s/%s", manifest["kind"], service.ref.namespace, manifest["metadata"]["name"])
-            if manifest["kind"] == "Deployment":
+    def _observe_children(self, service: LLMService, capabilities: Capabilities) -> dict[ObjectKey, Manifest]:
+        """Every child labelled as this LLMService's, ours or not; kinds whose CRD is not served are left out."""
+        served = {"ServiceMonitor": capabilities.service_monitor, "PodMonitor": capabilities.pod_monitor}
+        kinds = [kind for kind in CHILDREN if not KINDS[kind].optional or served[kind]]
+        return {(kind, item["metadata"]["name"]): item
+                for kind, item in self._store.children(service.ref.namespace, service.ref.name, kinds)}
+
+    async def _write(self, service: LLMService, todo: Plan) -> Manifest | None:
+        """Apply the planned writes (a replaced kind deleted first); returns the Deployment as it now is."""
+        namespace = service.ref.namespace
+        deployment = todo.ours.get(("Deployment", service.ref.name))
+        for write in todo.writes:
+            kind, name = write.key
+            if write.replace and write.current is not None:
+                await self._delete(kind, namespace, name, write.current)
+                log.info("Deleted %s %s/%s to re-create it: its template changed", kind, namespace, name)
+            try:
+                current = await self._kube.apply(write.manifest)
+            except KubeError as error:
+                raise ChildWriteFailed(f"Applying {kind} {namespace}/{name}", error) from error
+            self._store.upsert(kind, current)
+            log.info("Applied %s %s/%s", kind, namespace, name)
+            if kind == "Deployment":
                 deployment = current
-        return deployment, wrote
+        return deployment
 
-    async def _prune(
-        self, service: LLMService, desired: list[Manifest], observed: dict[tuple[str, str], Manifest]
-    ) -> bool:
-        wanted = {(m["kind"], m["metadata"]["name"]) for m in desired}
-        wrote = False
-        for (kind, name), item in sorted(observed.items()):
-            if (kind, name) not in wanted:
-                # `observed` holds only objects this LLMService controls: nothing else is ever pruned.
-                try:
-                    await self._kube.delete(kind, service.ref.namespace, name, item["metadata"]["uid"])
-                except KubeError as error:
-                    raise ChildWriteFailed(f"Deleting {kind} {service.ref.namespace}/{name}", error) from error
-                self._store.remove(kind, service.ref.namespace, name, uid=item["metadata"]["uid"])
-                wrote = True
-                log.info("Pruned %s %s/%s, no longer in the spec", kind, service.ref.namespace, name)
-        return wrote
+    async def _prune(self, service: LLMService, todo: Plan) -> None:
+        for item in todo.prune:  # only objects this LLMService controls: nothing else is ever pruned
+            kind, name = key_of(item)
+            await self._delete(kind, service.ref.namespace, name, item)
+            log.info("Pruned %s %s/%s, no longer in the spec", kind, service.ref.namespace, name)
+
+    async def _delete(self, kind: str, namespace: str, name: str, item: Manifest) -> None:
+        uid = item["metadata"]["uid"]
+        try:
+            await self._kube.delete(kind, namespace, name, uid)
+        except KubeError as error:
+            raise ChildWriteFailed(f"Deleting {kind} {namespace}/{name}", error) from error
+        self._store.remove(kind, namespace, name, uid=uid)
 
     async def _invalid(self, body: Manifest, message: str) -> None:
         metadata = body["metadata"]
@@ -401,10 +386,6 @@ class Reconciler:
             return
         kind = "Normal" if after.get("status") == "True" else "Warning"
         await self._kube.post_event(body, kind, str(after.get("reason")), str(after.get("message")), _micro(self._now()))
-
-
-def _controlled_by(item: Manifest, uid: str) -> bool:
-    return any(ref.get("uid") == uid and ref.get("controller") for ref in item["metadata"].get("ownerReferences") or [])
 
 
 def _hint(code: int) -> str:

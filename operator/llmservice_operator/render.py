@@ -230,22 +230,7 @@ def server_env(service: LLMService, model_revision: str | None = None) -> list[M
     """The server's settings as environment variables; user `env` entries win by name."""
     spec = service.spec
     model = spec.model
-    source = model.source
-    values: dict[str, str] = {}
-    if source.hugging_face is not None and model.cache is not None:
-        # The revision's directory on the cache volume: loaded from disk, never from the network.
-        values["LLMSERVICE_MODEL"] = cache.model_dir(MODEL_MOUNT, source.hugging_face.repo, model_revision or cache.revision(service))
-        values["HF_HUB_OFFLINE"] = "1"
-    elif source.hugging_face is not None:
-        values["LLMSERVICE_MODEL"] = source.hugging_face.repo
-        if source.hugging_face.revision:
-            values["LLMSERVICE_REVISION"] = source.hugging_face.revision
-    elif source.pvc is not None:
-        values["LLMSERVICE_MODEL"] = f"{MODEL_MOUNT}/{source.pvc.path.lstrip('/')}".rstrip("/")
-    elif source.image is not None:
-        values["LLMSERVICE_MODEL"] = source.image.path
-    else:
-        values["LLMSERVICE_MODEL"] = "bundled"
+    values = _model_source_env(service, model_revision)
     if model.gguf_file:
         values["LLMSERVICE_GGUF_FILE"] = model.gguf_file
     values["LLMSERVICE_SERVED_MODEL_NAME"] = spec.served_model_name
@@ -285,6 +270,26 @@ def server_env(service: LLMService, model_revision: str | None = None) -> list[M
         # Server-side apply keys env by name; a duplicate would fail the apply, so replace.
         env[str(extra["name"])] = dict(extra)
     return list(env.values())
+
+
+def _model_source_env(service: LLMService, model_revision: str | None) -> dict[str, str]:
+    """Where the server finds its model: LLMSERVICE_MODEL and what goes with the source."""
+    model = service.spec.model
+    source = model.source
+    if source.hugging_face is not None and model.cache is not None:
+        # The revision's directory on the cache volume: loaded from disk, never from the network.
+        revision = model_revision or cache.revision(service)
+        return {"LLMSERVICE_MODEL": cache.model_dir(MODEL_MOUNT, source.hugging_face.repo, revision), "HF_HUB_OFFLINE": "1"}
+    if source.hugging_face is not None:
+        values = {"LLMSERVICE_MODEL": source.hugging_face.repo}
+        if source.hugging_face.revision:
+            values["LLMSERVICE_REVISION"] = source.hugging_face.revision
+        return values
+    if source.pvc is not None:
+        return {"LLMSERVICE_MODEL": f"{MODEL_MOUNT}/{source.pvc.path.lstrip('/')}".rstrip("/")}
+    if source.image is not None:
+        return {"LLMSERVICE_MODEL": source.image.path}
+    return {"LLMSERVICE_MODEL": "bundled"}
 
 
 def _worker_cpus(spec: LLMServiceSpec) -> int | None:

@@ -14,20 +14,13 @@ import logging
 from collections.abc import Callable
 
 from llmservice_operator import naming
-from llmservice_operator.kube import RESOURCES, Kube, KubeError
+from llmservice_operator.kinds import KINDS, WATCHED
+from llmservice_operator.kube import Kube, KubeError
 from llmservice_operator.reconcile import Key
 from llmservice_operator.spec import KIND
 from llmservice_operator.store import ObjectStore
 
 log = logging.getLogger(__name__)
-
-# Everything a reconcile reads. The monitors are watched whether or not their CRDs are installed:
-# kopf starts watching them when the CRDs appear, and the LIST answers 404 (nothing) until then.
-WATCHED_KINDS = (
-    KIND, "Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "ServiceMonitor", "PodMonitor", "Pod",
-    "PersistentVolumeClaim", "Job",
-)
-
 
 class Resync:
     def __init__(
@@ -45,10 +38,10 @@ class Resync:
         failing half-way loses none of the repairs already found.
         """
         woken: dict[Key, None] = {}  # ordered and without repeats
-        for kind in WATCHED_KINDS:
+        for kind in WATCHED:
             # Our own label on children: the LIST is no wider than the watch that feeds the store.
             selector = None if kind == KIND else naming.managed_selector()
-            api_version = RESOURCES[kind].api_version
+            api_version = KINDS[kind].api_version
             for namespace in self._scopes:
                 self._store.begin_listing(kind)
                 listing = await self._kube.list(kind, namespace, selector)

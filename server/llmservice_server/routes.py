@@ -53,14 +53,7 @@ def build_router(serving: Serving, metrics: Metrics, api_key: str | None, starte
 
     api = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
     tokens = APIRouter(dependencies=[Depends(authorize)])  # vLLM's paths, outside /v1
-    health = APIRouter()
     engine = serving.engine
-    admission = serving.admission
-    fetch_layout = hub_layout(serving.settings)  # where a download reports progress
-    try:
-        package_version = version("llmservice")
-    except PackageNotFoundError:  # run from a source tree that was never installed
-        package_version = "0.0.0+unknown"
 
     @api.post("/chat/completions", responses=generation(ChatCompletion, ChatStreamEvent))
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
@@ -91,6 +84,24 @@ def build_router(serving: Serving, metrics: Metrics, api_key: str | None, starte
     @tokens.post("/detokenize", responses=errors(400, 401, 404, 503))
     async def detokenize(body: DetokenizeRequest) -> Detokenized:
         return await serving.detokenize(body)
+
+    router = APIRouter()
+    router.include_router(api)
+    router.include_router(tokens)
+    router.include_router(health_router(serving, metrics, started_at))
+    return router
+
+
+def health_router(serving: Serving, metrics: Metrics, started_at: float) -> APIRouter:
+    """The probes, the version and /metrics: no API key, answered while loading and draining."""
+    health = APIRouter()
+    engine = serving.engine
+    admission = serving.admission
+    fetch_layout = hub_layout(serving.settings)  # where a download reports progress
+    try:
+        package_version = version("llmservice")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        package_version = "0.0.0+unknown"
 
     @health.get(
         "/health", response_class=Response, responses={200: {"description": "Serving: the model is loaded (empty body)."}, **errors(503)}
@@ -132,8 +143,4 @@ def build_router(serving: Serving, metrics: Metrics, api_key: str | None, starte
         # Multiprocess mode reads files: keep that off the event loop.
         return Response(await asyncio.to_thread(metrics.exposition), media_type=PROMETHEUS_CONTENT_TYPE)
 
-    router = APIRouter()
-    router.include_router(api)
-    router.include_router(tokens)
-    router.include_router(health)
-    return router
+    return health

@@ -506,32 +506,7 @@ class Serving:
             async for events in self._batches(queue, lease):
                 if events is None:
                     return
-                parts: list[str] = []
-                for event in events:
-                    if isinstance(event, Failed):
-                        error = APIError(_FAILURE_STATUS[event.kind], event.message, code=event.kind).body()
-                        parts.append(sse(error.model_dump(mode="json")))
-                    elif isinstance(event, Delta):
-                        if streams:  # content goes out as it comes; a call is held until it is whole
-                            released = Delta(event.index, streams[event.index].push(event.text), event.logprobs)
-                            if released.text or released.logprobs:
-                                parts.append(chunks.delta(released))
-                        else:
-                            parts.append(chunks.delta(event))
-                    elif isinstance(event, Finished):
-                        reason: FinishReason = event.reason
-                        if streams:
-                            parsed = streams[event.index].finish()
-                            if parsed.content:
-                                parts.append(chunks.delta(Delta(event.index, parsed.content, [])))
-                            calls = _response_calls(parsed, tools)
-                            if calls:
-                                parts.append(chunks.tool_calls(event.index, [(c.id, c.function.name, c.function.arguments) for c in calls]))
-                                reason = "tool_calls" if reason == "stop" else reason
-                        parts.append(chunks.finished(event, reason))
-                    elif isinstance(event, Done) and prepared.include_usage:
-                        parts.append(chunks.usage(event))
-                yield "".join(parts)
+                yield "".join(part for event in events for part in _stream_parts(event, streams, tools, chunks, prepared.include_usage))
             yield sse("[DONE]")
         except Exception as exc:  # after the stream started the status is sent: one error event, then [DONE]
             log.exception("Stream failed")
@@ -540,6 +515,36 @@ class Serving:
             yield sse("[DONE]")
         finally:
             lease.close()
+
+
+def _stream_parts(
+    event: Event, streams: list[ToolStream], tools: ToolUse | None, chunks: StreamChunks, include_usage: bool
+) -> list[str]:
+    """The SSE chunks one engine event becomes (with tools: content as it comes, a call once it is whole)."""
+    if isinstance(event, Failed):
+        error = APIError(_FAILURE_STATUS[event.kind], event.message, code=event.kind).body()
+        return [sse(error.model_dump(mode="json"))]
+    if isinstance(event, Delta):
+        if not streams:
+            return [chunks.delta(event)]
+        released = Delta(event.index, streams[event.index].push(event.text), event.logprobs)
+        return [chunks.delta(released)] if released.text or released.logprobs else []
+    if isinstance(event, Finished):
+        parts: list[str] = []
+        reason: FinishReason = event.reason
+        if streams:
+            parsed = streams[event.index].finish()
+            if parsed.content:
+                parts.append(chunks.delta(Delta(event.index, parsed.content, [])))
+            calls = _response_calls(parsed, tools)
+            if calls:
+                parts.append(chunks.tool_calls(event.index, [(c.id, c.function.name, c.function.arguments) for c in calls]))
+                reason = "tool_calls" if reason == "stop" else reason
+        parts.append(chunks.finished(event, reason))
+        return parts
+    if isinstance(event, Done) and include_usage:
+        return [chunks.usage(event)]
+    return []
 
 
 def _with_chat_constraints(params: SamplingParams, body: ChatCompletionRequest, tools: ToolUse | None) -> SamplingParams:

@@ -7,6 +7,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from llmservice_operator.settings import DEFAULT_SERVER_IMAGE
@@ -54,6 +55,7 @@ def test_every_image_is_multi_arch_and_the_chart_goes_to_oci() -> None:
     assert flow["jobs"]["images"]["permissions"]["packages"] == "write"
 
 
+@pytest.mark.tools
 def test_actionlint_passes_the_workflows() -> None:
     actionlint = shutil.which("actionlint")
     assert actionlint, "actionlint is built by scripts/build-cluster-tools.sh into the cluster tools' bin directory"

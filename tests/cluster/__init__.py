@@ -1,25 +1,4 @@
-"""A local Kubernetes control plane (etcd, API server, controllers, scheduler, kwok) for tests."""
+"""The local control plane moved to `devtools.controlplane`; this package re-exports it for older imports."""
 
-from tests.cluster.controlplane import (
-    DEFAULT_GPU_PRODUCT,
-    FAKE_NODE_ANNOTATION,
-    GPU_RESOURCE,
-    CommandError,
-    ComponentFailed,
-    ControlPlane,
-    ControlPlaneError,
-    WaitTimeout,
-    wait_for,
-)
-
-__all__ = [
-    "DEFAULT_GPU_PRODUCT",
-    "FAKE_NODE_ANNOTATION",
-    "GPU_RESOURCE",
-    "CommandError",
-    "ComponentFailed",
-    "ControlPlane",
-    "ControlPlaneError",
-    "WaitTimeout",
-    "wait_for",
-]
+from devtools.controlplane import *  # noqa: F403
+from devtools.controlplane import __all__ as __all__

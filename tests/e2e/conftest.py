@@ -9,18 +9,14 @@ from __future__ import annotations
 
 import re
 import secrets
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from devtools.controlplane import ControlPlane, ControlPlaneError
+from devtools.waiting import wait_for
 
 _E2E_DIR = Path(__file__).resolve().parent
-_REPO_ROOT = _E2E_DIR.parents[1]
-if str(_REPO_ROOT) not in sys.path:  # so `tests.cluster` imports however pytest is invoked
-    sys.path.insert(0, str(_REPO_ROOT))
-
-from tests.cluster import ControlPlane, ControlPlaneError, wait_for  # noqa: E402
 
 _kept_state: list[Path] = []
 
@@ -77,7 +73,7 @@ def namespace(cluster: ControlPlane, request: pytest.FixtureRequest) -> Iterator
 @pytest.fixture(scope="session")
 def chart(cluster: ControlPlane) -> Iterator[None]:
     """The operator chart installed once per session: it owns the CRD and the operator's RBAC."""
-    from tests.e2e.operator_harness import RELEASE, SYSTEM_NAMESPACE, helm_install
+    from devtools.operator_harness import RELEASE, SYSTEM_NAMESPACE, helm_install
 
     helm_install(cluster)
     yield

@@ -11,7 +11,8 @@ import json
 import secrets
 from typing import Any
 
-from tests.cluster import DEFAULT_GPU_PRODUCT, GPU_RESOURCE, ControlPlane, wait_for
+from devtools.controlplane import DEFAULT_GPU_PRODUCT, GPU_RESOURCE, ControlPlane
+from devtools.waiting import wait_for
 
 IMAGE = "registry.invalid/llmservice/server:e2e"  # kwok never pulls it
 

@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 import yaml
-from tests.cluster import ControlPlane, wait_for
+from devtools.controlplane import ControlPlane
+from devtools.waiting import wait_for
 
 from llmservice_operator import spec as api
 

@@ -5,14 +5,15 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from tests.cluster import ControlPlane, wait_for
-from tests.e2e.operator_harness import (
+from devtools.controlplane import ControlPlane
+from devtools.operator_harness import (
     SYSTEM_NAMESPACE,
     OperatorProcess,
     apply_manifest,
     get_json,
     service_account_kubeconfig,
 )
+from devtools.waiting import wait_for
 from tests.e2e.test_operator import llmservice, wait_ready
 
 TAKEOVER_SECONDS = 30  # the bound; a 15 s Lease hands over in about 17 s

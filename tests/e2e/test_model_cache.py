@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.cluster import ControlPlane, wait_for
-from tests.e2e.operator_harness import OperatorProcess, apply_manifest, condition, get_json, service_account_kubeconfig
+from devtools.controlplane import ControlPlane
+from devtools.fakehub import FakeHub
+from devtools.operator_harness import OperatorProcess, apply_manifest, condition, get_json, service_account_kubeconfig
+from devtools.waiting import wait_for
 from tests.e2e.test_operator import llmservice, wait_ready
-from tests.fakehub import FakeHub
 
 from llmservice_server.fetch import fetch
 from llmservice_server.model_cache import FetchResult
@@ -159,5 +160,5 @@ def test_startup_phases_add_up_for_a_ready_service(cluster: ControlPlane, operat
     assert abs(sum(parts.values()) - startup["total"]) <= 1.0
     pod = get_json(cluster, "pod", startup["pod"], "-n", namespace)
     assert pod["metadata"]["labels"]["llmservice.io/name"] == "quick"
-    wait_for(lambda: operator.metric('llmservice_operator_cold_start_seconds_count{phase="total"}') >= 1, TIMEOUT,
+    wait_for(lambda: operator.metric("llmservice_operator_cold_start_seconds_count", phase="total") >= 1, TIMEOUT,
              "the cold start in the operator's histogram")

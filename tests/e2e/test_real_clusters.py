@@ -12,9 +12,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from tests.cluster import ControlPlane, wait_for
-from tests.cluster.controlplane import KWOK_STATUS_ANNOTATION
-from tests.e2e.operator_harness import OperatorProcess, apply_manifest, condition, get_json, service_account_kubeconfig
+from devtools.controlplane import KWOK_STATUS_ANNOTATION, ControlPlane
+from devtools.operator_harness import OperatorProcess, apply_manifest, condition, get_json, service_account_kubeconfig
+from devtools.waiting import wait_for
 from tests.e2e.test_operator import llmservice, wait_ready
 
 STATUS_TIMEOUT = 90

@@ -5,21 +5,19 @@ from __future__ import annotations
 import kopf
 
 from llmservice_operator import handlers, naming
-from llmservice_operator.kube import RESOURCES
-from llmservice_operator.resync import WATCHED_KINDS
+from llmservice_operator.kinds import KINDS, WATCHED
 from llmservice_operator.spec import KIND
 
 
 def resource(kind: str) -> kopf.Resource:
-    spec = RESOURCES[kind]
-    group, _, version = spec.api_version.rpartition("/")
-    return kopf.Resource(group=group, version=version, plural=spec.plural, kind=kind, namespaced=True)
+    spec = KINDS[kind]
+    return kopf.Resource(group=spec.group, version=spec.version, plural=spec.plural, kind=kind, namespaced=True)
 
 
 def test_child_watches_are_narrowed_server_side_and_llmservices_are_not() -> None:
     settings = kopf.OperatorSettings()
     handlers.narrow_watches(settings)
-    for kind in WATCHED_KINDS:
+    for kind in WATCHED:
         expected = [] if kind == KIND else [naming.managed_selector()]
         assert settings.watching.label_selectors.collect(resource(kind)) == expected, kind
 

@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -20,19 +19,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-
-# tests/tiny_model.py is shared with the benchmarks; make it importable from here.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from tiny_model import build_tiny_model
+from devtools.ports import free_port
+from devtools.tiny_model import build_tiny_model
 
 STARTUP_DEADLINE = 120.0  # seconds; importing torch + transformers is slow on a busy 2-core box
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class ServerProcess:

@@ -15,12 +15,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from devtools.fakehub import FakeHub
 from huggingface_hub.constants import DOWNLOAD_CHUNK_SIZE
 
 from llmservice_server import fetch as fetch_module
 from llmservice_server.fetch import fetch
 from llmservice_server.model_cache import MARKER, FetchResult, Layout, UnsafePath, read_progress, relative_file
-from tests.fakehub import FakeHub
 
 REPO = "acme/tiny"
 WEIGHTS = bytes(range(256)) * 4096  # 1 MiB: an LFS file, checked by sha256

@@ -154,9 +154,12 @@ def test_completion_logprobs_and_multiple_prompts(client: openai.OpenAI) -> None
     assert [c.index for c in reply.choices] == [0, 1, 2, 3]
     assert reply.choices[0].text == reply.choices[1].text  # greedy: both rows of one prompt agree
     for choice in reply.choices:
-        assert choice.logprobs is not None and choice.logprobs.tokens is not None
-        assert len(choice.logprobs.tokens) == 4
-        assert all(len(top) <= 2 for top in choice.logprobs.top_logprobs or [])
+        assert choice.logprobs is not None and choice.logprobs.tokens is not None and choice.logprobs.top_logprobs is not None
+        assert len(choice.logprobs.tokens) == len(choice.logprobs.top_logprobs) == 4
+        for token, top in zip(choice.logprobs.tokens, choice.logprobs.top_logprobs, strict=True):
+            # At most `logprobs` alternatives (two ids may decode to one string), and greedy chose the likeliest.
+            assert 1 <= len(top) <= 2 and token in top
+            assert top[token] == pytest.approx(max(top.values()))
     assert reply.usage is not None and reply.usage.completion_tokens == 16
 
 

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+from devtools.fakehub import FakeHub
 
 from llmservice_server.fetch import fetch
 from llmservice_server.startup import StageClock
-from tests.fakehub import FakeHub
 from tests.server.conftest import STARTUP_DEADLINE, ServerProcess
 
 

@@ -53,6 +53,7 @@ def test_min_tokens_holds_eos_back(stop_heavy: openai.OpenAI, tokenizer: Any) ->
     assert held.choices[0].finish_reason == "stop" and held.usage and held.usage.completion_tokens >= 5
     # Until then only the four tokens that are not EOS could be chosen.
     tokens = held.choices[0].logprobs.tokens  # type: ignore[union-attr]
+    assert len(tokens) == held.usage.completion_tokens, "one logprobs entry per generated token"
     assert set(tokens[:5]) <= {tokenizer.decode([k]) for k in KEPT}
 
 
@@ -65,7 +66,9 @@ def test_stop_token_ids_stop_and_min_tokens_holds_them(client: openai.OpenAI, to
     # Held back for four tokens, only the tokens that are no stop tokens can be chosen; then they stop.
     held = greedy(client, logprobs=0, stop_token_ids=[t for t in every if t not in KEPT], min_tokens=4)
     assert held.choices[0].finish_reason == "stop" and held.usage and held.usage.completion_tokens >= 5
-    assert set(held.choices[0].logprobs.tokens[:4]) <= {tokenizer.decode([k]) for k in KEPT}  # type: ignore[union-attr]
+    tokens = held.choices[0].logprobs.tokens  # type: ignore[union-attr]
+    assert len(tokens) == held.usage.completion_tokens, "one logprobs entry per generated token"
+    assert set(tokens[:4]) <= {tokenizer.decode([k]) for k in KEPT}
 
 
 def test_stop_string_kept_with_include_stop_str_in_output(client: openai.OpenAI) -> None:
