@@ -186,16 +186,23 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             if not head:
                 self.wfile.write(body)
 
-        def _model_info(self, repo: str, revision: str, *, head: bool) -> None:
+        def _found(self, repo: str, revision: str, *, head: bool) -> tuple[_Repo, str] | None:
+            """The repository and the commit a revision names, or None once the error is sent."""
             entry, commit = hub._lookup(repo, revision)
             denied = hub._deny(entry, self.headers.get("Authorization"))
             if denied is not None:
                 self._error(*denied, head=head)
-                return
+                return None
             assert entry is not None
             if commit is None:
                 self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}", head=head)
+                return None
+            return entry, commit
+
+        def _model_info(self, repo: str, revision: str, *, head: bool) -> None:
+            if (found := self._found(repo, revision, head=head)) is None:
                 return
+            entry, commit = found
             siblings = []
             for name in sorted(entry.files):
                 content = entry.files[name]
@@ -214,15 +221,9 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 self.wfile.write(body)
 
         def _resolve(self, repo: str, revision: str, name: str, *, head: bool) -> None:
-            entry, commit = hub._lookup(repo, revision)
-            denied = hub._deny(entry, self.headers.get("Authorization"))
-            if denied is not None:
-                self._error(*denied, head=head)
+            if (found := self._found(repo, revision, head=head)) is None:
                 return
-            assert entry is not None
-            if commit is None:
-                self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}", head=head)
-                return
+            entry, commit = found
             if name not in entry.files:
                 self._error(404, "EntryNotFound", f"{name} does not exist", head=head, commit=commit)
                 return

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from llmservice_operator import naming
+from llmservice_operator.podsecurity import restricted_container
 from llmservice_operator.spec import LLMService
 
 Manifest = dict[str, Any]
@@ -114,13 +115,7 @@ def fetch_job(service: LLMService, image: str) -> Manifest:
             {"name": "cache", "mountPath": JOB_CACHE_MOUNT},
             {"name": "tmp", "mountPath": "/tmp"},  # noqa: S108 - a writable /tmp under a read-only root
         ],
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": True,
-            "runAsNonRoot": True,
-            "capabilities": {"drop": ["ALL"]},
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": restricted_container(),
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
     pod: Manifest = {

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llmservice_operator import cache, naming
+from llmservice_operator.podsecurity import restricted_container
 from llmservice_operator.spec import LLMService, LLMServiceSpec, quantity_value
 
 Manifest = dict[str, Any]
@@ -203,13 +204,7 @@ def _container(service: LLMService, context: RenderContext) -> Manifest:
         "livenessProbe": _probe("/livez", period=10, failures=3),
         # The endpoints controller needs a moment to stop routing here before the drain starts.
         "lifecycle": {"preStop": {"sleep": {"seconds": PRESTOP_SECONDS}}},
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": True,
-            "runAsNonRoot": True,
-            "capabilities": {"drop": ["ALL"]},
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": restricted_container(),
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
     if spec.server.args:
