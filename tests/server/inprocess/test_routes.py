@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -146,3 +147,27 @@ async def test_the_openapi_document_describes_the_api(client: httpx.AsyncClient)
     assert "text/event-stream" in chat["responses"]["200"]["content"]
     assert "Retry-After" in chat["responses"]["429"]["headers"]
     assert {"/v1/completions", "/v1/models", "/readyz", "/metrics"} <= set(document["paths"])
+
+
+async def test_an_api_key_guards_the_api_but_not_the_probes(make_app: AppFactory, engine: FakeEngine, tmp_path: Path) -> None:
+    key_file = tmp_path / "api-key"
+    key_file.write_text("s3cret\n")
+    transport = httpx.ASGITransport(app=make_app(api_key_file=key_file))
+    async with httpx.AsyncClient(transport=transport, base_url="http://server") as client:
+        request = {"model": MODEL, "prompt": "Hi"}
+        refused = await client.post("/v1/completions", json=request, headers={"Authorization": "Bearer wrong"})
+        assert (refused.status_code, error_of(refused)["code"]) == (401, "invalid_api_key")
+        assert refused.headers["www-authenticate"] == "Bearer"
+        assert (await client.get("/readyz")).status_code == 200
+        allowed = await client.post("/v1/completions", json=request, headers={"Authorization": "Bearer s3cret"})
+        assert allowed.status_code == 200
+    assert len(engine.tickets) == 1
+
+
+async def test_a_body_over_the_limit_is_413_before_it_is_parsed(make_app: AppFactory, engine: FakeEngine) -> None:
+    transport = httpx.ASGITransport(app=make_app(max_request_mib=0.01))  # about 10 KiB
+    async with httpx.AsyncClient(transport=transport, base_url="http://server") as client:
+        response = await client.post("/v1/completions", json={"model": MODEL, "prompt": "x" * 20_000})
+    assert response.status_code == 413
+    assert error_of(response)["type"] == "invalid_request_error"
+    assert engine.tickets == []
