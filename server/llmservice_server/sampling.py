@@ -4,19 +4,19 @@ Functions over logits (no model, no threads), so they are unit-tested directly. 
 `select_tokens` once per step with every row that samples. The order is vLLM's: the grammar mask
 and `min_tokens`' held-back stop tokens, then repetition/frequency/presence penalties, temperature,
 then top-k, min-p, top-p. Greedy rows take the exact argmax of those logits, so batched greedy
-equals sequential greedy. Sampled rows draw by an exponential race: the token with the largest
-p / E, E ~ Exp(1) drawn per token, is a draw from p. Each row draws its E from its own generator on
-the logits' device, one vocabulary of draws per token it samples, so a seeded request's text
-depends on its seed and position only, not on what else is batched.
+equals sequential greedy. A sampled row inverts its CDF at one uniform number drawn from its own
+generator on the logits' device, so a seeded request's text depends on its seed and position
+only, not on what else is batched (the same seed on another kind of device draws other numbers).
 
 Nothing here waits on the device: the chosen ids (and, when a row asks, the logprobs, from the
-model's own distribution before masks, penalties and temperature, as vLLM reports them) are
-packed into one float64 tensor (exact for token ids) and copied to the host once per step.
+model's own distribution before masks, penalties and temperature, as vLLM reports them, packed
+with the ids into one float64 tensor, exact for token ids) are copied to the host once per step.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -144,61 +144,75 @@ def top_p_filter(probs: torch.Tensor, top_p: Param) -> torch.Tensor:
 
 
 def pick(logits: torch.Tensor, samplers: list[RowSampler]) -> torch.Tensor:
-    """The step's choices on the logits' device, packed for one copy: [rows, 2 + 2k] float64.
+    """The step's choices on the logits' device, in one tensor for one copy.
 
-    Column 0 is the chosen id; with logprobs, column 1 its logprob and then (id, logprob) pairs
-    of the k most likely tokens, k the most any row asked for.
+    Without logprobs, `[rows]` int64 ids. With them, `[rows, 2 + 2k]` float64: the chosen id, its
+    logprob, then (id, logprob) pairs of the k most likely tokens, k the most any row asked for.
     """
     raw = logits.float()
-    device = raw.device
     work = _shaped(raw, samplers)
-    chosen = work.argmax(dim=-1)
     sampled = [i for i, s in enumerate(samplers) if not s.params.greedy]
-    if sampled:
-        index = torch.tensor(sampled, dtype=torch.long, device=device)
-        rows = [samplers[i].params for i in sampled]
-        scores = work[index]
-        temperature = _column([p.temperature for p in rows], device)
-        # Shifted so the largest logit is 0: scaling can then only underflow (to -inf), never overflow.
-        probs = torch.softmax((scores - scores.amax(dim=-1, keepdim=True)) / temperature, dim=-1)
-        probs = top_k_filter(probs, [p.top_k for p in rows])
-        if any(p.min_p > 0.0 for p in rows):
-            probs = min_p_filter(probs, _column([p.min_p for p in rows], device))
-        if any(p.top_p < 1.0 for p in rows):
-            probs = top_p_filter(probs, _column([p.top_p for p in rows], device))
-        noise = torch.empty_like(probs)
-        for j, i in enumerate(sampled):
-            noise[j].exponential_(generator=samplers[i].generator_on(device))
-        # A zero draw would make 0 / 0 = NaN, which argmax takes for the largest: a filtered token.
-        drawn = (probs / noise.clamp_(min=torch.finfo(noise.dtype).tiny)).argmax(dim=-1)
-        chosen = chosen.index_copy(0, index, drawn)
-    columns = [chosen.to(torch.float64)[:, None]]
+    if len(sampled) == len(samplers):
+        chosen = _draw(work, samplers)
+    else:
+        chosen = work.argmax(dim=-1)
+        if sampled:
+            index = torch.tensor(sampled, dtype=torch.long, device=work.device)
+            chosen = chosen.index_copy(0, index, _draw(work[index], [samplers[i] for i in sampled]))
     asked = [s.params.logprobs for s in samplers if s.params.logprobs is not None]
-    if asked:
-        logprobs = torch.log_softmax(raw, dim=-1)
-        columns.append(logprobs.gather(-1, chosen[:, None]).to(torch.float64))
-        k = min(max(asked), raw.shape[-1])
-        if k > 0:
-            values, ids = torch.topk(logprobs, k, dim=-1)
-            columns.append(torch.stack([ids.to(torch.float64), values.to(torch.float64)], dim=-1).flatten(1))
+    if not asked:
+        return chosen
+    logprobs = torch.log_softmax(raw, dim=-1)
+    columns = [chosen.to(torch.float64)[:, None], logprobs.gather(-1, chosen[:, None]).to(torch.float64)]
+    k = min(max(asked), raw.shape[-1])
+    if k > 0:
+        values, ids = torch.topk(logprobs, k, dim=-1)
+        columns.append(torch.stack([ids.to(torch.float64), values.to(torch.float64)], dim=-1).flatten(1))
     return torch.cat(columns, dim=1)
 
 
 def select_tokens(logits: torch.Tensor, samplers: list[RowSampler]) -> list[Choice]:
     """Choose one token per row of `logits` [rows, vocab]; the step's one device-to-host copy."""
-    host: list[list[float]] = pick(logits, samplers).tolist()
-    choices: list[Choice] = []
-    for sampler, values in zip(samplers, host, strict=True):
-        token = int(values[0])
-        sampler.record(token)
-        k = sampler.params.logprobs
-        if k is None:
-            choices.append(Choice(token=token))
-        else:
-            pairs = values[2 : 2 + 2 * k]
+    picked = pick(logits, samplers)
+    host: list[Any] = picked.tolist()
+    if picked.dim() == 1:
+        choices = [Choice(token=token) for token in host]
+    else:
+        choices = []
+        for sampler, values in zip(samplers, host, strict=True):
+            k = sampler.params.logprobs
+            pairs = values[2 : 2 + 2 * k] if k is not None else []
             top = [(int(pairs[j]), pairs[j + 1]) for j in range(0, len(pairs), 2)]
-            choices.append(Choice(token=token, logprob=values[1], top=top))
+            choices.append(Choice(token=int(values[0]), logprob=values[1] if k is not None else None, top=top))
+    for sampler, choice in zip(samplers, choices, strict=True):
+        sampler.record(choice.token)
     return choices
+
+
+def _draw(scores: torch.Tensor, samplers: list[RowSampler]) -> torch.Tensor:
+    """Sampled rows' tokens: temperature, top-k, min-p, top-p, then one draw each.
+
+    The draw inverts the row's CDF at one uniform from the row's own generator: one number a token,
+    so a seeded row's tokens depend on its seed and position only, never on its batch mates.
+    """
+    device = scores.device
+    params = [s.params for s in samplers]
+    temperature = _column([p.temperature for p in params], device)
+    # Shifted so the largest logit is 0: scaling can then only underflow (to -inf), never overflow.
+    probs = torch.softmax((scores - scores.amax(dim=-1, keepdim=True)) / temperature, dim=-1)
+    probs = top_k_filter(probs, [p.top_k for p in params])
+    if any(p.min_p > 0.0 for p in params):
+        probs = min_p_filter(probs, _column([p.min_p for p in params], device))
+    if any(p.top_p < 1.0 for p in params):
+        probs = top_p_filter(probs, _column([p.top_p for p in params], device))
+    uniform = torch.empty((len(samplers), 1), dtype=torch.float64, device=device)
+    for j, sampler in enumerate(samplers):
+        uniform[j].uniform_(generator=sampler.generator_on(device))
+    cdf = probs.to(torch.float64).cumsum(dim=-1)
+    # right=True: the first token whose CDF passes the draw, so a zero-probability token (a flat step) never is.
+    drawn = torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True).squeeze(1)
+    # A draw that rounds up to the total mass lands past the end: the likeliest token then.
+    return torch.where(drawn < probs.shape[-1], drawn, probs.argmax(dim=-1))
 
 
 def _shaped(raw: torch.Tensor, samplers: list[RowSampler]) -> torch.Tensor:
