@@ -193,26 +193,40 @@ def _draw(scores: torch.Tensor, samplers: list[RowSampler]) -> torch.Tensor:
     """Sampled rows' tokens: temperature, top-k, min-p, top-p, then one draw each.
 
     The draw inverts the row's CDF at one uniform from the row's own generator: one number a token,
-    so a seeded row's tokens depend on its seed and position only, never on its batch mates.
+    so a seeded row's tokens depend on its seed and position only, never on its batch mates. With
+    top-p the CDF is the sorted one the filter builds anyway, and the draw maps back through the sort.
     """
     device = scores.device
     params = [s.params for s in samplers]
-    temperature = _column([p.temperature for p in params], device)
+    temperatures = {p.temperature for p in params}
+    temperature = temperatures.pop() if len(temperatures) == 1 else _column([p.temperature for p in params], device)
     # Shifted so the largest logit is 0: scaling can then only underflow (to -inf), never overflow.
     probs = torch.softmax((scores - scores.amax(dim=-1, keepdim=True)) / temperature, dim=-1)
     probs = top_k_filter(probs, [p.top_k for p in params])
     if any(p.min_p > 0.0 for p in params):
         probs = min_p_filter(probs, _column([p.min_p for p in params], device))
-    if any(p.top_p < 1.0 for p in params):
-        probs = top_p_filter(probs, _column([p.top_p for p in params], device))
-    uniform = torch.empty((len(samplers), 1), dtype=torch.float64, device=device)
-    for j, sampler in enumerate(samplers):
-        uniform[j].uniform_(generator=sampler.generator_on(device))
-    cdf = probs.to(torch.float64).cumsum(dim=-1)
-    # right=True: the first token whose CDF passes the draw, so a zero-probability token (a flat step) never is.
-    drawn = torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True).squeeze(1)
-    # A draw that rounds up to the total mass lands past the end: the likeliest token then.
-    return torch.where(drawn < probs.shape[-1], drawn, probs.argmax(dim=-1))
+    if len(samplers) == 1:
+        uniform = torch.rand((1, 1), dtype=torch.float64, device=device, generator=samplers[0].generator_on(device))
+    else:
+        uniform = torch.empty((len(samplers), 1), dtype=torch.float64, device=device)
+        for j, sampler in enumerate(samplers):
+            uniform[j].uniform_(generator=sampler.generator_on(device))
+    if not any(p.top_p < 1.0 for p in params):
+        cdf = torch.cumsum(probs, dim=-1, dtype=torch.float64)
+        # right=True: the first token whose CDF passes the draw, so a zero-probability token (a flat step) never is.
+        drawn = torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True)
+        # A draw that rounds up to the total mass lands past the vocabulary: the likeliest token then.
+        return torch.where(drawn < probs.shape[-1], drawn, probs.argmax(dim=-1, keepdim=True)).squeeze(1)
+    # top-p: the kept tokens are a prefix of the sorted row (the mass before each below top_p's share),
+    # so the draw inverts the sorted CDF over that prefix and maps back through the sort.
+    ordered, order = torch.sort(probs, descending=True, dim=-1)
+    cdf = torch.cumsum(ordered, dim=-1, dtype=torch.float64)
+    share = torch.tensor([p.top_p if p.top_p < 1.0 else float("inf") for p in params], dtype=torch.float64, device=device)
+    reached = (cdf - ordered) >= share[:, None] * cdf[:, -1:]
+    kept = (~reached & (ordered > 0)).sum(dim=-1, keepdim=True).clamp_(min=1)  # the top token always
+    last = kept - 1
+    drawn = torch.searchsorted(cdf, uniform * cdf.gather(-1, last), right=True)
+    return order.gather(-1, torch.minimum(drawn, last)).squeeze(1)  # a draw rounding up to the kept mass: its last token
 
 
 def _shaped(raw: torch.Tensor, samplers: list[RowSampler]) -> torch.Tensor:
