@@ -22,7 +22,8 @@ How a request and a step move through its parts:
 - `kv_cache`: the pool's tensors, allocated once, and the block table the runner gathers by;
 - `runner`: one forward over a step's packed tokens, and torch's threads for it;
 - `requests`: the ticket, rows and readings these pass between them;
-- the sampler is `sampling.py` (next to the HTTP side's request model, which it shares).
+- the sampler is `sampling.py` (next to the HTTP side's request model, which it shares): the whole
+  batch as tensor ops on the logits' device, one copy of the chosen ids to the host per step.
 
 Why one thread: torch and the K/V cache are not shared between threads, and one owner makes
 step-level batching simple. Requests arrive through `submit` (any thread), wait in a bounded

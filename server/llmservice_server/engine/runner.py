@@ -47,7 +47,9 @@ class Runner:
         size = scheduler.cache.block_tokens
         row_columns = lengths.to(device)
         row_blocks = table[:count, : -(-kv_len // size)]
-        writes = [table[torch.arange(count, device=device), row_columns // size] * size + row_columns % size] if count else []
+        # Each running row writes its token at its length: the slot from its host-side block list, one copy for all.
+        slots = [row.blocks[row.length // size] * size + row.length % size for row in rows]
+        writes = [torch.tensor(slots, dtype=torch.long).to(device)] if count else []
         chunks: list[Chunk] = []
         offset = count
         keep = list(range(count))
