@@ -46,16 +46,21 @@ def main(argv: list[str] | None = None) -> int:
             cached = time.perf_counter() - started
             assert again.ok
             started = time.perf_counter()
-            hf_hub_download("bench/model", "model.safetensors", revision=commit, endpoint=hub.url,
-                            local_dir=Path(root) / f"plain{repeat}")
+            hf_hub_download("bench/model", "model.safetensors", revision=commit, endpoint=hub.url, local_dir=Path(root) / f"plain{repeat}")
             plain = time.perf_counter() - started
             started = time.perf_counter()
             with (target / "bench--model" / commit / "model.safetensors").open("rb") as data:
                 hashlib.file_digest(data, "sha256")
             hashing = time.perf_counter() - started
-            runs.append({"fetch_seconds": round(fetched, 3), "cached_seconds": round(cached, 4),
-                         "sha256_seconds": round(hashing, 3), "mib_per_second": round(args.mib / fetched, 1),
-                         "hf_hub_download_seconds": round(plain, 3)})
+            runs.append(
+                {
+                    "fetch_seconds": round(fetched, 3),
+                    "cached_seconds": round(cached, 4),
+                    "sha256_seconds": round(hashing, 3),
+                    "mib_per_second": round(args.mib / fetched, 1),
+                    "hf_hub_download_seconds": round(plain, 3),
+                }
+            )
     sys.stdout.write(json.dumps({"mib": args.mib, "runs": runs}, indent=2) + "\n")
     return 0
 

@@ -165,7 +165,9 @@ def outlines_rows(tokenizer: Any) -> Rows:
 BACKENDS = {
     "none": none_rows,
     "llguidance": llguidance_rows,
-    "llguidance-serial": llguidance_serial_rows, "xgrammar": xgrammar_rows, "outlines-core": outlines_rows,
+    "llguidance-serial": llguidance_serial_rows,
+    "xgrammar": xgrammar_rows,
+    "outlines-core": outlines_rows,
 }
 
 

@@ -90,9 +90,7 @@ class RequestSpec:
     max_tokens: int
 
 
-def make_workload(
-    n: int, seed: int, prompt_words: tuple[int, int], output_tokens: tuple[int, int], variant: int = 0
-) -> list[RequestSpec]:
+def make_workload(n: int, seed: int, prompt_words: tuple[int, int], output_tokens: tuple[int, int], variant: int = 0) -> list[RequestSpec]:
     """`n` requests with prompt and output lengths drawn uniformly from the inclusive ranges.
 
     Another `variant` of a seed has the same lengths and other words: a repeated run is the same

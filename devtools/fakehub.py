@@ -91,9 +91,7 @@ class FakeHub:
         self._server.shutdown()
         self._server.server_close()
 
-    def add_repo(
-        self, repo: str, files: dict[str, bytes], *, branch: str = "main", token: str | None = None, gated: bool = False
-    ) -> str:
+    def add_repo(self, repo: str, files: dict[str, bytes], *, branch: str = "main", token: str | None = None, gated: bool = False) -> str:
         """Publish `files` as one commit of `repo` (branch `branch`); returns the commit hash."""
         digest = hashlib.sha1(usedforsecurity=False)
         for name in sorted(files):
@@ -211,8 +209,16 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 if len(content) >= LFS_THRESHOLD:
                     sibling["lfs"] = {"size": len(content), "sha256": sha256, "pointerSize": 134}
                 siblings.append(sibling)
-            body = json.dumps({"id": repo, "modelId": repo, "sha": commit, "private": entry.token is not None,
-                               "gated": "auto" if entry.gated else False, "siblings": siblings}).encode()
+            body = json.dumps(
+                {
+                    "id": repo,
+                    "modelId": repo,
+                    "sha": commit,
+                    "private": entry.token is not None,
+                    "gated": "auto" if entry.gated else False,
+                    "siblings": siblings,
+                }
+            ).encode()
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
@@ -260,7 +266,7 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             hold = hub._holds.get((repo, name))
             if hold is not None and start < hold.after < stop:
                 del hub._holds[(repo, name)]  # once: the next request for the file is served whole
-                self.wfile.write(content[start:hold.after])
+                self.wfile.write(content[start : hold.after])
                 self.wfile.flush()
                 hub.bytes_sent += hold.after - start
                 hold.reached.set()

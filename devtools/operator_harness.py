@@ -32,8 +32,19 @@ SERVICE_ACCOUNT = "llmservice-operator"
 
 def helm_install(cluster: ControlPlane, *extra: str, chart: Path = CHART, verb: str = "install") -> None:
     cluster.helm(
-        verb, RELEASE, str(chart), "--namespace", SYSTEM_NAMESPACE, "--create-namespace",
-        "--set", f"serviceAccount.name={SERVICE_ACCOUNT}", "--set", "replicaCount=0", "--wait", "--timeout", "120s",
+        verb,
+        RELEASE,
+        str(chart),
+        "--namespace",
+        SYSTEM_NAMESPACE,
+        "--create-namespace",
+        "--set",
+        f"serviceAccount.name={SERVICE_ACCOUNT}",
+        "--set",
+        "replicaCount=0",
+        "--wait",
+        "--timeout",
+        "120s",
         *extra,
     )
 
@@ -58,8 +69,15 @@ def service_account_kubeconfig(cluster: ControlPlane, path: Path) -> Path:
 class OperatorProcess:
     """`llmservice-operator` as a child process, with its log kept for failure messages."""
 
-    def __init__(self, kubeconfig: Path, log_path: Path, *, watch_timeout: int = 20, resync_seconds: float | None = None,
-                 env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        kubeconfig: Path,
+        log_path: Path,
+        *,
+        watch_timeout: int = 20,
+        resync_seconds: float | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.kubeconfig = kubeconfig
         self.log_path = log_path
         self.watch_timeout = watch_timeout
@@ -91,7 +109,10 @@ class OperatorProcess:
         with self.log_path.open("ab") as log:
             self._process = subprocess.Popen(
                 [sys.executable, "-m", "llmservice_operator.main", "--kubeconfig", str(self.kubeconfig)],
-                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
             )
         wait_for(self._healthy, 60, f"the operator's /healthz (log: {self.log_path})")
 
@@ -137,9 +158,7 @@ def get_json(cluster: ControlPlane, *args: str) -> dict[str, Any]:
 
 
 def apply_manifest(cluster: ControlPlane, manifest: dict[str, Any], *, manager: str = "gitops") -> str:
-    return cluster.kubectl(
-        "apply", "--server-side", f"--field-manager={manager}", "-f", "-", input=yaml.safe_dump(manifest)
-    ).stdout
+    return cluster.kubectl("apply", "--server-side", f"--field-manager={manager}", "-f", "-", input=yaml.safe_dump(manifest)).stdout
 
 
 def condition(obj: dict[str, Any], kind: str) -> dict[str, Any]:

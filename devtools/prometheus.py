@@ -17,8 +17,11 @@ class Sample:
 
 
 def parse(text: str) -> list[Sample]:
-    return [Sample(sample.name, dict(sample.labels), sample.value)
-            for family in text_string_to_metric_families(text) for sample in family.samples]
+    return [
+        Sample(sample.name, dict(sample.labels), sample.value)
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    ]
 
 
 def scrape(url: str, timeout: float = 10.0) -> list[Sample]:

@@ -77,15 +77,19 @@ def run_server(env: dict[str, str], port: int, log_path: Path) -> subprocess.Pop
     for key in ("LLMSERVICE_CACHE_DIR", "HF_HOME"):
         local.pop(key, None)
     with log_path.open("wb") as out:
-        return subprocess.Popen([str(Path(sys.executable).parent / "llmservice-server")], env=local,
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(
+            [str(Path(sys.executable).parent / "llmservice-server")],
+            env=local,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
 
 def ask(port: int, model: str) -> tuple[str, dict[str, Any]]:
     client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="demo")
     started = time.perf_counter()
-    reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": QUESTION}],
-                                           max_tokens=48, temperature=0)
+    reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": QUESTION}], max_tokens=48, temperature=0)
     elapsed = time.perf_counter() - started
     usage = reply.usage.model_dump() if reply.usage else {}
     usage["seconds"] = round(elapsed, 2)
@@ -106,8 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         step("helm install the operator chart (CRD, ServiceAccount, least-privilege RBAC)")
         helm_install(plane)
         step("Running the operator as the chart's ServiceAccount")
-        operator = OperatorProcess(service_account_kubeconfig(plane, workdir / "operator.kubeconfig"),
-                                   workdir / "operator.log")
+        operator = OperatorProcess(service_account_kubeconfig(plane, workdir / "operator.kubeconfig"), workdir / "operator.log")
         operator.start()
         try:
             step(f"kubectl apply the examples: {', '.join(EXAMPLES)}")
@@ -119,11 +122,15 @@ def main(argv: list[str] | None = None) -> int:
                 items = get_json(plane, "llmsvc", "-n", namespace)["items"]
                 return bool(items) and all(
                     any(c["type"] == "Ready" and c["status"] == "True" for c in (i.get("status") or {}).get("conditions", []))
-                    for i in items)
+                    for i in items
+                )
 
             step("qwen-7b asks for an NVIDIA-L4 GPU; the cluster only has A100 nodes. Its status says so:")
-            wait_for(lambda: _ready_reason(plane, namespace, "qwen-7b") in ("Unschedulable", "InsufficientGPU"), 90,
-                     "qwen-7b to report why it cannot be scheduled")
+            wait_for(
+                lambda: _ready_reason(plane, namespace, "qwen-7b") in ("Unschedulable", "InsufficientGPU"),
+                90,
+                "qwen-7b to report why it cannot be scheduled",
+            )
             log.info("    Ready=False: %s", _ready_message(plane, namespace, "qwen-7b"))
             step("Adding an NVIDIA-L4 node, as a cluster autoscaler would for that pending pod")
             plane.add_gpu_node("demo-l4-node", 1, product="NVIDIA-L4")
@@ -160,8 +167,7 @@ def main(argv: list[str] | None = None) -> int:
 def print_startup(plane: ControlPlane, namespace: str, port: int) -> None:
     """status.startup of the kwok replica, then the stages the server here measured while it started."""
     startup = get_json(plane, "llmsvc", SERVED_EXAMPLE, "-n", namespace).get("status", {}).get("startup") or {}
-    log.info("    status.startup (pod %s; a kwok node runs no server, so its container time is all 'other'):",
-             startup.get("pod", "?"))
+    log.info("    status.startup (pod %s; a kwok node runs no server, so its container time is all 'other'):", startup.get("pod", "?"))
     for phase in ("scheduling", "image", "fetch", "load", "warmup", "other", "total"):
         if phase in startup:
             log.info("      %-10s %8.1f s", phase, startup[phase])

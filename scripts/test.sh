@@ -31,6 +31,7 @@ step "commit subjects"
 python3 scripts/check-commits.py "${LLMSERVICE_COMMITS_SINCE:-5ae5d3c793cbbf32fd763d123a76df612c2c3c28}"
 step "ruff"
 ruff check operator server devtools tests bench scripts
+ruff format --check operator server devtools tests bench scripts
 step "mypy --strict"
 mypy
 step "import-linter contracts"

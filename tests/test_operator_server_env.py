@@ -15,9 +15,19 @@ CONTEXT = RenderContext(default_image="registry.local/llmservice-server:test")
 RICH: dict[str, Any] = {
     "model": {"source": {"huggingFace": {"repo": "org/model", "revision": "v1"}}, "maxContextLength": 4096},
     "resources": {"gpu": {"count": 0}, "cpu": {"request": "4"}, "memory": {"limit": "8Gi"}},
-    "server": {"maxNumSeqs": 32, "maxQueue": 100, "prefillChunkTokens": 256, "drainSeconds": 45, "workers": 2,
-               "prefixCacheSize": "1536Mi", "maxRequestSize": "4Mi", "requestReadTimeoutSeconds": 10, "maxConnections": 200,
-               "requestTimeoutSeconds": 120, "apiKeySecretRef": {"name": "key", "key": "token"}},
+    "server": {
+        "maxNumSeqs": 32,
+        "maxQueue": 100,
+        "prefillChunkTokens": 256,
+        "drainSeconds": 45,
+        "workers": 2,
+        "prefixCacheSize": "1536Mi",
+        "maxRequestSize": "4Mi",
+        "requestReadTimeoutSeconds": 10,
+        "maxConnections": 200,
+        "requestTimeoutSeconds": 120,
+        "apiKeySecretRef": {"name": "key", "key": "token"},
+    },
 }
 
 

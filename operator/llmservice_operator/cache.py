@@ -123,7 +123,10 @@ def fetch_job(service: LLMService, image: str) -> Manifest:
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
         "securityContext": {
-            "runAsNonRoot": True, "runAsUser": RUN_AS, "runAsGroup": RUN_AS, "fsGroup": RUN_AS,
+            "runAsNonRoot": True,
+            "runAsUser": RUN_AS,
+            "runAsGroup": RUN_AS,
+            "fsGroup": RUN_AS,
             "seccompProfile": {"type": "RuntimeDefault"},
         },
         "containers": [container],
@@ -141,10 +144,14 @@ def fetch_job(service: LLMService, image: str) -> Manifest:
         "metadata": _metadata(service, job_name(service.ref.name), labels, {REVISION_ANNOTATION: rev}),
         "spec": {
             "backoffLimit": FETCH_BACKOFF_LIMIT,
-            "podFailurePolicy": {"rules": [{
-                "action": "FailJob",
-                "onExitCodes": {"containerName": FETCH_CONTAINER, "operator": "In", "values": [PERMANENT_EXIT]},
-            }]},
+            "podFailurePolicy": {
+                "rules": [
+                    {
+                        "action": "FailJob",
+                        "onExitCodes": {"containerName": FETCH_CONTAINER, "operator": "In", "values": [PERMANENT_EXIT]},
+                    }
+                ]
+            },
             "template": {"metadata": {"labels": labels, "annotations": {REVISION_ANNOTATION: rev}}, "spec": pod},
         },
     }
@@ -207,8 +214,10 @@ def _pending_message(service: LLMService, pods: list[Manifest]) -> str:
     for pod in pods:
         for condition in (pod.get("status") or {}).get("conditions") or []:
             if condition.get("type") == "PodScheduled" and condition.get("status") == "False":
-                return (f"The fetch pod {pod['metadata']['name']} is not scheduled: {condition.get('message', '').strip()} "
-                        f"(is the volume {pvc_name(service.ref.name)} bound? check its storage class)")
+                return (
+                    f"The fetch pod {pod['metadata']['name']} is not scheduled: {condition.get('message', '').strip()} "
+                    f"(is the volume {pvc_name(service.ref.name)} bound? check its storage class)"
+                )
     return f"Waiting for the fetch Job's pod to start (volume {pvc_name(service.ref.name)})."
 
 

@@ -16,9 +16,7 @@ from llmservice_operator.spec import SpecError, quantity_value
 def contains(observed: Any, desired: Any) -> bool:
     """True when `observed` already holds every field and value of `desired`."""
     if isinstance(desired, dict):
-        return isinstance(observed, dict) and all(
-            key in observed and contains(observed[key], value) for key, value in desired.items()
-        )
+        return isinstance(observed, dict) and all(key in observed and contains(observed[key], value) for key, value in desired.items())
     if isinstance(desired, list):
         return isinstance(observed, list) and _list_contains(observed, desired)
     if isinstance(desired, str) and isinstance(observed, str) and desired != observed:

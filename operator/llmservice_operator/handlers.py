@@ -28,9 +28,12 @@ def register(registry: kopf.OperatorRegistry, queue: WorkQueue[Key], store: Obje
     for kind in WATCHED:
         resource = KINDS[kind]
         kopf.on.event(
-            resource.group, resource.version, resource.plural,
+            resource.group,
+            resource.version,
+            resource.plural,
             labels=None if kind == KIND else CHILD_LABELS,
-            registry=registry, id=f"watch-{resource.plural}",
+            registry=registry,
+            id=f"watch-{resource.plural}",
         )(_observer(kind, queue, store))
 
 

@@ -43,22 +43,25 @@ class Kind:
 
 # In the order the store is filled at start-up: the LLMServices first, so no child is listed
 # before the object it belongs to.
-KINDS: dict[str, Kind] = {kind.name: kind for kind in (
-    Kind(KIND, API_VERSION, PLURAL, watched=True),
-    Kind("Deployment", "apps/v1", "deployments", watched=True, child=True),
-    Kind("Service", "v1", "services", watched=True, child=True),
-    Kind("HorizontalPodAutoscaler", "autoscaling/v2", "horizontalpodautoscalers", watched=True, child=True),
-    Kind("PodDisruptionBudget", "policy/v1", "poddisruptionbudgets", watched=True, child=True),
-    # Watched whether or not their CRDs are installed: kopf starts watching them when the CRDs
-    # appear, and the LIST answers 404 (nothing) until then.
-    Kind("ServiceMonitor", "monitoring.coreos.com/v1", "servicemonitors", watched=True, child=True, optional=True),
-    Kind("PodMonitor", "monitoring.coreos.com/v1", "podmonitors", watched=True, child=True, optional=True),
-    Kind("Pod", "v1", "pods", watched=True),
-    Kind("PersistentVolumeClaim", "v1", "persistentvolumeclaims", watched=True, child=True),
-    Kind("Job", "batch/v1", "jobs", watched=True, child=True, replaced=True),
-    Kind("Event", "events.k8s.io/v1", "events"),
-    Kind("Lease", "coordination.k8s.io/v1", "leases"),
-)}
+KINDS: dict[str, Kind] = {
+    kind.name: kind
+    for kind in (
+        Kind(KIND, API_VERSION, PLURAL, watched=True),
+        Kind("Deployment", "apps/v1", "deployments", watched=True, child=True),
+        Kind("Service", "v1", "services", watched=True, child=True),
+        Kind("HorizontalPodAutoscaler", "autoscaling/v2", "horizontalpodautoscalers", watched=True, child=True),
+        Kind("PodDisruptionBudget", "policy/v1", "poddisruptionbudgets", watched=True, child=True),
+        # Watched whether or not their CRDs are installed: kopf starts watching them when the CRDs
+        # appear, and the LIST answers 404 (nothing) until then.
+        Kind("ServiceMonitor", "monitoring.coreos.com/v1", "servicemonitors", watched=True, child=True, optional=True),
+        Kind("PodMonitor", "monitoring.coreos.com/v1", "podmonitors", watched=True, child=True, optional=True),
+        Kind("Pod", "v1", "pods", watched=True),
+        Kind("PersistentVolumeClaim", "v1", "persistentvolumeclaims", watched=True, child=True),
+        Kind("Job", "batch/v1", "jobs", watched=True, child=True, replaced=True),
+        Kind("Event", "events.k8s.io/v1", "events"),
+        Kind("Lease", "coordination.k8s.io/v1", "leases"),
+    )
+}
 
 WATCHED: tuple[str, ...] = tuple(name for name, kind in KINDS.items() if kind.watched)
 CHILDREN: tuple[str, ...] = tuple(name for name, kind in KINDS.items() if kind.child)

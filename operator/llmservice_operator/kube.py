@@ -83,8 +83,14 @@ class Kube:
         self._metrics = metrics
 
     async def _request(
-        self, verb: str, method: str, path: str, *, params: dict[str, str] | None = None,
-        content: bytes | None = None, content_type: str | None = None,
+        self,
+        verb: str,
+        method: str,
+        path: str,
+        *,
+        params: dict[str, str] | None = None,
+        content: bytes | None = None,
+        content_type: str | None = None,
     ) -> Reply:
         headers = {"Content-Type": content_type} if content_type else None
         try:
@@ -142,7 +148,9 @@ class Kube:
         metadata = manifest["metadata"]
         path = KINDS[manifest["kind"]].path(metadata["namespace"], metadata["name"], subresource)
         response = await self._request(
-            "apply", "PATCH", path,
+            "apply",
+            "PATCH",
+            path,
             params={"fieldManager": self._field_manager, "force": "true"},
             # JSON is YAML, and json.dumps with sorted keys sends the same bytes for the same object.
             content=json.dumps(manifest, sort_keys=True).encode(),
@@ -156,9 +164,12 @@ class Kube:
         """POST a new object; 409 AlreadyExists raises. Only for objects written by compare-and-swap (a Lease)."""
         metadata = manifest["metadata"]
         response = await self._request(
-            "create", "POST", KINDS[manifest["kind"]].path(metadata["namespace"]),
+            "create",
+            "POST",
+            KINDS[manifest["kind"]].path(metadata["namespace"]),
             params={"fieldManager": self._field_manager},
-            content=json.dumps(manifest).encode(), content_type="application/json",
+            content=json.dumps(manifest).encode(),
+            content_type="application/json",
         )
         self._raise_for(response)
         body: Manifest = response.json()
@@ -168,9 +179,12 @@ class Kube:
         """PUT an object whose metadata.resourceVersion says which version it replaces: 409 Conflict if another did."""
         metadata = manifest["metadata"]
         response = await self._request(
-            "update", "PUT", KINDS[manifest["kind"]].path(metadata["namespace"], metadata["name"]),
+            "update",
+            "PUT",
+            KINDS[manifest["kind"]].path(metadata["namespace"], metadata["name"]),
             params={"fieldManager": self._field_manager},
-            content=json.dumps(manifest).encode(), content_type="application/json",
+            content=json.dumps(manifest).encode(),
+            content_type="application/json",
         )
         self._raise_for(response)
         body: Manifest = response.json()
@@ -178,11 +192,13 @@ class Kube:
 
     async def delete(self, kind: str, namespace: str, name: str, uid: str) -> None:
         """Delete exactly the object we saw (uid precondition); already gone is fine."""
-        body = {"apiVersion": "v1", "kind": "DeleteOptions", "preconditions": {"uid": uid},
-                "propagationPolicy": "Background"}
+        body = {"apiVersion": "v1", "kind": "DeleteOptions", "preconditions": {"uid": uid}, "propagationPolicy": "Background"}
         response = await self._request(
-            "delete", "DELETE", KINDS[kind].path(namespace, name),
-            content=json.dumps(body).encode(), content_type="application/json",
+            "delete",
+            "DELETE",
+            KINDS[kind].path(namespace, name),
+            content=json.dumps(body).encode(),
+            content_type="application/json",
         )
         if response.status_code in (404, 409):
             return
@@ -219,19 +235,24 @@ class Kube:
             "reportingController": "llmservice.io/operator",
             "reportingInstance": self._field_manager,
             "regarding": {
-                "apiVersion": involved["apiVersion"], "kind": involved["kind"], "name": metadata["name"],
-                "namespace": metadata["namespace"], "uid": metadata["uid"],
+                "apiVersion": involved["apiVersion"],
+                "kind": involved["kind"],
+                "name": metadata["name"],
+                "namespace": metadata["namespace"],
+                "uid": metadata["uid"],
                 "resourceVersion": metadata.get("resourceVersion", ""),
             },
         }
         response = await self._request(
-            "create", "POST", KINDS["Event"].path(metadata["namespace"]),
-            content=json.dumps(event).encode(), content_type="application/json",
+            "create",
+            "POST",
+            KINDS["Event"].path(metadata["namespace"]),
+            content=json.dumps(event).encode(),
+            content_type="application/json",
         )
         if not response.is_success:
             # An event is a courtesy; losing one must not fail the reconcile.
-            log.warning("Could not record event %s on %s/%s: %s", reason, metadata["namespace"],
-                        metadata["name"], response.text[:200])
+            log.warning("Could not record event %s on %s/%s: %s", reason, metadata["namespace"], metadata["name"], response.text[:200])
 
 
 class _BearerFromConfig:
@@ -292,7 +313,8 @@ def http_client(credentials: Credentials) -> aiohttp.ClientSession:
     """An aiohttp session for the given credentials (call it on the event loop that will use it)."""
     context = (
         ssl._create_unverified_context()  # noqa: S323 - only when the kubeconfig says insecure-skip-tls-verify
-        if credentials.insecure else ssl.create_default_context(cafile=credentials.ca_path)
+        if credentials.insecure
+        else ssl.create_default_context(cafile=credentials.ca_path)
     )
     if credentials.certificate_path and credentials.private_key_path:
         context.load_cert_chain(credentials.certificate_path, credentials.private_key_path)

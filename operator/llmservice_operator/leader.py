@@ -55,8 +55,15 @@ class Timing:
 
 class LeaderElector:
     def __init__(
-        self, kube: Kube, metrics: OperatorMetrics, name: str, namespace: str, identity: str, timing: Timing,
-        clock: Callable[[], float] = time.monotonic, wall: Callable[[], str] = micro_now,
+        self,
+        kube: Kube,
+        metrics: OperatorMetrics,
+        name: str,
+        namespace: str,
+        identity: str,
+        timing: Timing,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], str] = micro_now,
     ) -> None:
         self._kube = kube
         self._metrics = metrics
@@ -90,8 +97,12 @@ class LeaderElector:
             elif self._clock() - renewed > self._timing.renew_deadline:
                 self.leading = False
                 self._metrics.leader.set(0)
-                log.error("Lost the Lease %s/%s (not renewed for %.0f s); stopping so that only one operator acts",
-                          self._namespace, self._name, self._clock() - renewed)
+                log.error(
+                    "Lost the Lease %s/%s (not renewed for %.0f s); stopping so that only one operator acts",
+                    self._namespace,
+                    self._name,
+                    self._clock() - renewed,
+                )
                 on_lost()
                 return
 
@@ -105,8 +116,7 @@ class LeaderElector:
             await self._kube.replace(lease.released(self._name, self._namespace, self._seen, self._wall()))
             log.info("Released the Lease %s/%s", self._namespace, self._name)
         except KubeError as error:
-            log.warning("Could not release the Lease %s/%s: %s; a standby takes over when it expires",
-                        self._namespace, self._name, error)
+            log.warning("Could not release the Lease %s/%s: %s; a standby takes over when it expires", self._namespace, self._name, error)
 
     async def _attempt(self) -> bool:
         """One look at the Lease and, if it is ours to hold, one write; True when we hold it now."""
@@ -122,8 +132,15 @@ class LeaderElector:
         step = lease.decide(record, now - self._seen_at, self.identity)
         if step is lease.Step.WAIT:
             return False
-        manifest = lease.lease(self._name, self._namespace, self.identity, self._timing.duration_seconds, self._wall(),
-                               previous=record, acquired=step is lease.Step.TAKE)
+        manifest = lease.lease(
+            self._name,
+            self._namespace,
+            self.identity,
+            self._timing.duration_seconds,
+            self._wall(),
+            previous=record,
+            acquired=step is lease.Step.TAKE,
+        )
         try:
             # Compare-and-swap, not apply: the write must fail when another process wrote first.
             written = await (self._kube.create(manifest) if step is lease.Step.CREATE else self._kube.replace(manifest))

@@ -62,8 +62,14 @@ def decide(record: Record | None, seen_unchanged_for: float, me: str) -> Step:
 
 
 def lease(
-    name: str, namespace: str, me: str, duration_seconds: int, now: str, *,
-    previous: Record | None = None, acquired: bool = False,
+    name: str,
+    namespace: str,
+    me: str,
+    duration_seconds: int,
+    now: str,
+    *,
+    previous: Record | None = None,
+    acquired: bool = False,
 ) -> Manifest:
     """The Lease to write for `me`: a new one, a renewal of ours (`previous`), or a takeover (`acquired`)."""
     spec: dict[str, Any] = {
@@ -82,8 +88,8 @@ def lease(
 def released(name: str, namespace: str, previous: Record, now: str) -> Manifest:
     """Our Lease let go on a clean shutdown, so a standby takes over at once instead of after a lease duration."""
     return {
-        "apiVersion": LEASE_API_VERSION, "kind": "Lease",
+        "apiVersion": LEASE_API_VERSION,
+        "kind": "Lease",
         "metadata": {"name": name, "namespace": namespace, "resourceVersion": previous.resource_version},
-        "spec": {"holderIdentity": "", "leaseDurationSeconds": 1, "renewTime": now,
-                 "leaseTransitions": previous.transitions},
+        "spec": {"holderIdentity": "", "leaseDurationSeconds": 1, "renewTime": now, "leaseTransitions": previous.transitions},
     }

@@ -31,5 +31,6 @@ def configure_logging(level: str) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     # kopf narrates every watch event at INFO; its warnings and errors are what matter here.
-    logging.getLogger("kopf").setLevel(max(logging.getLevelName(level), logging.WARNING)
-                                       if isinstance(logging.getLevelName(level), int) else logging.WARNING)
+    logging.getLogger("kopf").setLevel(
+        max(logging.getLevelName(level), logging.WARNING) if isinstance(logging.getLevelName(level), int) else logging.WARNING
+    )

@@ -37,8 +37,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         prog="llmservice-operator",
         description="Reconcile LLMService objects into inference Deployments, Services, HPAs and monitors.",
     )
-    parser.add_argument("--namespace", "-n", action="append", default=None,
-                        help="watch this namespace (repeatable); default: all namespaces")
+    parser.add_argument(
+        "--namespace", "-n", action="append", default=None, help="watch this namespace (repeatable); default: all namespaces"
+    )
     parser.add_argument("--kubeconfig", default=None, help="kubeconfig file; default: in-cluster or ~/.kube/config")
     parser.add_argument("--log-level", default=None, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser.parse_args(argv)
@@ -77,8 +78,10 @@ class Operator:
         self.kubeconfig = kubeconfig
         self.registry = kopf.OperatorRegistry()
         self.queue: WorkQueue[Key] = WorkQueue(
-            self._reconcile, workers=settings.workers,
-            base_delay=settings.retry_base_seconds, max_delay=settings.retry_max_seconds,
+            self._reconcile,
+            workers=settings.workers,
+            base_delay=settings.retry_base_seconds,
+            max_delay=settings.retry_max_seconds,
         )
         self.store = ObjectStore()
         for kind in WATCHED:
@@ -102,8 +105,11 @@ class Operator:
         # same credentials (explicit kubeconfig, in-cluster account or default kubeconfig) as ours.
         credentials = load_credentials(self.kubeconfig)
         return kopf.ConnectionInfo(
-            server=credentials.server, ca_path=credentials.ca_path, insecure=credentials.insecure,
-            certificate_path=credentials.certificate_path, private_key_path=credentials.private_key_path,
+            server=credentials.server,
+            ca_path=credentials.ca_path,
+            insecure=credentials.insecure,
+            certificate_path=credentials.certificate_path,
+            private_key_path=credentials.private_key_path,
             token=credentials.token,
         )
 
@@ -132,8 +138,12 @@ class Operator:
         kube = self._kube
         if self.settings.leader_election and self._elector is None:
             self._elector = LeaderElector(
-                kube, self.metrics, self.settings.lease_name, self.settings.lease_namespace,
-                self.settings.identity or default_identity(), Timing(self.settings.lease_duration_seconds),
+                kube,
+                self.metrics,
+                self.settings.lease_name,
+                self.settings.lease_namespace,
+                self.settings.identity or default_identity(),
+                Timing(self.settings.lease_duration_seconds),
             )
         resync = Resync(kube, self.store, self.settings.namespaces, self.queue.add)
         # kopf starts its watches only after the startup handlers, so the store is filled here, by
@@ -150,19 +160,30 @@ class Operator:
                 self._pod_session = podprobe.session()
             read_stages = podprobe.StageProbe(self._pod_session)
         self._reconciler = Reconciler(
-            kube, self.store, self.metrics, self.settings.server_image,
-            read_stages=read_stages, wake=self.queue.add,
-            policy=Policy(capacity_grace_seconds=self.settings.capacity_grace_seconds), requeue=self.queue.add_after,
-            gpu_type_label=self.settings.gpu_type_label, monitor_labels=self.settings.monitor_labels,
+            kube,
+            self.store,
+            self.metrics,
+            self.settings.server_image,
+            read_stages=read_stages,
+            wake=self.queue.add,
+            policy=Policy(capacity_grace_seconds=self.settings.capacity_grace_seconds),
+            requeue=self.queue.add_after,
+            gpu_type_label=self.settings.gpu_type_label,
+            monitor_labels=self.settings.monitor_labels,
         )
         if self._elector is None:
             self._lead(resync)
         else:
             # Watches and the store run in a standby too; only the leader drains the queue.
             self._election_task = asyncio.create_task(
-                self._elector.run(functools.partial(self._lead, resync), self._abdicate), name="leader-election")
-        log.info("Operator started: namespaces=%s, %d LLMServices known, default server image %s",
-                 ",".join(self.settings.namespaces) or "all", len(queued), self.settings.server_image)
+                self._elector.run(functools.partial(self._lead, resync), self._abdicate), name="leader-election"
+            )
+        log.info(
+            "Operator started: namespaces=%s, %d LLMServices known, default server image %s",
+            ",".join(self.settings.namespaces) or "all",
+            len(queued),
+            self.settings.server_image,
+        )
 
     def _lead(self, resync: Resync) -> None:
         self.metrics.leader.set(1)

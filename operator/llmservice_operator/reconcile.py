@@ -101,11 +101,18 @@ class CapabilityCache:
 
 class Reconciler:
     def __init__(
-        self, kube: Kube, store: ObjectStore, metrics: OperatorMetrics, default_image: str,
-        clock: Callable[[], str] = utc_now, policy: status.Policy | None = None,
+        self,
+        kube: Kube,
+        store: ObjectStore,
+        metrics: OperatorMetrics,
+        default_image: str,
+        clock: Callable[[], str] = utc_now,
+        policy: status.Policy | None = None,
         requeue: Callable[[Key, float], None] | None = None,
-        gpu_type_label: str = DEFAULT_GPU_TYPE_LABEL, monitor_labels: Mapping[str, str] | None = None,
-        read_stages: StageReader | None = None, wake: Callable[[Key], object] | None = None,
+        gpu_type_label: str = DEFAULT_GPU_TYPE_LABEL,
+        monitor_labels: Mapping[str, str] | None = None,
+        read_stages: StageReader | None = None,
+        wake: Callable[[Key], object] | None = None,
     ) -> None:
         self._kube = kube
         self._store = store
@@ -160,10 +167,16 @@ class Reconciler:
         if service.spec.model.cache is not None:
             cache_state = cache.observe(service, ours.get(("Job", cache.job_name(key.name))), self._pods(key, cache.FETCH_APP))
             model_revision = cache.serving_revision(service, cache_state, ours.get(("Deployment", key.name)))
-        desired = render(service, RenderContext(
-            self._default_image, capabilities, gpu_type_label=self._gpu_type_label,
-            monitor_labels=self._monitor_labels, model_revision=model_revision,
-        ))
+        desired = render(
+            service,
+            RenderContext(
+                self._default_image,
+                capabilities,
+                gpu_type_label=self._gpu_type_label,
+                monitor_labels=self._monitor_labels,
+                model_revision=model_revision,
+            ),
+        )
         todo = plan(desired, observed, service.ref.uid)
         try:
             conflict = await self._name_conflict(service, todo)
@@ -181,8 +194,9 @@ class Reconciler:
         if not _ready(settled):
             # Only an unsettled service looks at its pods, to say why it is not Ready.
             selector = naming.selector_labels(key.name).items()
-            pods = tuple(pod for pod in self._store.pods(key.namespace, key.name)
-                         if selector <= ((pod["metadata"].get("labels") or {}).items()))
+            pods = tuple(
+                pod for pod in self._store.pods(key.namespace, key.name) if selector <= ((pod["metadata"].get("labels") or {}).items())
+            )
             seen = status.Observed(deployment, pods, capabilities, autoscaler)
             settled = status.compute(service, seen, previous, now, self._policy)
             recheck = status.recheck_after(service, seen, now, self._policy)
@@ -195,11 +209,18 @@ class Reconciler:
         return "applied" if todo.writes or todo.prune or wrote else "unchanged"
 
     def _pods(self, key: Key, app: str) -> list[Manifest]:
-        return [pod for pod in self._store.pods(key.namespace, key.name)
-                if (pod["metadata"].get("labels") or {}).get("app.kubernetes.io/name") == app]
+        return [
+            pod
+            for pod in self._store.pods(key.namespace, key.name)
+            if (pod["metadata"].get("labels") or {}).get("app.kubernetes.io/name") == app
+        ]
 
     def _with_cache(
-        self, service: LLMService, settled: dict[str, Any], state: cache.CacheState, serving: str | None,
+        self,
+        service: LLMService,
+        settled: dict[str, Any],
+        state: cache.CacheState,
+        serving: str | None,
         previous: dict[str, Any] | None,
     ) -> dict[str, Any]:
         settled = {**settled, "cache": state.to_status()}
@@ -207,8 +228,16 @@ class Reconciler:
         if waiting is None:
             return settled
         reason, message, degraded = waiting
-        return status.cache_waiting(settled, reason, message, failed=degraded, serving=serving is not None,
-                                    generation=service.ref.generation, previous=previous, now=self._now())
+        return status.cache_waiting(
+            settled,
+            reason,
+            message,
+            failed=degraded,
+            serving=serving is not None,
+            generation=service.ref.generation,
+            previous=previous,
+            now=self._now(),
+        )
 
     def _with_startup(self, key: Key, settled: dict[str, Any], previous: dict[str, Any] | None) -> dict[str, Any]:
         """status.startup for the replica that most recently became ready (kept when none is ready now).
@@ -253,8 +282,10 @@ class Reconciler:
         if holder.predecessor:
             # Deleted and re-created (a GitOps replace): the garbage collector is removing the old
             # children, which carry our labels, so their deletion wakes this reconcile. Not a failure.
-            message = (f"Waiting for the garbage collector to delete {holder.description} of the deleted LLMService "
-                       f"{service.ref.name} before creating this one's.")
+            message = (
+                f"Waiting for the garbage collector to delete {holder.description} of the deleted LLMService "
+                f"{service.ref.name} before creating this one's."
+            )
             await self._write_status(body, status.creating(generation, message, body.get("status"), now))
             return "waiting"
         message = _conflict_message(holder)
@@ -296,8 +327,9 @@ class Reconciler:
         """Every child labelled as this LLMService's, ours or not; kinds whose CRD is not served are left out."""
         served = {"ServiceMonitor": capabilities.service_monitor, "PodMonitor": capabilities.pod_monitor}
         kinds = [kind for kind in CHILDREN if not KINDS[kind].optional or served[kind]]
-        return {(kind, item["metadata"]["name"]): item
-                for kind, item in self._store.children(service.ref.namespace, service.ref.name, kinds)}
+        return {
+            (kind, item["metadata"]["name"]): item for kind, item in self._store.children(service.ref.namespace, service.ref.name, kinds)
+        }
 
     async def _write(self, service: LLMService, todo: Plan) -> Manifest | None:
         """Apply the planned writes (a replaced kind deleted first); returns the Deployment as it now is."""
@@ -354,8 +386,9 @@ class Reconciler:
             try:
                 await self._write_status(body, status.apply_failed(generation, message, body.get("status"), self._now()))
             except KubeError as error:
-                log.warning("Could not record ApplyFailed on LLMService %s/%s: %s",
-                            body["metadata"]["namespace"], body["metadata"]["name"], error)
+                log.warning(
+                    "Could not record ApplyFailed on LLMService %s/%s: %s", body["metadata"]["namespace"], body["metadata"]["name"], error
+                )
         raise refused from failed
 
     async def _write_status(self, body: Manifest, new: dict[str, Any]) -> bool:
@@ -365,8 +398,12 @@ class Reconciler:
             return False
         metadata = body["metadata"]
         written = await self._kube.apply(
-            {"apiVersion": API_VERSION, "kind": KIND,
-             "metadata": {"name": metadata["name"], "namespace": metadata["namespace"]}, "status": new},
+            {
+                "apiVersion": API_VERSION,
+                "kind": KIND,
+                "metadata": {"name": metadata["name"], "namespace": metadata["namespace"]},
+                "status": new,
+            },
             subresource="status",
         )
         self._store.upsert(KIND, written)
@@ -390,11 +427,15 @@ class Reconciler:
 
 def _hint(code: int) -> str:
     if code == 403:
-        return (". Grant the operator's ServiceAccount this permission (the chart's RBAC, docs/security.md), "
-                "or ask whoever runs the admission policy that refused it")
+        return (
+            ". Grant the operator's ServiceAccount this permission (the chart's RBAC, docs/security.md), "
+            "or ask whoever runs the admission policy that refused it"
+        )
     if code == 404:
-        return (". The API server does not serve this kind: install its CRD (monitoring.coreos.com for "
-                "ServiceMonitor and PodMonitor) or change spec.monitoring.mode")
+        return (
+            ". The API server does not serve this kind: install its CRD (monitoring.coreos.com for "
+            "ServiceMonitor and PodMonitor) or change spec.monitoring.mode"
+        )
     return ""
 
 
@@ -405,17 +446,27 @@ def _controller(item: Manifest) -> dict[str, Any] | None:
 def _of_predecessor(item: Manifest, service: LLMService) -> bool:
     """Controlled by an earlier LLMService of the same name (deleted; its uid differs from this one's)."""
     owner = _controller(item)
-    return owner is not None and owner.get("kind") == KIND and owner.get("apiVersion") == API_VERSION \
-        and owner.get("name") == service.ref.name and owner.get("uid") != service.ref.uid
+    return (
+        owner is not None
+        and owner.get("kind") == KIND
+        and owner.get("apiVersion") == API_VERSION
+        and owner.get("name") == service.ref.name
+        and owner.get("uid") != service.ref.uid
+    )
 
 
 def _conflict_message(holder: Holder) -> str:
     owner = _controller(holder.body)
-    held = f"is controlled by {owner.get('kind')} {owner.get('name')} (uid {owner.get('uid')})" if owner \
+    held = (
+        f"is controlled by {owner.get('kind')} {owner.get('name')} (uid {owner.get('uid')})"
+        if owner
         else "is not controlled by this LLMService"
-    return (f"{holder.description} already exists and {held}; the operator will not change or delete it. "
-            f"Delete or rename that {holder.kind}, or give the LLMService another name; reconciling goes on once the "
-            "name is free.")
+    )
+    return (
+        f"{holder.description} already exists and {held}; the operator will not change or delete it. "
+        f"Delete or rename that {holder.kind}, or give the LLMService another name; reconciling goes on once the "
+        "name is free."
+    )
 
 
 def _condition(state: dict[str, Any], kind: str) -> dict[str, Any] | None:
@@ -433,4 +484,3 @@ def _ready(state: dict[str, Any]) -> bool:
 def _micro(now: str) -> str:
     # events.k8s.io wants a MicroTime (RFC 3339 with microseconds).
     return now.replace("Z", ".000000Z")
-

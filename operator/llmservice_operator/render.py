@@ -329,13 +329,9 @@ def _volumes(service: LLMService) -> list[Manifest]:
         {"name": "tmp", "emptyDir": {}},
     ]
     if spec.model.source.pvc is not None:
-        volumes.append(
-            {"name": "model", "persistentVolumeClaim": {"claimName": spec.model.source.pvc.claim_name, "readOnly": True}}
-        )
+        volumes.append({"name": "model", "persistentVolumeClaim": {"claimName": spec.model.source.pvc.claim_name, "readOnly": True}})
     elif spec.model.cache is not None:
-        volumes.append(
-            {"name": "model", "persistentVolumeClaim": {"claimName": cache.pvc_name(service.ref.name), "readOnly": True}}
-        )
+        volumes.append({"name": "model", "persistentVolumeClaim": {"claimName": cache.pvc_name(service.ref.name), "readOnly": True}})
     if spec.server.api_key_secret_ref is not None:
         ref = spec.server.api_key_secret_ref
         volumes.append(
@@ -366,9 +362,7 @@ def kubernetes_service(service: LLMService) -> Manifest:
         "spec": {
             "type": spec.service.type,
             "selector": naming.selector_labels(service.ref.name),
-            "ports": [
-                {"name": naming.PORT_NAME, "port": spec.service.port, "targetPort": naming.PORT_NAME, "protocol": "TCP"}
-            ],
+            "ports": [{"name": naming.PORT_NAME, "port": spec.service.port, "targetPort": naming.PORT_NAME, "protocol": "TCP"}],
         },
     }
 

@@ -22,10 +22,9 @@ from llmservice_operator.store import ObjectStore
 
 log = logging.getLogger(__name__)
 
+
 class Resync:
-    def __init__(
-        self, kube: Kube, store: ObjectStore, namespaces: tuple[str, ...], enqueue: Callable[[Key], object]
-    ) -> None:
+    def __init__(self, kube: Kube, store: ObjectStore, namespaces: tuple[str, ...], enqueue: Callable[[Key], object]) -> None:
         self._kube = kube
         self._store = store
         self._scopes: tuple[str | None, ...] = namespaces or (None,)
@@ -67,5 +66,8 @@ class Resync:
                 continue
             if woken:
                 # Usually events still on their way; a deletion a re-listed watch never reported otherwise.
-                log.info("Resync found the store behind the API server for %d LLMService(s): %s",
-                         len(woken), ", ".join(str(key) for key in woken[:10]))
+                log.info(
+                    "Resync found the store behind the API server for %d LLMService(s): %s",
+                    len(woken),
+                    ", ".join(str(key) for key in woken[:10]),
+                )

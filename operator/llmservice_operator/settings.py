@@ -15,9 +15,7 @@ class OperatorSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="LLMSERVICE_OPERATOR_", frozen=True)
 
-    namespaces: Annotated[tuple[str, ...], NoDecode] = Field(
-        default=(), description="Namespaces to watch; empty watches all namespaces."
-    )
+    namespaces: Annotated[tuple[str, ...], NoDecode] = Field(default=(), description="Namespaces to watch; empty watches all namespaces.")
     server_image: str = Field(default=DEFAULT_SERVER_IMAGE, description="Inference server image used when spec.server.image is unset.")
     field_manager: str = Field(default="llmservice-operator", description="Server-side apply field manager.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -27,7 +25,8 @@ class OperatorSettings(BaseSettings):
     retry_base_seconds: float = Field(default=1.0, gt=0, description="First delay before retrying a failed reconcile.")
     retry_max_seconds: float = Field(default=300.0, gt=0, description="Longest delay between retries.")
     resync_seconds: float = Field(
-        default=600.0, ge=0,
+        default=600.0,
+        ge=0,
         description="Re-list every watched kind this often, to repair deletions a watch missed; 0 disables.",
     )
     probe_pods: bool = Field(
@@ -44,9 +43,10 @@ class OperatorSettings(BaseSettings):
         description="Labels on every ServiceMonitor/PodMonitor (JSON object in the environment), for a Prometheus selector.",
     )
     capacity_grace_seconds: float = Field(
-        default=900.0, ge=0,
+        default=900.0,
+        ge=0,
         description="How long a GPU pod may wait for a node (a cluster autoscaler adding one) before the "
-                    "LLMService says InsufficientGPU and Stalled.",
+        "LLMService says InsufficientGPU and Stalled.",
     )
     leader_election: bool = Field(
         default=False,
@@ -55,7 +55,8 @@ class OperatorSettings(BaseSettings):
     lease_name: str = Field(default="llmservice-operator", description="Name of the leader election Lease.")
     lease_namespace: str = Field(default="default", description="Namespace of the leader election Lease.")
     lease_duration_seconds: int = Field(
-        default=15, ge=3,
+        default=15,
+        ge=3,
         description="How long a Lease that is not renewed stays with its holder; a standby takes over after it.",
     )
     identity: str = Field(default="", description="This process in the Lease; empty: the host name and a random suffix.")

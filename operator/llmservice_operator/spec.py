@@ -187,10 +187,7 @@ class AutoscalingSpec(_Model):
     @model_validator(mode="after")
     def _bounds(self) -> AutoscalingSpec:
         if self.min_replicas > self.max_replicas:
-            raise SpecError(
-                f"spec.autoscaling.minReplicas ({self.min_replicas}) must not exceed "
-                f"maxReplicas ({self.max_replicas})"
-            )
+            raise SpecError(f"spec.autoscaling.minReplicas ({self.min_replicas}) must not exceed maxReplicas ({self.max_replicas})")
         if self.metric == "cpu" and self.target > 100:
             raise SpecError("spec.autoscaling.target is a CPU utilisation percentage for metric cpu: 1..100")
         return self
@@ -227,8 +224,7 @@ class ResourcesSpec(_Model):
                 value = getattr(pair, which)
                 if value is not None:
                     quantity_value(value)
-            if pair.request is not None and pair.limit is not None and \
-                    quantity_value(pair.limit) < quantity_value(pair.request):
+            if pair.request is not None and pair.limit is not None and quantity_value(pair.limit) < quantity_value(pair.request):
                 raise SpecError(f"spec.resources.{name}.limit ({pair.limit}) is below its request ({pair.request})")
         if self.memory.request is None and self.memory.limit is None:
             raise SpecError("spec.resources.memory needs a request or a limit: a model server is never unbounded")
@@ -298,8 +294,7 @@ class LLMServiceSpec(_Model):
     def _shared_memory_fits(self) -> LLMServiceSpec:
         resources = self.resources
         # /dev/shm is memory-backed, and on CPU each worker's prefix cache lives in host memory.
-        prefix = 0.0 if resources.gpu.count else \
-            quantity_value(str(self.server.prefix_cache_size)) * self.server.workers
+        prefix = 0.0 if resources.gpu.count else quantity_value(str(self.server.prefix_cache_size)) * self.server.workers
         if quantity_value(resources.shm_size) + prefix >= quantity_value(resources.memory_limit):
             raise SpecError(SHM_MESSAGE)
         return self

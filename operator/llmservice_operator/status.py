@@ -74,7 +74,9 @@ def compute(
         progressing = _cond("Progressing", True, "Creating", "Creating the inference server Deployment.")
     elif desired == 0:
         readiness = _cond(
-            "Ready", False, "ScaledToZero",
+            "Ready",
+            False,
+            "ScaledToZero",
             f"spec.replicas is 0, so no server runs; scale up with "
             f"`kubectl scale llmsvc {service.ref.name} -n {service.ref.namespace} --replicas=1`.",
         )
@@ -88,8 +90,9 @@ def compute(
             reason, message = diagnosis.reason, diagnosis.message
         readiness = _cond("Ready", False, reason, message)
         if diagnosis is not None and diagnosis.stalled:
-            progressing = _cond("Progressing", False, diagnosis.reason, f"{ready}/{desired} replicas ready; "
-                                "waiting will not fix this (see Ready).")
+            progressing = _cond(
+                "Progressing", False, diagnosis.reason, f"{ready}/{desired} replicas ready; waiting will not fix this (see Ready)."
+            )
             stalled = _cond("Stalled", True, diagnosis.reason, diagnosis.message)
         else:
             progress_reason = diagnosis.reason if diagnosis is not None and diagnosis.waiting else "RollingOut"
@@ -100,7 +103,9 @@ def compute(
         degraded = _cond("Degraded", True, diagnosis.reason, diagnosis.message)
     elif _needs_custom_metrics(service) and not observed.capabilities.custom_metrics:
         degraded = _cond(
-            "Degraded", True, "MetricsAPIMissing",
+            "Degraded",
+            True,
+            "MetricsAPIMissing",
             "spec.autoscaling targets the server's own metrics, but the custom.metrics.k8s.io API is not "
             "served in this cluster, so the HPA cannot act; install a custom-metrics adapter "
             "(for example prometheus-adapter) or use metric: cpu.",
@@ -129,14 +134,12 @@ def compute(
 
 def invalid(generation: int, message: str, previous: dict[str, Any] | None, now: str) -> dict[str, Any]:
     """Status for a spec the operator cannot serve: nothing is applied until it is fixed."""
-    return blocked(generation, Diagnosis("InvalidSpec", message, stalled=True), previous, now,
-                   progress="Waiting for a valid spec.")
+    return blocked(generation, Diagnosis("InvalidSpec", message, stalled=True), previous, now, progress="Waiting for a valid spec.")
 
 
 def name_conflict(generation: int, message: str, previous: dict[str, Any] | None, now: str) -> dict[str, Any]:
     """Status while a child's name is held by an object that is not ours: nothing is applied."""
-    return blocked(generation, Diagnosis("NameConflict", message, stalled=True), previous, now,
-                   progress="Waiting for the name to be free.")
+    return blocked(generation, Diagnosis("NameConflict", message, stalled=True), previous, now, progress="Waiting for the name to be free.")
 
 
 def creating(generation: int, message: str, previous: dict[str, Any] | None, now: str) -> dict[str, Any]:
@@ -156,13 +159,10 @@ def creating(generation: int, message: str, previous: dict[str, Any] | None, now
 
 def apply_failed(generation: int, message: str, previous: dict[str, Any] | None, now: str) -> dict[str, Any]:
     """Status after the API server refused a write: the operator keeps retrying with backoff."""
-    return blocked(generation, Diagnosis("ApplyFailed", message), previous, now,
-                   progress="Retrying with backoff.")
+    return blocked(generation, Diagnosis("ApplyFailed", message), previous, now, progress="Retrying with backoff.")
 
 
-def blocked(
-    generation: int, diagnosis: Diagnosis, previous: dict[str, Any] | None, now: str, *, progress: str
-) -> dict[str, Any]:
+def blocked(generation: int, diagnosis: Diagnosis, previous: dict[str, Any] | None, now: str, *, progress: str) -> dict[str, Any]:
     """Status when the children could not be made as rendered; the other fields keep their last value."""
     status = dict(previous or {})
     status["observedGeneration"] = generation
@@ -171,9 +171,11 @@ def blocked(
         _cond("Ready", False, diagnosis.reason, diagnosis.message),
         _cond("Progressing", not stuck, diagnosis.reason, progress),
         _cond("Degraded", True, diagnosis.reason, diagnosis.message),
-        _cond("Reconciling", not stuck, diagnosis.reason, progress) if not stuck
+        _cond("Reconciling", not stuck, diagnosis.reason, progress)
+        if not stuck
         else _cond("Reconciling", False, "AsExpected", "Nothing to do until something changes."),
-        _cond("Stalled", True, diagnosis.reason, diagnosis.message) if stuck
+        _cond("Stalled", True, diagnosis.reason, diagnosis.message)
+        if stuck
         else _cond("Stalled", False, "AsExpected", "Nothing is stuck."),
     )
     status["conditions"] = [_stamp(c, generation, previous, now) for c in conditions]
@@ -181,8 +183,14 @@ def blocked(
 
 
 def override(
-    state: dict[str, Any], kind: str, ok: bool, reason: str, message: str, generation: int,
-    previous: dict[str, Any] | None, now: str,
+    state: dict[str, Any],
+    kind: str,
+    ok: bool,
+    reason: str,
+    message: str,
+    generation: int,
+    previous: dict[str, Any] | None,
+    now: str,
 ) -> dict[str, Any]:
     """`state` with its condition `kind` replaced, for checks made outside `compute` (the model cache)."""
     new = _stamp(_cond(kind, ok, reason, message), generation, previous, now)
@@ -190,8 +198,15 @@ def override(
 
 
 def cache_waiting(
-    state: dict[str, Any], reason: str, message: str, *, failed: bool, serving: bool, generation: int,
-    previous: dict[str, Any] | None, now: str,
+    state: dict[str, Any],
+    reason: str,
+    message: str,
+    *,
+    failed: bool,
+    serving: bool,
+    generation: int,
+    previous: dict[str, Any] | None,
+    now: str,
 ) -> dict[str, Any]:
     """`state` while the model cache has no complete revision for the current spec.
 
@@ -202,8 +217,11 @@ def cache_waiting(
     if not serving:
         changes += [("Ready", False, reason, message), ("Progressing", not failed, reason, message)]
     if failed:
-        changes += [("Degraded", True, reason, message), ("Stalled", True, reason, message),
-                    ("Reconciling", False, "AsExpected", "Nothing to do until something changes.")]
+        changes += [
+            ("Degraded", True, reason, message),
+            ("Stalled", True, reason, message),
+            ("Reconciling", False, "AsExpected", "Nothing to do until something changes."),
+        ]
     elif not serving:
         changes.append(("Reconciling", True, reason, message))
     for kind, ok, why, words in changes:
@@ -253,12 +271,17 @@ def diagnose(service: LLMService, observed: Observed, now: str = "", policy: Pol
         for condition in (deployment.get("status") or {}).get("conditions") or []:
             if condition.get("type") == "ReplicaFailure" and condition.get("status") == "True":
                 # The ReplicaSet could not create a pod: quota, Pod Security admission, a webhook.
-                found.append((5, Diagnosis(
-                    "PodCreationFailed",
-                    f"Pods cannot be created ({condition.get('reason', 'FailedCreate')}): "
-                    f"{str(condition.get('message', '')).strip()}. Fix what the message names (a ResourceQuota, "
-                    "the namespace's Pod Security level, an admission webhook) or the spec field it points at.",
-                )))
+                found.append(
+                    (
+                        5,
+                        Diagnosis(
+                            "PodCreationFailed",
+                            f"Pods cannot be created ({condition.get('reason', 'FailedCreate')}): "
+                            f"{str(condition.get('message', '')).strip()}. Fix what the message names (a ResourceQuota, "
+                            "the namespace's Pod Security level, an admission webhook) or the spec field it points at.",
+                        ),
+                    )
+                )
             if condition.get("type") == "Progressing" and condition.get("reason") == "ProgressDeadlineExceeded":
                 found.append((9, Diagnosis("ProgressDeadlineExceeded", str(condition.get("message", "")), stalled=True)))
     return min(found, key=lambda item: item[0])[1] if found else None
@@ -280,34 +303,52 @@ def _pod_failures(service: LLMService, pod: Manifest, now: str, policy: Policy) 
             failures.append((0, _oom(service, name)))
         elif terminated.get("message") and terminated.get("exitCode") not in (None, 0):
             # The server writes why it gave up to /dev/termination-log before exiting non-zero.
-            failures.append((1, Diagnosis(
-                "ModelLoadFailed",
-                f"Pod {name}: the server exited with code {terminated.get('exitCode')} ({restarts} restarts): "
-                f"{str(terminated['message']).strip()[-600:]}. Fix spec.model (source, dtype, revision) or "
-                "spec.resources as the message says.",
-                stalled=restarts >= LOAD_RESTARTS_STALLED,
-            )))
+            failures.append(
+                (
+                    1,
+                    Diagnosis(
+                        "ModelLoadFailed",
+                        f"Pod {name}: the server exited with code {terminated.get('exitCode')} ({restarts} restarts): "
+                        f"{str(terminated['message']).strip()[-600:]}. Fix spec.model (source, dtype, revision) or "
+                        "spec.resources as the message says.",
+                        stalled=restarts >= LOAD_RESTARTS_STALLED,
+                    ),
+                )
+            )
         elif waiting.get("reason") in IMAGE_PULL_REASONS:
-            failures.append((2, Diagnosis(
-                "ImagePullFailed",
-                f"Pod {name} cannot pull image {container.get('image')}: {waiting.get('message', waiting['reason'])}. "
-                "Check spec.server.image and spec.server.imagePullSecrets.",
-            )))
+            failures.append(
+                (
+                    2,
+                    Diagnosis(
+                        "ImagePullFailed",
+                        f"Pod {name} cannot pull image {container.get('image')}: {waiting.get('message', waiting['reason'])}. "
+                        "Check spec.server.image and spec.server.imagePullSecrets.",
+                    ),
+                )
+            )
         elif waiting.get("reason") in CONFIG_REASONS:
-            failures.append((3, Diagnosis(
-                "ContainerConfigError",
-                f"Pod {name} cannot start its container: {waiting.get('message', waiting['reason'])}.",
-            )))
+            failures.append(
+                (
+                    3,
+                    Diagnosis(
+                        "ContainerConfigError",
+                        f"Pod {name} cannot start its container: {waiting.get('message', waiting['reason'])}.",
+                    ),
+                )
+            )
         elif waiting.get("reason") == "CrashLoopBackOff":
             detail = terminated.get("message") or f"exit code {terminated.get('exitCode', '?')}"
-            failures.append((4, Diagnosis(
-                "CrashLoop",
-                f"Pod {name} keeps crashing ({restarts} restarts); "
-                f"last termination: {str(detail).strip()[-400:]}",
-            )))
+            failures.append(
+                (
+                    4,
+                    Diagnosis(
+                        "CrashLoop",
+                        f"Pod {name} keeps crashing ({restarts} restarts); last termination: {str(detail).strip()[-400:]}",
+                    ),
+                )
+            )
     for condition in status.get("conditions") or []:
-        if condition.get("type") == "PodScheduled" and condition.get("status") == "False" \
-                and condition.get("reason") == "Unschedulable":
+        if condition.get("type") == "PodScheduled" and condition.get("status") == "False" and condition.get("reason") == "Unschedulable":
             since = str(condition.get("lastTransitionTime") or now)
             failures.append((6, _unschedulable(service, name, str(condition.get("message", "")), since, now, policy)))
     return failures
@@ -335,7 +376,8 @@ def _unschedulable(service: LLMService, pod: str, message: str, since: str, now:
                 f"Pod {pod} waits for a node with {gpu.count} free {gpu.resource_name} ({message.strip()}); "
                 f"a cluster autoscaler may add one. Reported as InsufficientGPU if none comes within "
                 f"{policy.capacity_grace_seconds:.0f} s of the first attempt.",
-                waiting=True, recheck_seconds=left,
+                waiting=True,
+                recheck_seconds=left,
             )
         return Diagnosis(
             "InsufficientGPU",
@@ -352,12 +394,17 @@ def _autoscaling_inactive(autoscaler: Manifest | None) -> str | None:
     if autoscaler is None:
         return None
     for condition in (autoscaler.get("status") or {}).get("conditions") or []:
-        if condition.get("type") in ("ScalingActive", "AbleToScale") and condition.get("status") == "False" \
-                and condition.get("reason") not in HPA_BENIGN_REASONS:
+        if (
+            condition.get("type") in ("ScalingActive", "AbleToScale")
+            and condition.get("status") == "False"
+            and condition.get("reason") not in HPA_BENIGN_REASONS
+        ):
             name = (autoscaler.get("metadata") or {}).get("name", "?")
-            return (f"HorizontalPodAutoscaler {name} reports {condition['type']}=False "
-                    f"({condition.get('reason', '')}): {str(condition.get('message', '')).strip()}. "
-                    "Until it can read its metric and scale, the replica count stays where it is.")
+            return (
+                f"HorizontalPodAutoscaler {name} reports {condition['type']}=False "
+                f"({condition.get('reason', '')}): {str(condition.get('message', '')).strip()}. "
+                "Until it can read its metric and scale, the replica count stays where it is."
+            )
     return None
 
 

@@ -22,9 +22,7 @@ class RetryLater(Exception):
 
 
 class WorkQueue(Generic[K]):
-    def __init__(
-        self, handler: Callable[[K], Awaitable[None]], *, workers: int, base_delay: float, max_delay: float
-    ) -> None:
+    def __init__(self, handler: Callable[[K], Awaitable[None]], *, workers: int, base_delay: float, max_delay: float) -> None:
         self._handler = handler
         self._workers = workers
         self._base_delay = base_delay

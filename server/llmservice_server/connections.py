@@ -49,7 +49,10 @@ _OVERFLOW_BODY = _error_json("server has too many open connections; retry shortl
 _TIMEOUT_BODY = _error_json("request was not received in time", "timeout_error", "request_read_timeout")
 _TIMEOUT_RESPONSE = (
     b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
-    + b"content-length: " + str(len(_TIMEOUT_BODY)).encode() + b"\r\n\r\n" + _TIMEOUT_BODY
+    + b"content-length: "
+    + str(len(_TIMEOUT_BODY)).encode()
+    + b"\r\n\r\n"
+    + _TIMEOUT_BODY
 )
 
 

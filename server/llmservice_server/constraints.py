@@ -117,7 +117,6 @@ class Grammars:
         if logits.shape[-1] > width:  # the model's padded tail ids are no tokens at all
             logits[index, width:] = float("-inf")
 
-
     def _biases(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The two bias rows on the logits' device (copied there once, not every step)."""
         if self._ban.device != device:

@@ -133,9 +133,7 @@ def fetch(
         return FetchResult(ok=False, reason=reason, message=message, repo=repo, revision=layout.revision)
 
 
-def _fetch_locked(
-    layout: Layout, endpoint: str | None, token: str | None, report: Callable[[Progress], None] | None
-) -> FetchResult:
+def _fetch_locked(layout: Layout, endpoint: str | None, token: str | None, report: Callable[[Progress], None] | None) -> FetchResult:
     repo, revision = layout.repo, layout.revision
     started = time.monotonic()
     if layout.complete():
@@ -152,9 +150,16 @@ def _fetch_locked(
             _fetch_file(layout, repo, commit, remote, endpoint, token, reporter)
             done_files, done_bytes = reporter.progress.files_done, reporter.progress.done
         result = FetchResult(
-            ok=True, reason="Fetched", message=f"Fetched {len(files)} files ({total} bytes) of {repo}@{revision}.",
-            repo=repo, revision=revision, commit=commit, files=len(files), bytes=total,
-            seconds=round(time.monotonic() - started, 3), path=str(layout.final),
+            ok=True,
+            reason="Fetched",
+            message=f"Fetched {len(files)} files ({total} bytes) of {repo}@{revision}.",
+            repo=repo,
+            revision=revision,
+            commit=commit,
+            files=len(files),
+            bytes=total,
+            seconds=round(time.monotonic() - started, 3),
+            path=str(layout.final),
         )
         (layout.partial / _COMMIT_FILE).unlink()
         (layout.partial / layout.marker.name).write_text(result.to_json())
@@ -166,8 +171,14 @@ def _fetch_locked(
     except OSError as error:
         reason, message = _os_failure(error, layout)
     return FetchResult(
-        ok=False, reason=reason, message=message, repo=repo, revision=revision,
-        files=done_files, bytes=done_bytes, seconds=round(time.monotonic() - started, 3),
+        ok=False,
+        reason=reason,
+        message=message,
+        repo=repo,
+        revision=revision,
+        files=done_files,
+        bytes=done_bytes,
+        seconds=round(time.monotonic() - started, 3),
     )
 
 
@@ -194,9 +205,9 @@ def _listing(repo: str, revision: str | None, endpoint: str | None, token: str |
         raise FetchFailed(
             "Gated",
             f"{repo} is gated: accept its terms on the Hub with the account whose token is in "
-            "spec.model.tokenSecretRef (set one if none is)." if token is None and not os.environ.get("HF_TOKEN")
-            else f"{repo} is gated and the token given has not been granted access: accept its terms on the Hub "
-            "with that token's account.",
+            "spec.model.tokenSecretRef (set one if none is)."
+            if token is None and not os.environ.get("HF_TOKEN")
+            else f"{repo} is gated and the token given has not been granted access: accept its terms on the Hub with that token's account.",
         ) from None
     except RevisionNotFoundError:
         raise FetchFailed(
@@ -307,8 +318,12 @@ def _fetch_file(
         url = hf_hub_url(repo, remote.name, revision=commit, endpoint=endpoint)
         try:
             http_get(
-                url, cast(BinaryIO, _Counting(file, reporter.add)), resume_size=resume,
-                headers=build_hf_headers(token=token), expected_size=remote.size, displayed_filename=remote.name,
+                url,
+                cast(BinaryIO, _Counting(file, reporter.add)),
+                resume_size=resume,
+                headers=build_hf_headers(token=token),
+                expected_size=remote.size,
+                displayed_filename=remote.name,
             )
         except HfHubHTTPError as error:
             raise _http_failure(f"{repo}/{remote.name}", error) from None
@@ -352,9 +367,7 @@ def _move_into_place(layout: Layout) -> None:
 
 def _os_failure(error: OSError, layout: Layout) -> tuple[Reason, str]:
     if error.errno in (errno.ENOSPC, errno.EDQUOT):
-        return "DiskFull", (
-            f"The cache volume is full while writing {layout.repo}@{layout.revision}: raise spec.model.cache.size."
-        )
+        return "DiskFull", (f"The cache volume is full while writing {layout.repo}@{layout.revision}: raise spec.model.cache.size.")
     if "Consistency check failed" in str(error):
         return "Corrupt", f"A download of {layout.repo}@{layout.revision} ended short ({error}); the Job retries."
     return "Failed", f"Could not write the model cache at {layout.root}: {error}"
@@ -378,8 +391,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--revision", default=None, help="branch, tag or commit (default: main); pin a commit")
     parser.add_argument("--cache-dir", type=Path, required=True, help="the cache root (the model cache volume)")
     parser.add_argument("--endpoint", default=os.environ.get("HF_ENDPOINT") or None, help="Hub URL (default: HF_ENDPOINT)")
-    parser.add_argument("--termination-log", type=Path, default=TERMINATION_LOG,
-                        help="where the result is also written for the operator (if the path is writable)")
+    parser.add_argument(
+        "--termination-log",
+        type=Path,
+        default=TERMINATION_LOG,
+        help="where the result is also written for the operator (if the path is writable)",
+    )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser.parse_args(argv)
 

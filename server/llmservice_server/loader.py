@@ -118,8 +118,9 @@ def load(settings: Settings, on_stage: Callable[[str], None]) -> LoadedModel:
     if layout is not None:
         # Downloaded checked and resumable, with bytes done for /startupz, then loaded from disk.
         on_stage("fetching")
-        fetched = fetch(layout.repo, settings.revision, layout.root, endpoint=os.environ.get("HF_ENDPOINT") or None,
-                        report=progress_writer(layout))
+        fetched = fetch(
+            layout.repo, settings.revision, layout.root, endpoint=os.environ.get("HF_ENDPOINT") or None, report=progress_writer(layout)
+        )
         if not fetched.ok or fetched.path is None:
             raise RuntimeError(f"{fetched.reason}: {fetched.message}")
         location = fetched.path

@@ -19,9 +19,7 @@ MARKER = ".llmservice-fetch.json"
 DEFAULT_REVISION = "main"
 
 # How a failed fetch is classified: the operator shows the reason, a person acts on the message.
-Reason = Literal[
-    "Fetched", "Unauthorized", "Gated", "RepoNotFound", "RevisionNotFound", "DiskFull", "Corrupt", "Unreachable", "Failed"
-]
+Reason = Literal["Fetched", "Unauthorized", "Gated", "RepoNotFound", "RevisionNotFound", "DiskFull", "Corrupt", "Unreachable", "Failed"]
 # Reasons that a retry cannot fix: the Job fails at once (exit code PERMANENT_EXIT) instead of backing off.
 PERMANENT: frozenset[str] = frozenset({"Unauthorized", "Gated", "RepoNotFound", "RevisionNotFound", "DiskFull"})
 PERMANENT_EXIT = 2

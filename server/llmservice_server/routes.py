@@ -134,8 +134,13 @@ def health_router(serving: Serving, metrics: Metrics, started_at: float) -> APIR
         progress = None
         if engine.stage == "fetching" and fetch_layout is not None:
             progress = await asyncio.to_thread(read_progress, fetch_layout.progress)
-        health_ = Health(status="started" if started else "starting", stage=engine.stage, uptime_seconds=uptime,
-                         stages=engine.stages.seconds(), progress=progress)
+        health_ = Health(
+            status="started" if started else "starting",
+            stage=engine.stage,
+            uptime_seconds=uptime,
+            stages=engine.stages.seconds(),
+            progress=progress,
+        )
         return probe(health_, started)
 
     @health.get("/metrics", response_class=PlainTextResponse)

@@ -63,9 +63,24 @@ log = logging.getLogger(__name__)
 
 _FAILURE_STATUS = {"timeout": 408, "shutdown": 503, "internal": 500, "invalid": 400}
 # apply_chat_template's own parameters: chat_template_kwargs may not set them behind the request's back.
-_TEMPLATE_PARAMETERS = frozenset({"conversation", "tools", "documents", "chat_template", "add_generation_prompt", "continue_final_message",
-                                  "tokenize", "padding", "truncation", "max_length", "return_tensors", "return_dict",
-                                  "return_assistant_tokens_mask", "tokenizer_kwargs"})
+_TEMPLATE_PARAMETERS = frozenset(
+    {
+        "conversation",
+        "tools",
+        "documents",
+        "chat_template",
+        "add_generation_prompt",
+        "continue_final_message",
+        "tokenize",
+        "padding",
+        "truncation",
+        "max_length",
+        "return_tensors",
+        "return_dict",
+        "return_assistant_tokens_mask",
+        "tokenizer_kwargs",
+    }
+)
 _DISCONNECTED = object()  # put on a request's queue when its client goes away
 
 
@@ -517,9 +532,7 @@ class Serving:
             lease.close()
 
 
-def _stream_parts(
-    event: Event, streams: list[ToolStream], tools: ToolUse | None, chunks: StreamChunks, include_usage: bool
-) -> list[str]:
+def _stream_parts(event: Event, streams: list[ToolStream], tools: ToolUse | None, chunks: StreamChunks, include_usage: bool) -> list[str]:
     """The SSE chunks one engine event becomes (with tools: content as it comes, a call once it is whole)."""
     if isinstance(event, Failed):
         error = APIError(_FAILURE_STATUS[event.kind], event.message, code=event.kind).body()

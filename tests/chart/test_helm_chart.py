@@ -275,8 +275,7 @@ def test_namespaced_objects_live_in_the_release_namespace(helm: Path, values: di
 def test_default_render(helm: Path) -> None:
     rendered = render(helm)
     assert rendered.kinds == sorted(
-        ["ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition", "Deployment", "Role", "RoleBinding", "Service",
-         "ServiceAccount"]
+        ["ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition", "Deployment", "Role", "RoleBinding", "Service", "ServiceAccount"]
     )
     deployment = rendered.one("Deployment")
     assert deployment["spec"]["replicas"] == 1
@@ -341,8 +340,7 @@ def test_leader_election_is_on_with_a_role_for_its_one_lease(helm: Path) -> None
     assert role["metadata"]["namespace"] == NAMESPACE
     assert role["rules"] == [
         {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
-        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "resourceNames": [lease_name],
-         "verbs": ["get", "update"]},
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "resourceNames": [lease_name], "verbs": ["get", "update"]},
     ]
     binding = rendered.one("RoleBinding")
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
@@ -354,10 +352,15 @@ def test_leader_election_is_on_with_a_role_for_its_one_lease(helm: Path) -> None
     assert {e["name"]: e.get("value") for e in container["env"]}["LLMSERVICE_OPERATOR_LEADER_ELECTION"] == "false"
 
 
-@pytest.mark.parametrize(("value", "label"), [
-    ("gpu-operator", "nvidia.com/gpu.product"), ("gke", "cloud.google.com/gke-accelerator"),
-    ("eks-karpenter", "karpenter.k8s.aws/instance-gpu-name"), ("example.com/accelerator", "example.com/accelerator"),
-])
+@pytest.mark.parametrize(
+    ("value", "label"),
+    [
+        ("gpu-operator", "nvidia.com/gpu.product"),
+        ("gke", "cloud.google.com/gke-accelerator"),
+        ("eks-karpenter", "karpenter.k8s.aws/instance-gpu-name"),
+        ("example.com/accelerator", "example.com/accelerator"),
+    ],
+)
 def test_gpu_type_label_presets_and_monitor_labels_reach_the_operator(
     helm: Path, monkeypatch: pytest.MonkeyPatch, value: str, label: str
 ) -> None:
@@ -392,10 +395,10 @@ def test_crd_is_installed_and_kept_by_default(helm: Path) -> None:
 
 def test_watch_namespaces_uses_roles(helm: Path) -> None:
     rendered = render(helm, VARIANTS["watch-namespaces"])
-    roles = {r["metadata"]["namespace"]: r for r in rendered.of_kind("Role")
-             if not r["metadata"]["name"].endswith("-leader-election")}
-    bindings = {b["metadata"]["namespace"]: b for b in rendered.of_kind("RoleBinding")
-                if not b["metadata"]["name"].endswith("-leader-election")}
+    roles = {r["metadata"]["namespace"]: r for r in rendered.of_kind("Role") if not r["metadata"]["name"].endswith("-leader-election")}
+    bindings = {
+        b["metadata"]["namespace"]: b for b in rendered.of_kind("RoleBinding") if not b["metadata"]["name"].endswith("-leader-election")
+    }
     assert sorted(roles) == sorted(bindings) == ["team-a", "team-b"]
     sa_name = rendered.one("ServiceAccount")["metadata"]["name"]
     for namespace, role in roles.items():

@@ -26,8 +26,7 @@ def pushed_images(version: str) -> set[str]:
     """The image references the images job pushes for a version, read from its matrix."""
     flow = workflow()
     registry = flow["env"]["REGISTRY"]
-    return {f"{registry}/{entry['image']}:{version}{entry['suffix']}"
-            for entry in flow["jobs"]["images"]["strategy"]["matrix"]["include"]}
+    return {f"{registry}/{entry['image']}:{version}{entry['suffix']}" for entry in flow["jobs"]["images"]["strategy"]["matrix"]["include"]}
 
 
 def test_a_tag_pushes_the_images_the_chart_and_the_examples_name() -> None:

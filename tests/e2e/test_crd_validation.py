@@ -170,8 +170,10 @@ INVALID = [
     ),
     (
         "cpu-prefix-caches-fill-the-memory-limit",
-        with_changes(("resources", {"gpu": {"count": 0}, "memory": {"request": "2Gi"}, "shmSize": "256Mi"}),
-                     ("server", {"workers": 4, "prefixCacheSize": "512Mi"})),
+        with_changes(
+            ("resources", {"gpu": {"count": 0}, "memory": {"request": "2Gi"}, "shmSize": "256Mi"}),
+            ("server", {"workers": 4, "prefixCacheSize": "512Mi"}),
+        ),
         "must be below the memory limit",
     ),
     (
@@ -196,12 +198,17 @@ def test_invalid_llmservice_is_rejected_with_a_clear_message(
     assert message in output
 
 
-@pytest.mark.parametrize(("case", "spec"), [
-    ("gpu-prefix-cache-on-the-device", with_changes(
-        ("resources", {"gpu": {"count": 1}, "memory": {"limit": "2Gi"}}), ("server", {"prefixCacheSize": "8Gi"}))),
-    ("cpu-zero-unavailable-surges", with_changes(("resources.gpu", {"count": 0}), ("rollout", {"maxUnavailable": 0}))),
-    ("gpu-zero-unavailable-with-surge", with_changes(("rollout", {"maxUnavailable": 0, "maxSurge": 1}))),
-])
+@pytest.mark.parametrize(
+    ("case", "spec"),
+    [
+        (
+            "gpu-prefix-cache-on-the-device",
+            with_changes(("resources", {"gpu": {"count": 1}, "memory": {"limit": "2Gi"}}), ("server", {"prefixCacheSize": "8Gi"})),
+        ),
+        ("cpu-zero-unavailable-surges", with_changes(("resources.gpu", {"count": 0}), ("rollout", {"maxUnavailable": 0}))),
+        ("gpu-zero-unavailable-with-surge", with_changes(("rollout", {"maxUnavailable": 0, "maxSurge": 1}))),
+    ],
+)
 def test_what_the_new_rules_allow(crd: ControlPlane, namespace: str, case: str, spec: dict[str, Any]) -> None:
     apply(crd, namespace, manifest(case, spec))
     assert get(crd, namespace, case)["metadata"]["name"] == case

@@ -35,12 +35,14 @@ def test_one_of_two_operators_acts_and_a_killed_leader_is_replaced(
 ) -> None:
     lease_name = chart_lease_name(cluster)
     kubeconfig = service_account_kubeconfig(cluster, tmp_path / "kubeconfig")
-    settings = {"LLMSERVICE_OPERATOR_LEADER_ELECTION": "true", "LLMSERVICE_OPERATOR_LEASE_NAME": lease_name,
-                "LLMSERVICE_OPERATOR_LEASE_NAMESPACE": SYSTEM_NAMESPACE,
-                "LLMSERVICE_OPERATOR_LEASE_DURATION_SECONDS": "15"}
+    settings = {
+        "LLMSERVICE_OPERATOR_LEADER_ELECTION": "true",
+        "LLMSERVICE_OPERATOR_LEASE_NAME": lease_name,
+        "LLMSERVICE_OPERATOR_LEASE_NAMESPACE": SYSTEM_NAMESPACE,
+        "LLMSERVICE_OPERATOR_LEASE_DURATION_SECONDS": "15",
+    }
     processes = {
-        identity: OperatorProcess(kubeconfig, tmp_path / f"{identity}.log",
-                                  env={**settings, "LLMSERVICE_OPERATOR_IDENTITY": identity})
+        identity: OperatorProcess(kubeconfig, tmp_path / f"{identity}.log", env={**settings, "LLMSERVICE_OPERATOR_IDENTITY": identity})
         for identity in ("operator-a", "operator-b")
     }
     try:
@@ -79,8 +81,11 @@ def test_one_of_two_operators_acts_and_a_killed_leader_is_replaced(
 def test_a_stopped_leader_hands_over_at_once(cluster: ControlPlane, chart: None, tmp_path: Path) -> None:
     lease_name = chart_lease_name(cluster)
     kubeconfig = service_account_kubeconfig(cluster, tmp_path / "kubeconfig")
-    settings = {"LLMSERVICE_OPERATOR_LEADER_ELECTION": "true", "LLMSERVICE_OPERATOR_LEASE_NAME": lease_name,
-                "LLMSERVICE_OPERATOR_LEASE_NAMESPACE": SYSTEM_NAMESPACE}
+    settings = {
+        "LLMSERVICE_OPERATOR_LEADER_ELECTION": "true",
+        "LLMSERVICE_OPERATOR_LEASE_NAME": lease_name,
+        "LLMSERVICE_OPERATOR_LEASE_NAMESPACE": SYSTEM_NAMESPACE,
+    }
     first = OperatorProcess(kubeconfig, tmp_path / "first.log", env={**settings, "LLMSERVICE_OPERATOR_IDENTITY": "first"})
     second = OperatorProcess(kubeconfig, tmp_path / "second.log", env={**settings, "LLMSERVICE_OPERATOR_IDENTITY": "second"})
     try:

@@ -47,13 +47,11 @@ def _status(cluster: ControlPlane, name: str, namespace: str) -> dict[str, Any]:
     return dict(get_json(cluster, "llmsvc", name, "-n", namespace).get("status") or {})
 
 
-def _wait_status(cluster: ControlPlane, operator: OperatorProcess, name: str, namespace: str, what: str,
-                 predicate: Any) -> dict[str, Any]:
+def _wait_status(cluster: ControlPlane, operator: OperatorProcess, name: str, namespace: str, what: str, predicate: Any) -> dict[str, Any]:
     try:
         wait_for(lambda: predicate(_status(cluster, name, namespace)), TIMEOUT, what)
     except Exception as error:
-        raise AssertionError(f"{error}\nstatus: {_status(cluster, name, namespace)}\n"
-                             f"operator log:\n{operator.log_tail()}") from error
+        raise AssertionError(f"{error}\nstatus: {_status(cluster, name, namespace)}\noperator log:\n{operator.log_tail()}") from error
     return _status(cluster, name, namespace)
 
 
@@ -70,35 +68,78 @@ def _finish_like_the_kubelet(cluster: ControlPlane, pod: dict[str, Any], result:
     now = "2026-12-07T10:00:00Z"
     status = {
         "phase": "Succeeded" if result.ok else "Failed",
-        "containerStatuses": [{
-            "name": container["name"], "image": container["image"], "imageID": "", "ready": False, "restartCount": 0,
-            "state": {"terminated": {"exitCode": result.exit_code, "reason": "Completed" if result.ok else "Error",
-                                     "message": result.to_json(), "startedAt": now, "finishedAt": now}},
-        }],
+        "containerStatuses": [
+            {
+                "name": container["name"],
+                "image": container["image"],
+                "imageID": "",
+                "ready": False,
+                "restartCount": 0,
+                "state": {
+                    "terminated": {
+                        "exitCode": result.exit_code,
+                        "reason": "Completed" if result.ok else "Error",
+                        "message": result.to_json(),
+                        "startedAt": now,
+                        "finishedAt": now,
+                    }
+                },
+            }
+        ],
     }
-    cluster.kubectl("patch", "pod", pod["metadata"]["name"], "-n", pod["metadata"]["namespace"], "--subresource=status",
-                    "--type=merge", "-p", json.dumps({"status": status}))
+    cluster.kubectl(
+        "patch",
+        "pod",
+        pod["metadata"]["name"],
+        "-n",
+        pod["metadata"]["namespace"],
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        json.dumps({"status": status}),
+    )
 
 
 def _bind_volume(cluster: ControlPlane, namespace: str, claim: str, path: Path) -> str:
     """A PersistentVolume pre-bound to the claim (the control plane has no provisioner)."""
     name = f"pv-{namespace}"
-    apply_manifest(cluster, {
-        "apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": name},
-        "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"], "storageClassName": "",
-                 "hostPath": {"path": str(path)}, "claimRef": {"namespace": namespace, "name": claim}},
-    })
+    apply_manifest(
+        cluster,
+        {
+            "apiVersion": "v1",
+            "kind": "PersistentVolume",
+            "metadata": {"name": name},
+            "spec": {
+                "capacity": {"storage": "1Gi"},
+                "accessModes": ["ReadWriteOnce"],
+                "storageClassName": "",
+                "hostPath": {"path": str(path)},
+                "claimRef": {"namespace": namespace, "name": claim},
+            },
+        },
+    )
     return name
 
 
-def test_a_cached_model_is_fetched_once_then_served(cluster: ControlPlane, operator: OperatorProcess,
-                                                    namespace: str, hub: FakeHub, tmp_path: Path) -> None:
+def test_a_cached_model_is_fetched_once_then_served(
+    cluster: ControlPlane, operator: OperatorProcess, namespace: str, hub: FakeHub, tmp_path: Path
+) -> None:
     commit = hub.add_repo("acme/tiny", FILES)
-    apply_manifest(cluster, llmservice("chat", namespace, model={
-        "source": {"huggingFace": {"repo": "acme/tiny", "revision": commit}}, "cache": {"size": "1Gi"}}))
+    apply_manifest(
+        cluster,
+        llmservice(
+            "chat", namespace, model={"source": {"huggingFace": {"repo": "acme/tiny", "revision": commit}}, "cache": {"size": "1Gi"}}
+        ),
+    )
 
-    waiting = _wait_status(cluster, operator, "chat", namespace, "the cache to be reported",
-                           lambda s: "cache" in s and condition(s and {"status": s}, "Ready").get("reason") == "CacheFetching")
+    waiting = _wait_status(
+        cluster,
+        operator,
+        "chat",
+        namespace,
+        "the cache to be reported",
+        lambda s: "cache" in s and condition(s and {"status": s}, "Ready").get("reason") == "CacheFetching",
+    )
     assert waiting["cache"]["phase"] in ("Pending", "Fetching") and waiting["cache"]["revision"] == commit
     pvc = get_json(cluster, "pvc", "chat-model", "-n", namespace)
     assert pvc["spec"]["resources"]["requests"]["storage"] == "1Gi"
@@ -111,10 +152,17 @@ def test_a_cached_model_is_fetched_once_then_served(cluster: ControlPlane, opera
     assert result.ok
     _finish_like_the_kubelet(cluster, _fetch_pod(cluster, "chat", namespace), result)
 
-    ready = _wait_status(cluster, operator, "chat", namespace, "the cache to be Ready",
-                         lambda s: (s.get("cache") or {}).get("phase") == "Ready")
-    assert ready["cache"] | {"message": ""} == {"phase": "Ready", "revision": commit, "commit": commit,
-                                                "bytes": sum(len(v) for v in FILES.values()), "files": 3, "message": ""}
+    ready = _wait_status(
+        cluster, operator, "chat", namespace, "the cache to be Ready", lambda s: (s.get("cache") or {}).get("phase") == "Ready"
+    )
+    assert ready["cache"] | {"message": ""} == {
+        "phase": "Ready",
+        "revision": commit,
+        "commit": commit,
+        "bytes": sum(len(v) for v in FILES.values()),
+        "files": 3,
+        "message": "",
+    }
     deployment = get_json(cluster, "deployment", "chat", "-n", namespace)
     assert deployment["spec"]["replicas"] == 1
     container = deployment["spec"]["template"]["spec"]["containers"][0]
@@ -131,16 +179,19 @@ def test_a_cached_model_is_fetched_once_then_served(cluster: ControlPlane, opera
         cluster.kubectl("delete", "pv", volume, "--wait=false", check=False)
 
 
-def test_a_missing_repo_fails_the_cache_in_words(cluster: ControlPlane, operator: OperatorProcess,
-                                                 namespace: str, hub: FakeHub, tmp_path: Path) -> None:
-    apply_manifest(cluster, llmservice("gone", namespace, model={
-        "source": {"huggingFace": {"repo": "acme/missing"}}, "cache": {"size": "1Gi"}}))
+def test_a_missing_repo_fails_the_cache_in_words(
+    cluster: ControlPlane, operator: OperatorProcess, namespace: str, hub: FakeHub, tmp_path: Path
+) -> None:
+    apply_manifest(
+        cluster, llmservice("gone", namespace, model={"source": {"huggingFace": {"repo": "acme/missing"}}, "cache": {"size": "1Gi"}})
+    )
     result = fetch("acme/missing", None, tmp_path, endpoint=hub.url)
     assert (result.reason, result.exit_code) == ("RepoNotFound", 2)
     _finish_like_the_kubelet(cluster, _fetch_pod(cluster, "gone", namespace), result)
 
-    failed = _wait_status(cluster, operator, "gone", namespace, "the cache to fail",
-                          lambda s: (s.get("cache") or {}).get("phase") == "Failed")
+    failed = _wait_status(
+        cluster, operator, "gone", namespace, "the cache to fail", lambda s: (s.get("cache") or {}).get("phase") == "Failed"
+    )
     ready = condition({"status": failed}, "Ready")
     assert ready["status"] == "False" and ready["reason"] == "CacheFailed"
     assert "acme/missing" in ready["message"] and "spec.model.source.huggingFace.repo" in ready["message"]
@@ -148,8 +199,7 @@ def test_a_missing_repo_fails_the_cache_in_words(cluster: ControlPlane, operator
     assert get_json(cluster, "deployment", "gone", "-n", namespace)["spec"]["replicas"] == 0
 
 
-def test_startup_phases_add_up_for_a_ready_service(cluster: ControlPlane, operator: OperatorProcess,
-                                                   namespace: str) -> None:
+def test_startup_phases_add_up_for_a_ready_service(cluster: ControlPlane, operator: OperatorProcess, namespace: str) -> None:
     apply_manifest(cluster, llmservice("quick", namespace))
     obj = wait_ready(cluster, operator, "quick", namespace)
     if "startup" not in obj["status"]:
@@ -160,5 +210,8 @@ def test_startup_phases_add_up_for_a_ready_service(cluster: ControlPlane, operat
     assert abs(sum(parts.values()) - startup["total"]) <= 1.0
     pod = get_json(cluster, "pod", startup["pod"], "-n", namespace)
     assert pod["metadata"]["labels"]["llmservice.io/name"] == "quick"
-    wait_for(lambda: operator.metric("llmservice_operator_cold_start_seconds_count", phase="total") >= 1, TIMEOUT,
-             "the cold start in the operator's histogram")
+    wait_for(
+        lambda: operator.metric("llmservice_operator_cold_start_seconds_count", phase="total") >= 1,
+        TIMEOUT,
+        "the cold start in the operator's histogram",
+    )

@@ -37,9 +37,12 @@ API_REQUESTS = "llmservice_operator_api_requests_total"
 @pytest.fixture(scope="module")
 def operator(cluster: ControlPlane, chart: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
     workdir = tmp_path_factory.mktemp("operator")
-    process = OperatorProcess(service_account_kubeconfig(cluster, workdir / "kubeconfig"), workdir / "operator.log",
-                              resync_seconds=RESYNC_SECONDS,
-                              env={"LLMSERVICE_OPERATOR_CAPACITY_GRACE_SECONDS": str(CAPACITY_GRACE_SECONDS)})
+    process = OperatorProcess(
+        service_account_kubeconfig(cluster, workdir / "kubeconfig"),
+        workdir / "operator.log",
+        resync_seconds=RESYNC_SECONDS,
+        env={"LLMSERVICE_OPERATOR_CAPACITY_GRACE_SECONDS": str(CAPACITY_GRACE_SECONDS)},
+    )
     process.start()
     yield process
     process.stop()
@@ -51,16 +54,15 @@ def llmservice(name: str, namespace: str, **spec: Any) -> dict[str, Any]:
         "resources": {"gpu": {"count": 1}, "memory": {"limit": "2Gi"}},
     }
     body.update(spec)
-    return {"apiVersion": "llmservice.io/v1alpha1", "kind": "LLMService",
-            "metadata": {"name": name, "namespace": namespace}, "spec": body}
+    return {"apiVersion": "llmservice.io/v1alpha1", "kind": "LLMService", "metadata": {"name": name, "namespace": namespace}, "spec": body}
 
 
-def wait_ready(cluster: ControlPlane, operator: OperatorProcess, name: str, namespace: str,
-               timeout: float = READY_TIMEOUT) -> dict[str, Any]:
+def wait_ready(
+    cluster: ControlPlane, operator: OperatorProcess, name: str, namespace: str, timeout: float = READY_TIMEOUT
+) -> dict[str, Any]:
     def ready() -> bool:
         obj = get_json(cluster, "llmsvc", name, "-n", namespace)
-        return condition(obj, "Ready").get("status") == "True" and \
-            obj["status"].get("observedGeneration") == obj["metadata"]["generation"]
+        return condition(obj, "Ready").get("status") == "True" and obj["status"].get("observedGeneration") == obj["metadata"]["generation"]
 
     try:
         wait_for(ready, timeout, f"LLMService {namespace}/{name} to become Ready")
@@ -105,11 +107,27 @@ def test_helm_installed_the_crd_and_rbac(cluster: ControlPlane, chart: None) -> 
     crd = get_json(cluster, "crd", "llmservices.llmservice.io")
     assert condition(crd, "Established").get("status") == "True"
     assert cluster.kubectl("get", "serviceaccount", "llmservice-operator", "-n", SYSTEM_NAMESPACE).returncode == 0
-    can = cluster.kubectl("auth", "can-i", "patch", "deployments.apps", "-n", "default",
-                          "--as=system:serviceaccount:llmservice-system:llmservice-operator", check=False)
+    can = cluster.kubectl(
+        "auth",
+        "can-i",
+        "patch",
+        "deployments.apps",
+        "-n",
+        "default",
+        "--as=system:serviceaccount:llmservice-system:llmservice-operator",
+        check=False,
+    )
     assert can.stdout.strip() == "yes"
-    cannot = cluster.kubectl("auth", "can-i", "delete", "secrets", "-n", "default",
-                             "--as=system:serviceaccount:llmservice-system:llmservice-operator", check=False)
+    cannot = cluster.kubectl(
+        "auth",
+        "can-i",
+        "delete",
+        "secrets",
+        "-n",
+        "default",
+        "--as=system:serviceaccount:llmservice-system:llmservice-operator",
+        check=False,
+    )
     assert cannot.stdout.strip() == "no", "the operator must not be able to touch secrets"
 
 
@@ -131,10 +149,11 @@ def test_helm_upgrade_updates_the_crd(cluster: ControlPlane, chart: None, tmp_pa
     assert marker not in get_json(cluster, "crd", "llmservices.llmservice.io")["spec"]["names"]["shortNames"]
 
 
-def test_llmservice_gets_its_children_and_becomes_ready(cluster: ControlPlane, operator: OperatorProcess,
-                                                        namespace: str) -> None:
-    apply_manifest(cluster, llmservice("chat", namespace, server={"maxNumSeqs": 8, "drainSeconds": 20},
-                                       autoscaling={"minReplicas": 1, "maxReplicas": 3}))
+def test_llmservice_gets_its_children_and_becomes_ready(cluster: ControlPlane, operator: OperatorProcess, namespace: str) -> None:
+    apply_manifest(
+        cluster,
+        llmservice("chat", namespace, server={"maxNumSeqs": 8, "drainSeconds": 20}, autoscaling={"minReplicas": 1, "maxReplicas": 3}),
+    )
     obj = wait_ready(cluster, operator, "chat", namespace)
     assert obj["status"]["url"] == f"http://chat.{namespace}.svc:8000"
     assert obj["status"]["selector"] == "app.kubernetes.io/name=llmservice-server,llmservice.io/name=chat"
@@ -171,44 +190,62 @@ def test_scale_subresource_and_hpa_owned_replicas(cluster: ControlPlane, operato
     apply_manifest(cluster, llmservice("fixed", namespace, resources={"gpu": {"count": 0}, "memory": {"limit": "2Gi"}}))
     wait_ready(cluster, operator, "fixed", namespace)
     cluster.kubectl("scale", "llmsvc", "fixed", "-n", namespace, "--replicas=3")
-    wait_for(lambda: get_json(cluster, "deployment", "fixed", "-n", namespace)["spec"]["replicas"] == 3, 60,
-             "the Deployment to follow kubectl scale llmsvc")
+    wait_for(
+        lambda: get_json(cluster, "deployment", "fixed", "-n", namespace)["spec"]["replicas"] == 3,
+        60,
+        "the Deployment to follow kubectl scale llmsvc",
+    )
     obj = wait_ready(cluster, operator, "fixed", namespace)
     assert obj["status"]["readyReplicas"] == 3
     assert get_json(cluster, "pdb", "fixed", "-n", namespace)["spec"]["maxUnavailable"] == 1
 
-    apply_manifest(cluster, llmservice("auto", namespace, autoscaling={"minReplicas": 1, "maxReplicas": 4, "metric": "cpu"},
-                                       resources={"gpu": {"count": 0}, "memory": {"limit": "2Gi"}}))
+    apply_manifest(
+        cluster,
+        llmservice(
+            "auto",
+            namespace,
+            autoscaling={"minReplicas": 1, "maxReplicas": 4, "metric": "cpu"},
+            resources={"gpu": {"count": 0}, "memory": {"limit": "2Gi"}},
+        ),
+    )
     wait_ready(cluster, operator, "auto", namespace)
     # What the HPA controller does: write the Deployment's replicas through the scale subresource.
     cluster.kubectl("scale", "deployment", "auto", "-n", namespace, "--replicas=2")
     wait_ready(cluster, operator, "auto", namespace)
     # A wrongly-fighting operator would revert it within a reconcile; it has five seconds of them.
-    assert_stays(lambda: get_json(cluster, "deployment", "auto", "-n", namespace)["spec"]["replicas"] == 2, 5,
-                 "the replicas the HPA's scale wrote")
+    assert_stays(
+        lambda: get_json(cluster, "deployment", "auto", "-n", namespace)["spec"]["replicas"] == 2, 5, "the replicas the HPA's scale wrote"
+    )
 
 
-def test_drift_is_repaired_and_deletion_collects_children(cluster: ControlPlane, operator: OperatorProcess,
-                                                          namespace: str) -> None:
+def test_drift_is_repaired_and_deletion_collects_children(cluster: ControlPlane, operator: OperatorProcess, namespace: str) -> None:
     apply_manifest(cluster, llmservice("drift", namespace))
     wait_ready(cluster, operator, "drift", namespace)
     cluster.kubectl("set", "image", "deployment/drift", "server=evil/image:1", "-n", namespace)
-    wait_for(lambda: get_json(cluster, "deployment", "drift", "-n", namespace)["spec"]["template"]["spec"]
-             ["containers"][0]["image"] == "registry.local/llmservice-server:e2e", 60, "the edited image to be put back")
+    wait_for(
+        lambda: (
+            get_json(cluster, "deployment", "drift", "-n", namespace)["spec"]["template"]["spec"]["containers"][0]["image"]
+            == "registry.local/llmservice-server:e2e"
+        ),
+        60,
+        "the edited image to be put back",
+    )
     cluster.kubectl("delete", "service", "drift", "-n", namespace)
-    wait_for(lambda: cluster.kubectl("get", "service", "drift", "-n", namespace, check=False).returncode == 0, 60,
-             "the deleted Service to be recreated")
+    wait_for(
+        lambda: cluster.kubectl("get", "service", "drift", "-n", namespace, check=False).returncode == 0,
+        60,
+        "the deleted Service to be recreated",
+    )
 
     cluster.kubectl("delete", "llmsvc", "drift", "-n", namespace, "--wait=true", "--timeout=60s")
-    wait_for(lambda: not any(children(cluster, namespace, "drift").values()), 60,
-             "the garbage collector to delete the children")
+    wait_for(lambda: not any(children(cluster, namespace, "drift").values()), 60, "the garbage collector to delete the children")
 
 
-def test_sigkill_mid_reconcile_converges_to_one_of_each(cluster: ControlPlane, operator: OperatorProcess,
-                                                        namespace: str) -> None:
+def test_sigkill_mid_reconcile_converges_to_one_of_each(cluster: ControlPlane, operator: OperatorProcess, namespace: str) -> None:
     for index in range(5):
-        apply_manifest(cluster, llmservice(f"burst-{index}", namespace, replicas=2,
-                                           resources={"gpu": {"count": 0}, "memory": {"limit": "2Gi"}}))
+        apply_manifest(
+            cluster, llmservice(f"burst-{index}", namespace, replicas=2, resources={"gpu": {"count": 0}, "memory": {"limit": "2Gi"}})
+        )
     wait_for(lambda: any(children(cluster, namespace, "burst-0").values()), 30, "the operator to start writing children")
     operator.kill()  # in the middle of the burst: some LLMServices have children, some not yet
     operator.start()
@@ -216,11 +253,14 @@ def test_sigkill_mid_reconcile_converges_to_one_of_each(cluster: ControlPlane, o
         wait_ready(cluster, operator, f"burst-{index}", namespace)
         found = children(cluster, namespace, f"burst-{index}")
         assert {kind: len(items) for kind, items in found.items()} == {
-            "deployment": 1, "service": 1, "horizontalpodautoscaler": 0, "poddisruptionbudget": 1}
+            "deployment": 1,
+            "service": 1,
+            "horizontalpodautoscaler": 0,
+            "poddisruptionbudget": 1,
+        }
 
 
-def test_more_gpus_than_any_node_says_so_then_recovers(cluster: ControlPlane, operator: OperatorProcess,
-                                                       namespace: str) -> None:
+def test_more_gpus_than_any_node_says_so_then_recovers(cluster: ControlPlane, operator: OperatorProcess, namespace: str) -> None:
     apply_manifest(cluster, llmservice("big", namespace, resources={"gpu": {"count": 8}, "memory": {"limit": "2Gi"}}))
 
     def reason_is(reason: str) -> Any:
@@ -245,8 +285,7 @@ def test_more_gpus_than_any_node_says_so_then_recovers(cluster: ControlPlane, op
         cluster.remove_node("e2e-big-gpu-node")
 
 
-def test_gitops_reapply_changes_nothing_and_spec_is_never_written(cluster: ControlPlane, operator: OperatorProcess,
-                                                                  namespace: str) -> None:
+def test_gitops_reapply_changes_nothing_and_spec_is_never_written(cluster: ControlPlane, operator: OperatorProcess, namespace: str) -> None:
     manifest = llmservice("git", namespace, replicas=2)
     apply_manifest(cluster, manifest)
     wait_ready(cluster, operator, "git", namespace)
@@ -262,8 +301,7 @@ def test_gitops_reapply_changes_nothing_and_spec_is_never_written(cluster: Contr
     assert "f:spec" in str(managers["gitops"]["fieldsV1"])
 
 
-def test_settled_llmservice_sees_no_writes_across_resyncs(cluster: ControlPlane, operator: OperatorProcess,
-                                                          namespace: str) -> None:
+def test_settled_llmservice_sees_no_writes_across_resyncs(cluster: ControlPlane, operator: OperatorProcess, namespace: str) -> None:
     apply_manifest(cluster, llmservice("quiet", namespace, replicas=2))
     wait_ready(cluster, operator, "quiet", namespace)
     before = wait_settled(cluster, namespace, "quiet")
@@ -271,10 +309,9 @@ def test_settled_llmservice_sees_no_writes_across_resyncs(cluster: ControlPlane,
     lists_before = operator.metric(API_REQUESTS, verb="list", code="200")
     window = float(os.environ.get("LLMSERVICE_E2E_IDLE_SECONDS", "75"))
     # Watch timeouts (20 s each) and resyncs (every 5 s) happen meanwhile.
-    assert_stays(lambda: versions(cluster, namespace, "quiet") == before, window, "zero writes to a settled LLMService",
-                 interval=5.0)
+    assert_stays(lambda: versions(cluster, namespace, "quiet") == before, window, "zero writes to a settled LLMService", interval=5.0)
     assert operator.metric(API_REQUESTS, verb="list", code="200") > lists_before, "no resync ran"
     # Other tests' namespaces are still being deleted, so the operator as a whole may write: this one's lines only.
-    during = operator.log_path.read_text(errors="replace")[len(log_before):]
+    during = operator.log_path.read_text(errors="replace")[len(log_before) :]
     writes = re.findall(rf"^.*(?:Applied|Pruned|Deleted) \w+ {re.escape(namespace)}/.*$", during, flags=re.M)
     assert not writes, f"the operator wrote to a settled LLMService's children: {writes}"

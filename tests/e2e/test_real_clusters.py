@@ -24,8 +24,7 @@ SERVER_LABELS = "app.kubernetes.io/name=llmservice-server"
 @pytest.fixture(scope="module")
 def operator(cluster: ControlPlane, chart: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
     workdir = tmp_path_factory.mktemp("operator-real")
-    process = OperatorProcess(service_account_kubeconfig(cluster, workdir / "kubeconfig"), workdir / "operator.log",
-                              resync_seconds=30)
+    process = OperatorProcess(service_account_kubeconfig(cluster, workdir / "kubeconfig"), workdir / "operator.log", resync_seconds=30)
     process.start()
     yield process
     process.stop()
@@ -35,22 +34,30 @@ def llmsvc(cluster: ControlPlane, name: str, namespace: str) -> dict[str, Any]:
     return get_json(cluster, "llmsvc", name, "-n", namespace)
 
 
-def wait_reason(cluster: ControlPlane, operator: OperatorProcess, name: str, namespace: str, kind: str, reason: str,
-                timeout: float = STATUS_TIMEOUT) -> dict[str, Any]:
+def wait_reason(
+    cluster: ControlPlane, operator: OperatorProcess, name: str, namespace: str, kind: str, reason: str, timeout: float = STATUS_TIMEOUT
+) -> dict[str, Any]:
     """Wait for condition `kind` of the LLMService to carry `reason`; the object then."""
     try:
-        wait_for(lambda: condition(llmsvc(cluster, name, namespace), kind).get("reason") == reason, timeout,
-                 f"LLMService {namespace}/{name}: {kind} reason {reason}")
+        wait_for(
+            lambda: condition(llmsvc(cluster, name, namespace), kind).get("reason") == reason,
+            timeout,
+            f"LLMService {namespace}/{name}: {kind} reason {reason}",
+        )
     except Exception as error:
-        raise AssertionError(f"{error}\nstatus: {llmsvc(cluster, name, namespace).get('status')}\n"
-                             f"operator log:\n{operator.log_tail()}") from error
+        raise AssertionError(
+            f"{error}\nstatus: {llmsvc(cluster, name, namespace).get('status')}\noperator log:\n{operator.log_tail()}"
+        ) from error
     return llmsvc(cluster, name, namespace)
 
 
 def warning_events(cluster: ControlPlane, namespace: str, name: str, reason: str) -> list[dict[str, Any]]:
     events = get_json(cluster, "events.events.k8s.io", "-n", namespace)["items"]
-    return [e for e in events if e["regarding"]["kind"] == "LLMService" and e["regarding"]["name"] == name
-            and e["reason"] == reason and e["type"] == "Warning"]
+    return [
+        e
+        for e in events
+        if e["regarding"]["kind"] == "LLMService" and e["regarding"]["name"] == name and e["reason"] == reason and e["type"] == "Warning"
+    ]
 
 
 def server_pod(cluster: ControlPlane, namespace: str, name: str) -> str:
@@ -74,20 +81,24 @@ def play_kubelet(cluster: ControlPlane, namespace: str, pod: str, container_stat
             {"type": "ContainersReady", "status": "False", "reason": "ContainersNotReady"},
             {"type": "Ready", "status": "False", "reason": "ContainersNotReady"},
         ],
-        "containerStatuses": [{
-            "name": "server", "image": current["spec"]["containers"][0]["image"], "imageID": "",
-            "ready": False, "started": False, **container_status,
-        }],
+        "containerStatuses": [
+            {
+                "name": "server",
+                "image": current["spec"]["containers"][0]["image"],
+                "imageID": "",
+                "ready": False,
+                "started": False,
+                **container_status,
+            }
+        ],
     }
-    cluster.kubectl("patch", "pod", pod, "-n", namespace, "--subresource=status", "--type=merge",
-                    "-p", json.dumps({"status": status}))
+    cluster.kubectl("patch", "pod", pod, "-n", namespace, "--subresource=status", "--type=merge", "-p", json.dumps({"status": status}))
 
 
 # --- 1. ownership -------------------------------------------------------------------------------
 
 
-def test_a_users_service_of_the_same_name_is_never_taken(cluster: ControlPlane, operator: OperatorProcess,
-                                                         namespace: str) -> None:
+def test_a_users_service_of_the_same_name_is_never_taken(cluster: ControlPlane, operator: OperatorProcess, namespace: str) -> None:
     cluster.kubectl("create", "service", "clusterip", "b6", "--tcp=5432:5432", "-n", namespace)
     before = get_json(cluster, "service", "b6", "-n", namespace)
     apply_manifest(cluster, llmservice("b6", namespace, resources={"gpu": {"count": 0}, "memory": {"limit": "2Gi"}}))
@@ -122,8 +133,7 @@ def test_reconcile_goes_on_once_the_name_is_free(cluster: ControlPlane, operator
     assert service["metadata"]["ownerReferences"][0]["uid"] == obj["metadata"]["uid"]
 
 
-def test_deleted_and_recreated_at_once_waits_for_the_old_children(cluster: ControlPlane, operator: OperatorProcess,
-                                                                  namespace: str) -> None:
+def test_deleted_and_recreated_at_once_waits_for_the_old_children(cluster: ControlPlane, operator: OperatorProcess, namespace: str) -> None:
     """A GitOps replace: the new LLMService must not adopt, nor stall on, the old one's children."""
     manifest = llmservice("again", namespace, resources={"gpu": {"count": 0}, "memory": {"limit": "2Gi"}})
     apply_manifest(cluster, manifest)
@@ -150,10 +160,19 @@ def test_a_model_that_fails_to_load_says_why_and_stalls_after_three_restarts(
     reason = "OSError: /models/llama-3 is not a model directory (no config.json)"
 
     def failed(restarts: int) -> dict[str, Any]:
-        return {"restartCount": restarts, "state": {"waiting": {"reason": "CrashLoopBackOff",
-                                                                "message": "back-off 40s restarting failed container"}},
-                "lastState": {"terminated": {"exitCode": 1, "reason": "Error", "message": reason,
-                                             "startedAt": "2026-11-29T10:00:00Z", "finishedAt": "2026-11-29T10:00:04Z"}}}
+        return {
+            "restartCount": restarts,
+            "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 40s restarting failed container"}},
+            "lastState": {
+                "terminated": {
+                    "exitCode": 1,
+                    "reason": "Error",
+                    "message": reason,
+                    "startedAt": "2026-11-29T10:00:00Z",
+                    "finishedAt": "2026-11-29T10:00:04Z",
+                }
+            },
+        }
 
     play_kubelet(cluster, namespace, pod, failed(1))
     obj = wait_reason(cluster, operator, "load", namespace, "Ready", "ModelLoadFailed")
@@ -166,14 +185,33 @@ def test_a_model_that_fails_to_load_says_why_and_stalls_after_three_restarts(
     assert warning_events(cluster, namespace, "load", "ModelLoadFailed")
 
 
-@pytest.mark.parametrize(("container_status", "reason", "says"), [
-    ({"restartCount": 5, "state": {"waiting": {"reason": "CrashLoopBackOff"}},
-      "lastState": {"terminated": {"exitCode": 139, "reason": "Error"}}}, "CrashLoop", "5 restarts"),
-    ({"restartCount": 2, "state": {"running": {"startedAt": "2026-11-29T10:00:00Z"}},
-      "lastState": {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}}, "OOMKilled", "memory limit of 2Gi"),
-], ids=["crash-loop", "oom-killed"])
-def test_a_container_that_keeps_failing_says_how(cluster: ControlPlane, operator: OperatorProcess, namespace: str,
-                                                 container_status: dict[str, Any], reason: str, says: str) -> None:
+@pytest.mark.parametrize(
+    ("container_status", "reason", "says"),
+    [
+        (
+            {
+                "restartCount": 5,
+                "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+                "lastState": {"terminated": {"exitCode": 139, "reason": "Error"}},
+            },
+            "CrashLoop",
+            "5 restarts",
+        ),
+        (
+            {
+                "restartCount": 2,
+                "state": {"running": {"startedAt": "2026-11-29T10:00:00Z"}},
+                "lastState": {"terminated": {"exitCode": 137, "reason": "OOMKilled"}},
+            },
+            "OOMKilled",
+            "memory limit of 2Gi",
+        ),
+    ],
+    ids=["crash-loop", "oom-killed"],
+)
+def test_a_container_that_keeps_failing_says_how(
+    cluster: ControlPlane, operator: OperatorProcess, namespace: str, container_status: dict[str, Any], reason: str, says: str
+) -> None:
     apply_manifest(cluster, llmservice("fail", namespace, resources={"gpu": {"count": 0}, "memory": {"limit": "2Gi"}}))
     play_kubelet(cluster, namespace, server_pod(cluster, namespace, "fail"), container_status)
 
@@ -182,22 +220,29 @@ def test_a_container_that_keeps_failing_says_how(cluster: ControlPlane, operator
     assert condition(obj, "Degraded")["reason"] == reason
 
 
-def test_a_recovered_containers_old_oom_kill_is_not_reported(cluster: ControlPlane, operator: OperatorProcess,
-                                                             namespace: str) -> None:
+def test_a_recovered_containers_old_oom_kill_is_not_reported(cluster: ControlPlane, operator: OperatorProcess, namespace: str) -> None:
     apply_manifest(cluster, llmservice("healed", namespace, resources={"gpu": {"count": 0}, "memory": {"limit": "2Gi"}}))
     wait_ready(cluster, operator, "healed", namespace)
     pod = server_pod(cluster, namespace, "healed")
-    play_kubelet(cluster, namespace, pod, {"restartCount": 1, "state": {"running": {"startedAt": "2026-11-29T10:00:00Z"}},
-                                           "lastState": {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}})
+    play_kubelet(
+        cluster,
+        namespace,
+        pod,
+        {
+            "restartCount": 1,
+            "state": {"running": {"startedAt": "2026-11-29T10:00:00Z"}},
+            "lastState": {"terminated": {"exitCode": 137, "reason": "OOMKilled"}},
+        },
+    )
     wait_reason(cluster, operator, "healed", namespace, "Ready", "OOMKilled")
 
     # The kubelet's view once the restarted container is ready again: the OOM kill is history.
     status = get_json(cluster, "pod", pod, "-n", namespace)["status"]
     status["containerStatuses"][0].update(ready=True, started=True)
-    status["conditions"] = [{**c, "status": "True", "reason": None} if c["type"] in ("Ready", "ContainersReady") else c
-                            for c in status["conditions"]]
-    cluster.kubectl("patch", "pod", pod, "-n", namespace, "--subresource=status", "--type=merge",
-                    "-p", json.dumps({"status": status}))
+    status["conditions"] = [
+        {**c, "status": "True", "reason": None} if c["type"] in ("Ready", "ContainersReady") else c for c in status["conditions"]
+    ]
+    cluster.kubectl("patch", "pod", pod, "-n", namespace, "--subresource=status", "--type=merge", "-p", json.dumps({"status": status}))
     obj = wait_ready(cluster, operator, "healed", namespace)
     assert condition(obj, "Degraded")["status"] == "False"
 
@@ -205,11 +250,18 @@ def test_a_recovered_containers_old_oom_kill_is_not_reported(cluster: ControlPla
 def test_pods_the_api_server_refuses_to_create_are_pod_creation_failed(
     cluster: ControlPlane, operator: OperatorProcess, namespace: str
 ) -> None:
-    quota = {"apiVersion": "v1", "kind": "ResourceQuota", "metadata": {"name": "no-gpus", "namespace": namespace},
-             "spec": {"hard": {"requests.nvidia.com/gpu": "0"}}}
+    quota = {
+        "apiVersion": "v1",
+        "kind": "ResourceQuota",
+        "metadata": {"name": "no-gpus", "namespace": namespace},
+        "spec": {"hard": {"requests.nvidia.com/gpu": "0"}},
+    }
     apply_manifest(cluster, quota)
-    wait_for(lambda: "hard" in (get_json(cluster, "resourcequota", "no-gpus", "-n", namespace).get("status") or {}), 30,
-             "the quota controller to publish the quota")
+    wait_for(
+        lambda: "hard" in (get_json(cluster, "resourcequota", "no-gpus", "-n", namespace).get("status") or {}),
+        30,
+        "the quota controller to publish the quota",
+    )
     apply_manifest(cluster, llmservice("quota", namespace))
 
     obj = wait_reason(cluster, operator, "quota", namespace, "Ready", "PodCreationFailed")
@@ -218,11 +270,14 @@ def test_pods_the_api_server_refuses_to_create_are_pod_creation_failed(
     assert condition(obj, "Degraded")["reason"] == "PodCreationFailed"
 
 
-def test_an_apply_the_api_server_refuses_is_apply_failed(cluster: ControlPlane, operator: OperatorProcess,
-                                                         namespace: str) -> None:
+def test_an_apply_the_api_server_refuses_is_apply_failed(cluster: ControlPlane, operator: OperatorProcess, namespace: str) -> None:
     # No prometheus-operator CRDs in this cluster: the ServiceMonitor's apply answers 404.
-    apply_manifest(cluster, llmservice("monitor", namespace, monitoring={"mode": "serviceMonitor"},
-                                       resources={"gpu": {"count": 0}, "memory": {"limit": "2Gi"}}))
+    apply_manifest(
+        cluster,
+        llmservice(
+            "monitor", namespace, monitoring={"mode": "serviceMonitor"}, resources={"gpu": {"count": 0}, "memory": {"limit": "2Gi"}}
+        ),
+    )
 
     obj = wait_reason(cluster, operator, "monitor", namespace, "Ready", "ApplyFailed")
     message = condition(obj, "Ready")["message"]
@@ -231,8 +286,10 @@ def test_an_apply_the_api_server_refuses_is_apply_failed(cluster: ControlPlane, 
     assert warning_events(cluster, namespace, "monitor", "ApplyFailed")
 
     # Fixing the spec is picked up (the backoff does not hold a new generation back).
-    apply_manifest(cluster, llmservice("monitor", namespace, monitoring={"mode": "annotations"},
-                                       resources={"gpu": {"count": 0}, "memory": {"limit": "2Gi"}}))
+    apply_manifest(
+        cluster,
+        llmservice("monitor", namespace, monitoring={"mode": "annotations"}, resources={"gpu": {"count": 0}, "memory": {"limit": "2Gi"}}),
+    )
     wait_ready(cluster, operator, "monitor", namespace)
 
 
@@ -240,8 +297,15 @@ def test_an_hpa_that_cannot_read_its_metric_is_autoscaling_not_active(
     cluster: ControlPlane, operator: OperatorProcess, namespace: str
 ) -> None:
     # No metrics-server here: the HPA controller sets ScalingActive=False, FailedGetResourceMetric.
-    apply_manifest(cluster, llmservice("blind", namespace, autoscaling={"minReplicas": 1, "maxReplicas": 2, "metric": "cpu"},
-                                       resources={"gpu": {"count": 0}, "memory": {"limit": "2Gi"}}))
+    apply_manifest(
+        cluster,
+        llmservice(
+            "blind",
+            namespace,
+            autoscaling={"minReplicas": 1, "maxReplicas": 2, "metric": "cpu"},
+            resources={"gpu": {"count": 0}, "memory": {"limit": "2Gi"}},
+        ),
+    )
 
     obj = wait_reason(cluster, operator, "blind", namespace, "Degraded", "AutoscalingNotActive", timeout=120)
     assert "ScalingActive=False" in condition(obj, "Degraded")["message"]

@@ -30,9 +30,11 @@ _names = st.from_regex(r"[a-z][a-z0-9-]{0,20}[a-z0-9]", fullmatch=True)
 _memory = st.sampled_from(["512Mi", "1Gi", "4Gi", "16Gi", "80Gi"])
 
 sources = st.one_of(
-    st.builds(lambda repo, rev: {"huggingFace": {"repo": repo, **({"revision": rev} if rev else {})}},
-              st.sampled_from(["HuggingFaceTB/SmolLM2-135M-Instruct", "meta-llama/Llama-3.1-8B-Instruct"]),
-              st.sampled_from([None, "main", "a1b2c3"])),
+    st.builds(
+        lambda repo, rev: {"huggingFace": {"repo": repo, **({"revision": rev} if rev else {})}},
+        st.sampled_from(["HuggingFaceTB/SmolLM2-135M-Instruct", "meta-llama/Llama-3.1-8B-Instruct"]),
+        st.sampled_from([None, "main", "a1b2c3"]),
+    ),
     st.builds(lambda claim, path: {"pvc": {"claimName": claim, "path": path}}, _names, st.sampled_from(["", "llama/8b"])),
     st.just({"image": {"path": "/opt/models/smollm2"}}),
     st.just({"bundled": {}}),
@@ -45,7 +47,8 @@ def specs(draw: st.DrawFn) -> dict[str, Any]:
     if draw(st.booleans()):
         low = draw(st.integers(1, 4))
         spec["autoscaling"] = {
-            "minReplicas": low, "maxReplicas": draw(st.integers(low, 10)),
+            "minReplicas": low,
+            "maxReplicas": draw(st.integers(low, 10)),
             "metric": draw(st.sampled_from(["requestsWaiting", "requestsRunning", "cpu"])),
             "target": draw(st.integers(1, 100)),
         }
@@ -57,16 +60,19 @@ def specs(draw: st.DrawFn) -> dict[str, Any]:
         "shmSize": draw(st.sampled_from(["64Mi", "256Mi", "1Gi"])),
     }
     spec["server"] = {
-        "maxNumSeqs": draw(st.integers(1, 256)), "maxQueue": draw(st.integers(0, 1000)),
-        "drainSeconds": draw(st.integers(0, 600)), "workers": draw(st.integers(1, 4)),
+        "maxNumSeqs": draw(st.integers(1, 256)),
+        "maxQueue": draw(st.integers(0, 1000)),
+        "drainSeconds": draw(st.integers(0, 600)),
+        "workers": draw(st.integers(1, 4)),
         "prefixCacheSize": draw(st.sampled_from([0, "0", "64Mi", "1Gi", "500M"])),
         "maxRequestSize": draw(st.sampled_from([1, "512Ki", "16Mi", "1Gi", "100M"])),
-        "requestReadTimeoutSeconds": draw(st.integers(1, 3600)), "maxConnections": draw(st.integers(1, 100000)),
+        "requestReadTimeoutSeconds": draw(st.integers(1, 3600)),
+        "maxConnections": draw(st.integers(1, 100000)),
     }
     # /dev/shm and, on CPU, every worker's prefix cache must fit below the memory limit (a CEL rule).
     shared = quantity_value(spec["resources"]["shmSize"]) + (
-        0 if spec["resources"]["gpu"]["count"] else
-        quantity_value(str(spec["server"]["prefixCacheSize"])) * spec["server"]["workers"])
+        0 if spec["resources"]["gpu"]["count"] else quantity_value(str(spec["server"]["prefixCacheSize"])) * spec["server"]["workers"]
+    )
     if shared >= quantity_value(spec["resources"]["memory"]["limit"]):
         spec["resources"]["memory"]["limit"] = "80Gi"
     if draw(st.booleans()):

@@ -37,8 +37,10 @@ def test_a_spec_the_operator_has_not_seen_is_progressing_even_if_ready(health_ch
 
 
 def test_oom_killed_is_degraded_with_the_operators_words(health_check: Any) -> None:
-    svc = service({**MINIMAL, "resources": {"gpu": {"count": 0}, "memory": {"limit": "512Mi"}, "shmSize": "64Mi"},
-                   "server": {"prefixCacheSize": 0}}, generation=3)
+    svc = service(
+        {**MINIMAL, "resources": {"gpu": {"count": 0}, "memory": {"limit": "512Mi"}, "shmSize": "64Mi"}, "server": {"prefixCacheSize": 0}},
+        generation=3,
+    )
     oom = pod({"state": {"waiting": {"reason": "CrashLoopBackOff"}}, "lastState": {"terminated": {"reason": "OOMKilled", "exitCode": 137}}})
     status = compute(svc, Observed(deployment=deployment(1, 0), pods=(oom,)), None, NOW)
     state, message = health_check(llmservice(status))

@@ -40,8 +40,7 @@ def test_the_volume_and_the_fetch_job_are_rendered_valid_and_owned() -> None:
     kinds = by_kind(render(service(CACHED), RenderContext(IMAGE)))
     pvc, job = kinds["PersistentVolumeClaim"], kinds["Job"]
     assert pvc["metadata"]["name"] == "chat-model" and job["metadata"]["name"] == "chat-fetch"
-    assert pvc["spec"] == {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "20Gi"}},
-                           "storageClassName": "fast"}
+    assert pvc["spec"] == {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "20Gi"}}, "storageClassName": "fast"}
     pod = job["spec"]["template"]["spec"]
     container = pod["containers"][0]
     assert container["command"] == ["llmservice-fetch"]
@@ -102,8 +101,18 @@ def _job(rev: str, *conditions: str, uid: str = "job-1") -> dict[str, Any]:
 def _pod(phase: str, result: dict[str, Any] | None = None, uid: str = "job-1") -> dict[str, Any]:
     status: dict[str, Any] = {"phase": phase}
     if result is not None:
-        status["containerStatuses"] = [{"name": "fetch", "state": {"terminated": {
-            "exitCode": 0 if result["ok"] else 2, "finishedAt": "2026-12-07T10:00:00Z", "message": json.dumps(result)}}}]
+        status["containerStatuses"] = [
+            {
+                "name": "fetch",
+                "state": {
+                    "terminated": {
+                        "exitCode": 0 if result["ok"] else 2,
+                        "finishedAt": "2026-12-07T10:00:00Z",
+                        "message": json.dumps(result),
+                    }
+                },
+            }
+        ]
     return {"metadata": {"name": "chat-fetch-x", "ownerReferences": [{"kind": "Job", "uid": uid}]}, "status": status}
 
 
@@ -113,12 +122,24 @@ def test_the_cache_phase_follows_the_job_and_its_result() -> None:
     assert cache.observe(svc, _job("older"), []).phase == "Pending", "a Job of another revision says nothing of this one"
     assert cache.observe(svc, _job("abc123"), [_pod("Running")]).phase == "Fetching"
 
-    fetched = {"ok": True, "reason": "Fetched", "message": "Fetched 3 files (99 bytes) of acme/tiny@abc123.",
-               "commit": "f" * 40, "files": 3, "bytes": 99}
+    fetched = {
+        "ok": True,
+        "reason": "Fetched",
+        "message": "Fetched 3 files (99 bytes) of acme/tiny@abc123.",
+        "commit": "f" * 40,
+        "files": 3,
+        "bytes": 99,
+    }
     ready = cache.observe(svc, _job("abc123", "Complete"), [_pod("Succeeded", fetched)])
     assert (ready.phase, ready.files, ready.bytes, ready.commit) == ("Ready", 3, 99, "f" * 40)
-    assert ready.to_status() == {"phase": "Ready", "revision": "abc123", "message": fetched["message"],
-                                 "commit": "f" * 40, "bytes": 99, "files": 3}
+    assert ready.to_status() == {
+        "phase": "Ready",
+        "revision": "abc123",
+        "message": fetched["message"],
+        "commit": "f" * 40,
+        "bytes": 99,
+        "files": 3,
+    }
 
     missing = {"ok": False, "reason": "RepoNotFound", "message": "Repository acme/tiny was not found on the Hub (HTTP 404)."}
     failed = cache.observe(svc, _job("abc123", "Failed"), [_pod("Failed", missing)])
@@ -140,8 +161,10 @@ def _ready_pod(created: str, scheduled: str, started: str, ready: str) -> dict[s
     return {
         "metadata": {"name": "chat-1", "creationTimestamp": created},
         "status": {
-            "conditions": [{"type": "PodScheduled", "status": "True", "lastTransitionTime": scheduled},
-                           {"type": "Ready", "status": "True", "lastTransitionTime": ready}],
+            "conditions": [
+                {"type": "PodScheduled", "status": "True", "lastTransitionTime": scheduled},
+                {"type": "Ready", "status": "True", "lastTransitionTime": ready},
+            ],
             "containerStatuses": [{"name": "server", "state": {"running": {"startedAt": started}}}],
         },
     }
@@ -150,8 +173,17 @@ def _ready_pod(created: str, scheduled: str, started: str, ready: str) -> dict[s
 def test_the_startup_phases_add_up_to_the_total() -> None:
     pod = _ready_pod("2026-12-07T10:00:00Z", "2026-12-07T10:00:02Z", "2026-12-07T10:00:32Z", "2026-12-07T10:01:40Z")
     seen = startup.breakdown(pod, {"fetch": 0.0, "load": 55.5, "warmup": 3.25})
-    assert seen == {"pod": "chat-1", "readyAt": "2026-12-07T10:01:40Z", "scheduling": 2.0, "image": 30.0,
-                    "fetch": 0.0, "load": 55.5, "warmup": 3.25, "other": 9.25, "total": 100.0}
+    assert seen == {
+        "pod": "chat-1",
+        "readyAt": "2026-12-07T10:01:40Z",
+        "scheduling": 2.0,
+        "image": 30.0,
+        "fetch": 0.0,
+        "load": 55.5,
+        "warmup": 3.25,
+        "other": 9.25,
+        "total": 100.0,
+    }
     unasked = startup.breakdown(pod, None)
     assert unasked is not None and "load" not in unasked and unasked["other"] == 68.0
     for result in (seen, unasked):

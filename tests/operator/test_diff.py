@@ -7,9 +7,24 @@ from llmservice_operator.diff import contains
 
 def test_server_defaults_and_other_managers_fields_do_not_count_as_drift() -> None:
     desired = {"spec": {"template": {"spec": {"containers": [{"name": "server", "env": [{"name": "A", "value": "1"}]}]}}}}
-    observed = {"spec": {"progressDeadlineSeconds": 600, "template": {"spec": {"dnsPolicy": "ClusterFirst", "containers": [
-        {"name": "sidecar"}, {"name": "server", "terminationMessagePath": "/dev/termination-log",
-                               "env": [{"name": "B", "value": "2"}, {"name": "A", "value": "1"}]}]}}}}
+    observed = {
+        "spec": {
+            "progressDeadlineSeconds": 600,
+            "template": {
+                "spec": {
+                    "dnsPolicy": "ClusterFirst",
+                    "containers": [
+                        {"name": "sidecar"},
+                        {
+                            "name": "server",
+                            "terminationMessagePath": "/dev/termination-log",
+                            "env": [{"name": "B", "value": "2"}, {"name": "A", "value": "1"}],
+                        },
+                    ],
+                }
+            },
+        }
+    }
     assert contains(observed, desired)
 
 

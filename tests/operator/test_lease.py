@@ -9,8 +9,7 @@ T0, T1 = "2026-11-29T10:00:00.000000Z", "2026-11-29T10:00:05.000000Z"
 
 
 def held_by(holder: str, transitions: int = 0) -> Record:
-    return Record(holder=holder, duration_seconds=15, acquire_time=T0, renew_time=T0, transitions=transitions,
-                  resource_version="42")
+    return Record(holder=holder, duration_seconds=15, acquire_time=T0, renew_time=T0, transitions=transitions, resource_version="42")
 
 
 def test_no_lease_is_created() -> None:
@@ -34,10 +33,10 @@ def test_a_released_lease_is_taken_at_once() -> None:
 def test_a_new_lease_holds_for_us_from_now() -> None:
     written = lease("llmservice-operator", "ops", ME, 15, T0)
     assert written == {
-        "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+        "apiVersion": "coordination.k8s.io/v1",
+        "kind": "Lease",
         "metadata": {"name": "llmservice-operator", "namespace": "ops"},
-        "spec": {"holderIdentity": ME, "leaseDurationSeconds": 15, "acquireTime": T0, "renewTime": T0,
-                 "leaseTransitions": 0},
+        "spec": {"holderIdentity": ME, "leaseDurationSeconds": 15, "acquireTime": T0, "renewTime": T0, "leaseTransitions": 0},
     }
 
 
@@ -62,7 +61,8 @@ def test_a_release_empties_the_holder() -> None:
 
 
 def test_record_reads_a_lease_as_the_api_server_returns_it() -> None:
-    body = {"metadata": {"name": "l", "namespace": "ops", "resourceVersion": "77"},
-            "spec": {"holderIdentity": OTHER, "leaseDurationSeconds": 15, "acquireTime": T0, "renewTime": T1,
-                     "leaseTransitions": 4}}
+    body = {
+        "metadata": {"name": "l", "namespace": "ops", "resourceVersion": "77"},
+        "spec": {"holderIdentity": OTHER, "leaseDurationSeconds": 15, "acquireTime": T0, "renewTime": T1, "leaseTransitions": 4},
+    }
     assert Record.of(body) == Record(OTHER, 15, T0, T1, 4, "77")

@@ -35,8 +35,10 @@ class Case:
 
 CASES = {
     "a new LLMService: every child is written, each name checked first": Case(
-        desired=[child("Deployment", "svc"), child("Service", "svc")], observed=[],
-        writes=[("Deployment", "svc", False), ("Service", "svc", False)], unseen=[("Deployment", "svc"), ("Service", "svc")],
+        desired=[child("Deployment", "svc"), child("Service", "svc")],
+        observed=[],
+        writes=[("Deployment", "svc", False), ("Service", "svc", False)],
+        unseen=[("Deployment", "svc"), ("Service", "svc")],
     ),
     "settled: nothing to do": Case(
         desired=[child("Deployment", "svc"), child("Service", "svc")],
@@ -72,11 +74,16 @@ CASES = {
         held=[("Deployment", "svc")],
     ),
     "a desired name held by an object without a controller blocks": Case(
-        desired=[child("Service", "svc")], observed=[seen("Service", "svc", owner=None)], held=[("Service", "svc")],
+        desired=[child("Service", "svc")],
+        observed=[seen("Service", "svc", owner=None)],
+        held=[("Service", "svc")],
     ),
     "the same name in another kind is another object": Case(
-        desired=[child("Service", "svc")], observed=[seen("Deployment", "svc")],
-        writes=[("Service", "svc", False)], unseen=[("Service", "svc")], prune=[("Deployment", "svc")],
+        desired=[child("Service", "svc")],
+        observed=[seen("Deployment", "svc")],
+        writes=[("Service", "svc", False)],
+        unseen=[("Service", "svc")],
+        prune=[("Deployment", "svc")],
     ),
 }
 

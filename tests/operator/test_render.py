@@ -44,8 +44,7 @@ def test_any_valid_spec_renders_deterministically_and_consistently(spec: dict[st
     assert kinds["Service"]["spec"]["selector"].items() <= template_labels.items()
     for child in first:
         owner = child["metadata"]["ownerReferences"]
-        assert owner == [{"apiVersion": "llmservice.io/v1alpha1", "kind": "LLMService", "name": "chat",
-                          "uid": UID, "controller": True}]
+        assert owner == [{"apiVersion": "llmservice.io/v1alpha1", "kind": "LLMService", "name": "chat", "uid": UID, "controller": True}]
         assert child["metadata"]["labels"][naming.NAME_LABEL] == "chat"
     if "autoscaling" in spec:
         assert "replicas" not in deployment["spec"], "an HPA owns replicas; applying them would fight it"
@@ -59,12 +58,20 @@ def test_any_valid_spec_renders_deterministically_and_consistently(spec: dict[st
 
 
 def test_deployment_carries_gpu_memory_env_probes_and_security() -> None:
-    svc = service({
-        "model": {"source": {"huggingFace": {"repo": "org/model", "revision": "v1"}}, "tokenSecretRef": {"name": "hf", "key": "token"}},
-        "resources": {"gpu": {"count": 2, "type": "NVIDIA-L4"}, "memory": {"request": "24Gi", "limit": "32Gi"}, "shmSize": "8Gi"},
-        "server": {"maxNumSeqs": 32, "maxQueue": 100, "prefillChunkTokens": 256, "drainSeconds": 45, "workers": 2,
-                   "requestTimeoutSeconds": 120},
-    })
+    svc = service(
+        {
+            "model": {"source": {"huggingFace": {"repo": "org/model", "revision": "v1"}}, "tokenSecretRef": {"name": "hf", "key": "token"}},
+            "resources": {"gpu": {"count": 2, "type": "NVIDIA-L4"}, "memory": {"request": "24Gi", "limit": "32Gi"}, "shmSize": "8Gi"},
+            "server": {
+                "maxNumSeqs": 32,
+                "maxQueue": 100,
+                "prefillChunkTokens": 256,
+                "drainSeconds": 45,
+                "workers": 2,
+                "requestTimeoutSeconds": 120,
+            },
+        }
+    )
     deployment = by_kind(render(svc, CONTEXT))["Deployment"]
     pod = deployment["spec"]["template"]["spec"]
     container = pod["containers"][0]
@@ -74,10 +81,15 @@ def test_deployment_carries_gpu_memory_env_probes_and_security() -> None:
         "limits": {"memory": "32Gi", "nvidia.com/gpu": "2", "ephemeral-storage": "20Gi"},
     }
     expected_env = {
-        "LLMSERVICE_MODEL": "org/model", "LLMSERVICE_REVISION": "v1", "LLMSERVICE_MAX_NUM_SEQS": "32",
-        "LLMSERVICE_MAX_QUEUE": "100", "LLMSERVICE_PREFILL_CHUNK_TOKENS": "256", "LLMSERVICE_DRAIN_SECONDS": "45",
+        "LLMSERVICE_MODEL": "org/model",
+        "LLMSERVICE_REVISION": "v1",
+        "LLMSERVICE_MAX_NUM_SEQS": "32",
+        "LLMSERVICE_MAX_QUEUE": "100",
+        "LLMSERVICE_PREFILL_CHUNK_TOKENS": "256",
+        "LLMSERVICE_DRAIN_SECONDS": "45",
         "LLMSERVICE_WORKERS": "2",
-        "LLMSERVICE_REQUEST_TIMEOUT_SECONDS": "120", "LLMSERVICE_SERVED_MODEL_NAME": "org/model",
+        "LLMSERVICE_REQUEST_TIMEOUT_SECONDS": "120",
+        "LLMSERVICE_SERVED_MODEL_NAME": "org/model",
         "LLMSERVICE_DEVICE": "cuda",
         "HF_TOKEN": {"secretKeyRef": {"name": "hf", "key": "token"}},
     }
@@ -87,20 +99,28 @@ def test_deployment_carries_gpu_memory_env_probes_and_security() -> None:
     shm = next(v for v in pod["volumes"] if v["name"] == "shm")
     assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": "8Gi"}
     assert {p: container[p]["httpGet"]["path"] for p in ("startupProbe", "readinessProbe", "livenessProbe")} == {
-        "startupProbe": "/startupz", "readinessProbe": "/readyz", "livenessProbe": "/livez"}
+        "startupProbe": "/startupz",
+        "readinessProbe": "/readyz",
+        "livenessProbe": "/livez",
+    }
     startup = container["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 1800, "a model load needs a long startup budget"
     assert pod["terminationGracePeriodSeconds"] > 45 + container["lifecycle"]["preStop"]["sleep"]["seconds"]
     assert container["securityContext"] == {
-        "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "runAsNonRoot": True,
-        "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert deployment["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 0, "maxUnavailable": 1}
 
 
 def test_cpu_service_surges_and_derives_memory_limit_from_request() -> None:
-    deployment = by_kind(render(service({**MINIMAL, "resources": {"gpu": {"count": 0}, "memory": {"request": "2Gi"}}}),
-                                CONTEXT))["Deployment"]
+    deployment = by_kind(render(service({**MINIMAL, "resources": {"gpu": {"count": 0}, "memory": {"request": "2Gi"}}}), CONTEXT))[
+        "Deployment"
+    ]
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     assert container["resources"]["limits"] == {"memory": "2Gi"}
     assert "nvidia.com/gpu" not in container["resources"]["requests"]
@@ -110,8 +130,9 @@ def test_cpu_service_surges_and_derives_memory_limit_from_request() -> None:
 
 
 def test_pvc_model_is_mounted_read_only_and_addressed_by_path() -> None:
-    deployment = by_kind(render(service({"model": {"source": {"pvc": {"claimName": "models", "path": "llama/8b"}}}}),
-                                CONTEXT))["Deployment"]
+    deployment = by_kind(render(service({"model": {"source": {"pvc": {"claimName": "models", "path": "llama/8b"}}}}), CONTEXT))[
+        "Deployment"
+    ]
     pod = deployment["spec"]["template"]["spec"]
     assert {"name": "model", "persistentVolumeClaim": {"claimName": "models", "readOnly": True}} in pod["volumes"]
     assert {"name": "model", "mountPath": "/models", "readOnly": True} in pod["containers"][0]["volumeMounts"]
@@ -146,16 +167,30 @@ def test_the_gpu_type_label_comes_from_the_spec_or_the_operators_default() -> No
     pod = by_kind(render(typed, gke))["Deployment"]["spec"]["template"]["spec"]
     assert pod["nodeSelector"] == {"cloud.google.com/gke-accelerator": "nvidia-l4"}
     assert by_kind(render(typed, CONTEXT))["Deployment"]["spec"]["template"]["spec"]["nodeSelector"] == {
-        "nvidia.com/gpu.product": "nvidia-l4"}
-    own = service({**MINIMAL, "resources": {"gpu": {"count": 1, "type": "L4", "typeLabel": "karpenter.k8s.aws/instance-gpu-name"},
-                                            "memory": {"limit": "8Gi"}}})
+        "nvidia.com/gpu.product": "nvidia-l4"
+    }
+    own = service(
+        {
+            **MINIMAL,
+            "resources": {
+                "gpu": {"count": 1, "type": "L4", "typeLabel": "karpenter.k8s.aws/instance-gpu-name"},
+                "memory": {"limit": "8Gi"},
+            },
+        }
+    )
     assert by_kind(render(own, gke))["Deployment"]["spec"]["template"]["spec"]["nodeSelector"] == {
-        "karpenter.k8s.aws/instance-gpu-name": "L4"}
+        "karpenter.k8s.aws/instance-gpu-name": "L4"
+    }
 
 
 def test_only_replicas_that_download_ask_for_ephemeral_storage() -> None:
-    downloads = service({**MINIMAL, "model": {"source": {"huggingFace": {"repo": "org/m"}}},
-                         "resources": {"gpu": {"count": 0}, "memory": {"limit": "4Gi"}, "ephemeralStorage": "50Gi"}})
+    downloads = service(
+        {
+            **MINIMAL,
+            "model": {"source": {"huggingFace": {"repo": "org/m"}}},
+            "resources": {"gpu": {"count": 0}, "memory": {"limit": "4Gi"}, "ephemeralStorage": "50Gi"},
+        }
+    )
     pod = by_kind(render(downloads, CONTEXT))["Deployment"]["spec"]["template"]["spec"]
     resources = pod["containers"][0]["resources"]
     assert resources["requests"]["ephemeral-storage"] == resources["limits"]["ephemeral-storage"] == "50Gi"
@@ -165,13 +200,24 @@ def test_only_replicas_that_download_ask_for_ephemeral_storage() -> None:
     assert {v["name"]: v for v in bundled["volumes"]}["cache"]["emptyDir"] == {}
 
 
-@pytest.mark.parametrize(("spec", "message"), [
-    ({**MINIMAL, "resources": {"gpu": {"count": 0}, "memory": {"limit": "1Gi"}}}, "must be below the memory limit"),
-    ({**MINIMAL, "resources": {"gpu": {"count": 0}, "memory": {"request": "2Gi"}, "shmSize": "256Mi"},
-      "server": {"workers": 4, "prefixCacheSize": "512Mi"}}, "must be below the memory limit"),
-    ({**MINIMAL, "resources": {"gpu": {"count": 1}, "memory": {"limit": "8Gi"}}, "rollout": {"maxUnavailable": "0%"}},
-     "needs spec.rollout.maxSurge above 0"),
-])
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({**MINIMAL, "resources": {"gpu": {"count": 0}, "memory": {"limit": "1Gi"}}}, "must be below the memory limit"),
+        (
+            {
+                **MINIMAL,
+                "resources": {"gpu": {"count": 0}, "memory": {"request": "2Gi"}, "shmSize": "256Mi"},
+                "server": {"workers": 4, "prefixCacheSize": "512Mi"},
+            },
+            "must be below the memory limit",
+        ),
+        (
+            {**MINIMAL, "resources": {"gpu": {"count": 1}, "memory": {"limit": "8Gi"}}, "rollout": {"maxUnavailable": "0%"}},
+            "needs spec.rollout.maxSurge above 0",
+        ),
+    ],
+)
 def test_what_the_crd_rules_refuse_the_model_refuses(spec: dict[str, Any], message: str) -> None:
     """For objects stored before a CEL rule existed: InvalidSpec, not a broken rollout."""
     with pytest.raises(SpecError, match=message):
@@ -184,10 +230,10 @@ def test_pdb_only_with_more_than_one_replica() -> None:
 
 
 def test_hpa_targets_the_servers_queue_metric() -> None:
-    hpa = by_kind(render(service({**MINIMAL, "autoscaling": {"maxReplicas": 4, "target": 8}}), CONTEXT))[
-        "HorizontalPodAutoscaler"]
-    assert hpa["spec"]["metrics"] == [{"type": "Pods", "pods": {
-        "metric": {"name": "vllm:num_requests_waiting"}, "target": {"type": "AverageValue", "averageValue": "8"}}}]
+    hpa = by_kind(render(service({**MINIMAL, "autoscaling": {"maxReplicas": 4, "target": 8}}), CONTEXT))["HorizontalPodAutoscaler"]
+    assert hpa["spec"]["metrics"] == [
+        {"type": "Pods", "pods": {"metric": {"name": "vllm:num_requests_waiting"}, "target": {"type": "AverageValue", "averageValue": "8"}}}
+    ]
     assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "chat"}
 
 
@@ -196,17 +242,20 @@ def test_user_env_replaces_ours_by_name() -> None:
     assert [e for e in env if e["name"] == "LLMSERVICE_MAX_QUEUE"] == [{"name": "LLMSERVICE_MAX_QUEUE", "value": "7"}]
 
 
-@pytest.mark.parametrize(("spec", "message"), [
-    ({**MINIMAL, "replicas": 2, "autoscaling": {"maxReplicas": 3}}, "not both"),
-    ({**MINIMAL, "autoscaling": {"minReplicas": 5, "maxReplicas": 3}}, "must not exceed"),
-    ({"model": {"source": {"bundled": {}, "image": {"path": "/m"}}}}, "exactly one"),
-    ({"model": {"source": {}}}, "exactly one"),
-    ({**MINIMAL, "resources": {"memory": {"request": "8Gi", "limit": "4Gi"}}}, "below its request"),
-    ({**MINIMAL, "resources": {"memory": {"limit": "lots"}}}, "not a Kubernetes quantity"),
-    ({**MINIMAL, "server": {"prefixCacheSize": "some"}}, "not a Kubernetes quantity"),
-    ({**MINIMAL, "server": {"maxRequestSize": "0"}}, "at least one byte"),
-    ({**MINIMAL, "server": {"maxRequestSize": "16 MiB"}}, "not a Kubernetes quantity"),
-])
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({**MINIMAL, "replicas": 2, "autoscaling": {"maxReplicas": 3}}, "not both"),
+        ({**MINIMAL, "autoscaling": {"minReplicas": 5, "maxReplicas": 3}}, "must not exceed"),
+        ({"model": {"source": {"bundled": {}, "image": {"path": "/m"}}}}, "exactly one"),
+        ({"model": {"source": {}}}, "exactly one"),
+        ({**MINIMAL, "resources": {"memory": {"request": "8Gi", "limit": "4Gi"}}}, "below its request"),
+        ({**MINIMAL, "resources": {"memory": {"limit": "lots"}}}, "not a Kubernetes quantity"),
+        ({**MINIMAL, "server": {"prefixCacheSize": "some"}}, "not a Kubernetes quantity"),
+        ({**MINIMAL, "server": {"maxRequestSize": "0"}}, "at least one byte"),
+        ({**MINIMAL, "server": {"maxRequestSize": "16 MiB"}}, "not a Kubernetes quantity"),
+    ],
+)
 def test_specs_we_cannot_serve_are_refused_with_a_readable_message(spec: dict[str, Any], message: str) -> None:
     with pytest.raises(SpecError, match=message):
         service(spec)

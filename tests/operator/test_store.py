@@ -16,15 +16,19 @@ def child(name: str, service: str | None, version: str, *, namespace: str = NS, 
     if service is not None:
         labels["llmservice.io/name"] = service
     return {
-        "apiVersion": "apps/v1", "kind": "Deployment",
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
         "metadata": {"name": name, "namespace": namespace, "uid": uid, "resourceVersion": version, "labels": labels},
         **extra,
     }
 
 
 def llmservice(name: str, version: str, *, namespace: str = NS) -> dict[str, Any]:
-    return {"apiVersion": "llmservice.io/v1alpha1", "kind": "LLMService",
-            "metadata": {"name": name, "namespace": namespace, "uid": f"uid-{name}", "resourceVersion": version}}
+    return {
+        "apiVersion": "llmservice.io/v1alpha1",
+        "kind": "LLMService",
+        "metadata": {"name": name, "namespace": namespace, "uid": f"uid-{name}", "resourceVersion": version},
+    }
 
 
 def test_a_child_is_found_through_the_llmservice_its_label_names() -> None:
@@ -37,7 +41,8 @@ def test_a_child_is_found_through_the_llmservice_its_label_names() -> None:
 
     found = store.children(NS, "chat", ["Deployment", "Service", "PodDisruptionBudget"])
     assert [(kind, body["metadata"]["namespace"], body["metadata"]["name"]) for kind, body in found] == [
-        ("Deployment", NS, "chat"), ("Service", NS, "chat"),
+        ("Deployment", NS, "chat"),
+        ("Service", NS, "chat"),
     ]
     assert store.children(NS, "chat", ["Service"]) == [("Service", store.get("Service", NS, "chat"))]
     assert store.children(NS, "nobody", ["Deployment", "Service"]) == []

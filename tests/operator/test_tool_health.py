@@ -41,16 +41,26 @@ def kstatus(obj: dict[str, Any]) -> str:
     return "Current"
 
 
-def _computed(spec: dict[str, Any], *, pods: tuple[dict[str, Any], ...] = (), ready: int = 0, replicas: int = 1,
-              capabilities: Capabilities | None = None, autoscaler: dict[str, Any] | None = None,
-              conditions: list[dict[str, Any]] | None = None, rollout: bool = True,
-              ) -> Callable[[], dict[str, Any]]:
+def _computed(
+    spec: dict[str, Any],
+    *,
+    pods: tuple[dict[str, Any], ...] = (),
+    ready: int = 0,
+    replicas: int = 1,
+    capabilities: Capabilities | None = None,
+    autoscaler: dict[str, Any] | None = None,
+    conditions: list[dict[str, Any]] | None = None,
+    rollout: bool = True,
+) -> Callable[[], dict[str, Any]]:
     def build() -> dict[str, Any]:
         observed = Observed(
-            deployment=deployment(replicas, ready, conditions=conditions) if rollout else None, pods=pods,
-            capabilities=capabilities or Capabilities(), autoscaler=autoscaler,
+            deployment=deployment(replicas, ready, conditions=conditions) if rollout else None,
+            pods=pods,
+            capabilities=capabilities or Capabilities(),
+            autoscaler=autoscaler,
         )
         return compute(service(spec, generation=GENERATION), observed, None, NOW)
+
     return build
 
 
@@ -59,19 +69,27 @@ def _unschedulable(message: str, since: str = NOW) -> dict[str, Any]:
 
 
 def _load_failure(restarts: int) -> dict[str, Any]:
-    return pod({"restartCount": restarts, "state": {"waiting": {"reason": "CrashLoopBackOff"}},
-                "lastState": {"terminated": {"exitCode": 1, "message": "OSError: no model at /models/x"}}})
+    return pod(
+        {
+            "restartCount": restarts,
+            "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+            "lastState": {"terminated": {"exitCode": 1, "message": "OSError: no model at /models/x"}},
+        }
+    )
 
 
 def _cache(reason: str, *, failed: bool) -> dict[str, Any]:
     held = _computed({**MINIMAL, "replicas": 0}, replicas=0)()  # replicas wait at zero for the cache
-    return cache_waiting(held, reason, "the model cache says why", failed=failed, serving=False,
-                         generation=GENERATION, previous=None, now=NOW)
+    return cache_waiting(
+        held, reason, "the model cache says why", failed=failed, serving=False, generation=GENERATION, previous=None, now=NOW
+    )
 
 
 NO_GPU = "0/2 nodes are available: 2 Insufficient nvidia.com/gpu."
-HPA_BLIND = {"metadata": {"name": "chat"}, "status": {"conditions": [
-    {"type": "ScalingActive", "status": "False", "reason": "FailedGetResourceMetric", "message": "no metrics"}]}}
+HPA_BLIND = {
+    "metadata": {"name": "chat"},
+    "status": {"conditions": [{"type": "ScalingActive", "status": "False", "reason": "FailedGetResourceMetric", "message": "no metrics"}]},
+}
 
 SCENARIOS: dict[str, Callable[[], dict[str, Any]]] = {
     "Available": _computed(MINIMAL, ready=1),
@@ -81,26 +99,42 @@ SCENARIOS: dict[str, Callable[[], dict[str, Any]]] = {
     "WaitingForCapacity": _computed(GPU8, pods=(_unschedulable(NO_GPU),)),
     "Unschedulable": _computed(MINIMAL, pods=(_unschedulable("0/2 nodes are available: 2 node(s) had untolerated taint."),)),
     "InsufficientGPU": _computed(GPU8, pods=(_unschedulable(NO_GPU, LONG_AGO),)),
-    "OOMKilled": _computed(MINIMAL, pods=(pod({"state": {"waiting": {"reason": "CrashLoopBackOff"}},
-                                               "lastState": {"terminated": {"reason": "OOMKilled", "exitCode": 137}}}),)),
+    "OOMKilled": _computed(
+        MINIMAL,
+        pods=(
+            pod(
+                {
+                    "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+                    "lastState": {"terminated": {"reason": "OOMKilled", "exitCode": 137}},
+                }
+            ),
+        ),
+    ),
     "ModelLoadFailed, under 3 restarts": _computed(MINIMAL, pods=(_load_failure(2),)),
     "ModelLoadFailed, 3 restarts or more": _computed(MINIMAL, pods=(_load_failure(3),)),
     "ImagePullFailed": _computed(MINIMAL, pods=(pod({"state": {"waiting": {"reason": "ImagePullBackOff"}}}),)),
-    "ContainerConfigError": _computed(MINIMAL, pods=(pod({"state": {"waiting": {
-        "reason": "CreateContainerConfigError", "message": 'secret "keys" not found'}}}),)),
-    "CrashLoop": _computed(MINIMAL, pods=(pod({"state": {"waiting": {"reason": "CrashLoopBackOff"}},
-                                               "lastState": {"terminated": {"exitCode": 139}}}),)),
-    "PodCreationFailed": _computed(MINIMAL, conditions=[
-        {"type": "ReplicaFailure", "status": "True", "reason": "FailedCreate", "message": "exceeded quota"}]),
-    "ProgressDeadlineExceeded": _computed(MINIMAL, conditions=[
-        {"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded", "message": "timed out"}]),
+    "ContainerConfigError": _computed(
+        MINIMAL, pods=(pod({"state": {"waiting": {"reason": "CreateContainerConfigError", "message": 'secret "keys" not found'}}}),)
+    ),
+    "CrashLoop": _computed(
+        MINIMAL, pods=(pod({"state": {"waiting": {"reason": "CrashLoopBackOff"}}, "lastState": {"terminated": {"exitCode": 139}}}),)
+    ),
+    "PodCreationFailed": _computed(
+        MINIMAL, conditions=[{"type": "ReplicaFailure", "status": "True", "reason": "FailedCreate", "message": "exceeded quota"}]
+    ),
+    "ProgressDeadlineExceeded": _computed(
+        MINIMAL, conditions=[{"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded", "message": "timed out"}]
+    ),
     "InvalidSpec": lambda: invalid(GENERATION, "minReplicas above maxReplicas", None, NOW),
     "NameConflict": lambda: name_conflict(GENERATION, "Service team-a/chat already exists", None, NOW),
     "ApplyFailed": lambda: apply_failed(GENERATION, "Applying Deployment team-a/chat failed (HTTP 403)", None, NOW),
     "MetricsAPIMissing (while serving)": _computed({**MINIMAL, "autoscaling": {"maxReplicas": 3}}, ready=1),
     "AutoscalingNotActive (while serving)": _computed(
-        {**MINIMAL, "autoscaling": {"maxReplicas": 3, "metric": "cpu"}}, ready=1,
-        capabilities=Capabilities(custom_metrics=True), autoscaler=HPA_BLIND),
+        {**MINIMAL, "autoscaling": {"maxReplicas": 3, "metric": "cpu"}},
+        ready=1,
+        capabilities=Capabilities(custom_metrics=True),
+        autoscaler=HPA_BLIND,
+    ),
     "CacheFetching": lambda: _cache("CacheFetching", failed=False),
     "CacheFailed": lambda: _cache("CacheFailed", failed=True),
 }
@@ -109,7 +143,7 @@ SCENARIOS: dict[str, Callable[[], dict[str, Any]]] = {
 def documented_rows() -> dict[str, tuple[str, str, str]]:
     """The table under "What Argo CD, kstatus and Flux show": reason cell -> (kstatus, Flux, Argo CD)."""
     text = STATUS_DOC.read_text()
-    section = text[text.index("## What Argo CD, kstatus and Flux show"):]
+    section = text[text.index("## What Argo CD, kstatus and Flux show") :]
     rows: dict[str, tuple[str, str, str]] = {}
     for line in section.splitlines():
         cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
@@ -126,7 +160,7 @@ def _reason(row: str) -> str:
 def documented_reasons() -> set[str]:
     """Every reason in the Reasons table of docs/status.md."""
     text = STATUS_DOC.read_text()
-    section = text[text.index("## Reasons"):text.index("## What Argo CD, kstatus and Flux show")]
+    section = text[text.index("## Reasons") : text.index("## What Argo CD, kstatus and Flux show")]
     return set(re.findall(r"^\| `(\w+)` \|", section, flags=re.MULTILINE))
 
 

@@ -78,8 +78,14 @@ class BackgroundStream:
     def __init__(self, url: str, max_tokens: int, timeout: float) -> None:
         self.events: list[str] = []
         self.first = threading.Event()
-        body = {"model": "tiny", "prompt": "Hello", "max_tokens": max_tokens, "temperature": 0, "stream": True,
-                "stream_options": {"include_usage": True}}
+        body = {
+            "model": "tiny",
+            "prompt": "Hello",
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
         self.thread = threading.Thread(target=self._read, args=(url + "/v1/completions", body, timeout))
         self.thread.start()
 

@@ -19,8 +19,14 @@ def test_the_wire_keeps_one_connection_across_body_framings_and_errors(server: S
         transport = LoopbackTransport()
         async with httpx.AsyncClient(transport=transport, base_url=server.url) as client:
             models = await client.get("/v1/models")  # a Content-Length body
-            body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5, "temperature": 0, "stream": True,
-                    "stream_options": {"include_usage": True}}
+            body = {
+                "model": "tiny",
+                "messages": [{"role": "user", "content": "Hi"}],
+                "max_tokens": 5,
+                "temperature": 0,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
             async with client.stream("POST", "/v1/chat/completions", json=body) as stream:  # chunked SSE
                 events = [line async for line in stream.aiter_lines() if line.startswith("data:")]
             refused = await client.post("/v1/chat/completions", json={**body, "model": "no-such-model"})

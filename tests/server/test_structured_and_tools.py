@@ -142,16 +142,24 @@ def test_a_named_function_is_the_one_called(client: openai.OpenAI) -> None:
 def test_a_conversation_with_tool_results_goes_through_the_template(server: ServerProcess, client: openai.OpenAI, tokenizer: Any) -> None:
     messages: list[Any] = [
         *MESSAGES,
-        {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function",
-                                                               "function": {"name": "get_time", "arguments": '{"zone": "UTC"}'}}]},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "get_time", "arguments": '{"zone": "UTC"}'}}],
+        },
         {"role": "tool", "tool_call_id": "call_1", "content": "12:00"},
     ]
     reply = client.chat.completions.create(model="tiny", messages=messages, tools=TOOLS, tool_choice="auto", max_tokens=4, temperature=0)
     assert reply.choices[0].finish_reason == "length"  # auto: the random model writes text, no call
     rendered = tokenizer.apply_chat_template(
-        [messages[0], {**messages[1], "tool_calls": [{"type": "function", "function": {"name": "get_time", "arguments": {"zone": "UTC"}}}]},
-         messages[2]],
-        tools=TOOLS, tokenize=False, add_generation_prompt=True,
+        [
+            messages[0],
+            {**messages[1], "tool_calls": [{"type": "function", "function": {"name": "get_time", "arguments": {"zone": "UTC"}}}]},
+            messages[2],
+        ],
+        tools=TOOLS,
+        tokenize=False,
+        add_generation_prompt=True,
     )
     assert '<tool_call>{"name": "get_time", "arguments": {"zone": "UTC"}}</tool_call>' in rendered
     assert "<tool_response>12:00</tool_response>" in rendered

@@ -222,4 +222,3 @@ class Scheduler:
             for hole, mover in zip(holes, movers, strict=True):
                 rows[hole] = rows[mover]
         del rows[kept:]
-

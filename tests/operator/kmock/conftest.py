@@ -170,9 +170,10 @@ class ApiServer(KubernetesEmulator):
             actual = stored.raw["metadata"].get("uid")
             if wanted is not None and wanted != actual:
                 return KubernetesError(
-                    status=409, reason="Conflict",
+                    status=409,
+                    reason="Conflict",
                     message=f'Operation cannot be fulfilled on {key[0]} "{key[2]}": '
-                            f"Precondition failed: UID in precondition: {wanted}, UID in object meta: {actual}",
+                    f"Precondition failed: UID in precondition: {wanted}, UID in object meta: {actual}",
                 )
         return None
 
@@ -277,13 +278,21 @@ def _defaults(plural: str, obj: Mapping[str, Any]) -> dict[str, Any]:
         spec.setdefault("sessionAffinity", "None")
         spec.setdefault("internalTrafficPolicy", "Cluster")
     elif plural == "horizontalpodautoscalers":
-        spec.setdefault("behavior", {
-            "scaleDown": {"stabilizationWindowSeconds": 300, "selectPolicy": "Max",
-                          "policies": [{"type": "Percent", "value": 100, "periodSeconds": 15}]},
-            "scaleUp": {"stabilizationWindowSeconds": 0, "selectPolicy": "Max",
-                        "policies": [{"type": "Percent", "value": 100, "periodSeconds": 15},
-                                     {"type": "Pods", "value": 4, "periodSeconds": 15}]},
-        })
+        spec.setdefault(
+            "behavior",
+            {
+                "scaleDown": {
+                    "stabilizationWindowSeconds": 300,
+                    "selectPolicy": "Max",
+                    "policies": [{"type": "Percent", "value": 100, "periodSeconds": 15}],
+                },
+                "scaleUp": {
+                    "stabilizationWindowSeconds": 0,
+                    "selectPolicy": "Max",
+                    "policies": [{"type": "Percent", "value": 100, "periodSeconds": 15}, {"type": "Pods", "value": 4, "periodSeconds": 15}],
+                },
+            },
+        )
     else:
         return {}
     return {"spec": spec}
@@ -336,7 +345,7 @@ class Controller:
 
     def requests(self) -> list[Request]:
         """The requests of the last reconcile (the store's fill before it excluded)."""
-        return list(self.kmock)[self.mark:]
+        return list(self.kmock)[self.mark :]
 
     def reconciles(self, result: str) -> float:
         value = self.registry.get_sample_value("llmservice_operator_reconciles_total", {"result": result})
@@ -358,8 +367,7 @@ async def controller(kmock: ApiServer) -> AsyncIterator[Controller]:
         # Cluster-wide, as the operator runs by default.
         resync = Resync(kube, store, (), queued.append)
         requeued: list[tuple[Key, float]] = []
-        reconciler = Reconciler(kube, store, metrics, IMAGE, clock=lambda: NOW,
-                                requeue=lambda key, delay: requeued.append((key, delay)))
+        reconciler = Reconciler(kube, store, metrics, IMAGE, clock=lambda: NOW, requeue=lambda key, delay: requeued.append((key, delay)))
         yield Controller(kmock, reconciler, resync, store, registry, queued, requeued)
 
 
@@ -429,14 +437,23 @@ def roll_out(kmock: ApiServer, name: str = NAME, replicas: int | None = None) ->
     raw = kmock.objects[DEPLOYMENTS, NAMESPACE, name].raw
     spec = raw["spec"] if replicas is None else {**raw["spec"], "replicas": replicas}
     want = int(spec.get("replicas", 1))
-    modify(kmock, DEPLOYMENTS, name, spec=spec, status={
-        "observedGeneration": raw["metadata"]["generation"],
-        "replicas": want, "updatedReplicas": want, "readyReplicas": want, "availableReplicas": want,
-        "conditions": [
-            {"type": "Available", "status": "True", "reason": "MinimumReplicasAvailable"},
-            {"type": "Progressing", "status": "True", "reason": "NewReplicaSetAvailable"},
-        ],
-    })
+    modify(
+        kmock,
+        DEPLOYMENTS,
+        name,
+        spec=spec,
+        status={
+            "observedGeneration": raw["metadata"]["generation"],
+            "replicas": want,
+            "updatedReplicas": want,
+            "readyReplicas": want,
+            "availableReplicas": want,
+            "conditions": [
+                {"type": "Available", "status": "True", "reason": "MinimumReplicasAvailable"},
+                {"type": "Progressing", "status": "True", "reason": "NewReplicaSetAvailable"},
+            ],
+        },
+    )
 
 
 async def settle(kmock: ApiServer, controller: Controller, replicas: int | None = None) -> int:

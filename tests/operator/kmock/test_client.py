@@ -24,8 +24,9 @@ def rotating_credentials(server: str) -> Credentials:
     configuration.api_key_prefix["BearerToken"] = "Bearer"
     tokens = (f"token-{i}" for i in itertools.count(1))
     configuration.refresh_api_key_hook = lambda conf: conf.api_key.update(BearerToken=next(tokens))
-    return Credentials(server=server, ca_path=None, insecure=False, certificate_path=None, private_key_path=None,
-                       token=None, configuration=configuration)
+    return Credentials(
+        server=server, ca_path=None, insecure=False, certificate_path=None, private_key_path=None, token=None, configuration=configuration
+    )
 
 
 async def test_every_request_carries_the_current_bearer_token(kmock: ApiServer) -> None:

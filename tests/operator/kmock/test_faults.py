@@ -54,18 +54,22 @@ async def test_a_conflict_or_throttling_on_apply_retries_quietly(kmock: ApiServe
 
 
 REFUSALS = {
-    403: KubernetesError(status=403, reason="Forbidden", message='deployments.apps "chat" is forbidden: '
-                         'User "system:serviceaccount:ops:op" cannot patch resource "deployments"'),
+    403: KubernetesError(
+        status=403,
+        reason="Forbidden",
+        message='deployments.apps "chat" is forbidden: User "system:serviceaccount:ops:op" cannot patch resource "deployments"',
+    ),
     404: KubernetesError(status=404, reason="NotFound", message="the server could not find the requested resource"),
-    500: KubernetesError(status=500, reason="InternalError", message='Internal error occurred: failed calling webhook '
-                         '"validate.kyverno.svc": context deadline exceeded'),
+    500: KubernetesError(
+        status=500,
+        reason="InternalError",
+        message='Internal error occurred: failed calling webhook "validate.kyverno.svc": context deadline exceeded',
+    ),
 }
 
 
 @pytest.mark.parametrize("code", [403, 404, 500])
-async def test_any_other_apply_error_is_apply_failed_in_status_and_retries(
-    kmock: ApiServer, controller: Controller, code: int
-) -> None:
+async def test_any_other_apply_error_is_apply_failed_in_status_and_retries(kmock: ApiServer, controller: Controller, code: int) -> None:
     seed(kmock, body(MINIMAL))
     kmock[f"patch {DEPLOYMENT_PATH}"] << REFUSALS[code]
 
@@ -74,8 +78,7 @@ async def test_any_other_apply_error_is_apply_failed_in_status_and_retries(
 
     assert controller.reconciles("retry") == 1  # the backoff continues
     sent = writes(kmock)
-    assert [(r.method.value, r.url.path) for r in sent] == [
-        ("PATCH", DEPLOYMENT_PATH), ("PATCH", STATUS_PATH), ("POST", EVENTS_PATH)]
+    assert [(r.method.value, r.url.path) for r in sent] == [("PATCH", DEPLOYMENT_PATH), ("PATCH", STATUS_PATH), ("POST", EVENTS_PATH)]
     assert not exists(kmock, DEPLOYMENTS)
     conditions = {c["type"]: c for c in stored(kmock, LLMSERVICES)["status"]["conditions"]}
     ready = conditions["Ready"]
@@ -120,8 +123,7 @@ async def test_a_retry_after_a_conflict_converges(kmock: ApiServer, controller: 
     await controller.run()
 
     assert (controller.reconciles("retry"), controller.reconciles("applied")) == (1, 1)
-    assert [r.url.path for r in writes(kmock)] == [DEPLOYMENT_PATH, DEPLOYMENT_PATH, f"{COLLECTIONS['Service']}/{NAME}",
-                                                   STATUS_PATH]
+    assert [r.url.path for r in writes(kmock)] == [DEPLOYMENT_PATH, DEPLOYMENT_PATH, f"{COLLECTIONS['Service']}/{NAME}", STATUS_PATH]
 
 
 async def test_a_rejected_child_becomes_an_invalid_spec_condition(kmock: ApiServer, controller: Controller) -> None:

@@ -40,14 +40,21 @@ async def test_an_invalid_spec_gets_a_condition_and_a_warning_and_no_children(km
     assert status["observedGeneration"] == 3
     conditions = {c["type"]: c for c in status["conditions"]}
     assert {kind: (c["status"], c["reason"]) for kind, c in conditions.items()} == {
-        "Ready": ("False", "InvalidSpec"), "Progressing": ("False", "InvalidSpec"), "Degraded": ("True", "InvalidSpec"),
-        "Reconciling": ("False", "AsExpected"), "Stalled": ("True", "InvalidSpec"),
+        "Ready": ("False", "InvalidSpec"),
+        "Progressing": ("False", "InvalidSpec"),
+        "Degraded": ("True", "InvalidSpec"),
+        "Reconciling": ("False", "AsExpected"),
+        "Stalled": ("True", "InvalidSpec"),
     }
     assert conditions["Ready"]["message"] == MESSAGE
     note = body_of(event)
     assert (note["type"], note["reason"], note["note"]) == ("Warning", "InvalidSpec", MESSAGE)
     assert note["regarding"] == {
-        "apiVersion": "llmservice.io/v1alpha1", "kind": "LLMService", "name": "chat", "namespace": "team-a", "uid": UID,
+        "apiVersion": "llmservice.io/v1alpha1",
+        "kind": "LLMService",
+        "name": "chat",
+        "namespace": "team-a",
+        "uid": UID,
         "resourceVersion": "",
     }
 

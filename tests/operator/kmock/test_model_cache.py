@@ -49,9 +49,7 @@ def complete_job(kmock: ApiServer) -> None:
     modify(kmock, JOBS, f"{NAME}-fetch", status={"conditions": [{"type": "Complete", "status": "True"}], "succeeded": 1})
 
 
-async def test_replicas_wait_for_the_cache_then_a_new_revision_is_fetched_beside_the_old(
-    kmock: ApiServer, controller: Controller
-) -> None:
+async def test_replicas_wait_for_the_cache_then_a_new_revision_is_fetched_beside_the_old(kmock: ApiServer, controller: Controller) -> None:
     seed(kmock, body(CACHED))
     assert await controller.reconcile() == "applied"
     assert stored(kmock, PVCS, f"{NAME}-model")["spec"]["resources"]["requests"]["storage"] == "10Gi"

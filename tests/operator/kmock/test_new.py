@@ -56,9 +56,7 @@ async def test_each_child_is_applied_once_with_ssa(
     desired = rendered(llmservice)
     assert [m["kind"] for m in desired] == kinds
     applies = child_writes(kmock)
-    assert [(r.method.value, r.url.path) for r in applies] == [
-        ("PATCH", f"{COLLECTIONS[kind]}/{NAME}") for kind in kinds
-    ]
+    assert [(r.method.value, r.url.path) for r in applies] == [("PATCH", f"{COLLECTIONS[kind]}/{NAME}") for kind in kinds]
     for request, manifest in zip(applies, desired, strict=True):
         assert header(request, "Content-Type") == APPLY
         assert dict(request.params) == {"fieldManager": FIELD_MANAGER, "force": "true"}
@@ -93,16 +91,13 @@ async def test_writes_are_the_children_then_one_status(kmock: ApiServer, control
     assert all(c["observedGeneration"] == 1 and c["lastTransitionTime"] == "2026-11-29T10:00:00Z" for c in conditions.values())
     assert status["status"]["selector"] == "app.kubernetes.io/name=llmservice-server,llmservice.io/name=chat"
 
-
     # What the API server now holds is what was applied.
     assert stored(kmock, LLMSERVICES)["status"] == status["status"]
     assert "replicas" not in body_of(child_writes(kmock)[0])["spec"]  # the HPA owns replicas
     assert stored(kmock, DEPLOYMENTS)["spec"]["replicas"] == 1  # the server's default, not ours
 
 
-async def test_a_new_llmservice_costs_five_writes_and_reads_only_discovery_and_its_names(
-    kmock: ApiServer, controller: Controller
-) -> None:
+async def test_a_new_llmservice_costs_five_writes_and_reads_only_discovery_and_its_names(kmock: ApiServer, controller: Controller) -> None:
     seed(kmock, body(MINIMAL))
 
     assert await controller.reconcile() == "applied"
@@ -115,9 +110,12 @@ async def test_a_new_llmservice_costs_five_writes_and_reads_only_discovery_and_i
     # Each child it is about to create is looked up once by name: the watches see only objects with
     # our labels, and a name held by someone else's object must not be applied over.
     assert first == [
-        ("GET", "/apis/monitoring.coreos.com/v1"), ("GET", "/apis/custom.metrics.k8s.io"),
-        ("GET", f"{COLLECTIONS['Deployment']}/{NAME}"), ("GET", f"{COLLECTIONS['Service']}/{NAME}"),
-        ("PATCH", f"{COLLECTIONS['Deployment']}/{NAME}"), ("PATCH", f"{COLLECTIONS['Service']}/{NAME}"),
+        ("GET", "/apis/monitoring.coreos.com/v1"),
+        ("GET", "/apis/custom.metrics.k8s.io"),
+        ("GET", f"{COLLECTIONS['Deployment']}/{NAME}"),
+        ("GET", f"{COLLECTIONS['Service']}/{NAME}"),
+        ("PATCH", f"{COLLECTIONS['Deployment']}/{NAME}"),
+        ("PATCH", f"{COLLECTIONS['Service']}/{NAME}"),
         ("PATCH", STATUS_PATH),
     ]
     # Ready: the status says so, and one Event announces it.
@@ -130,10 +128,17 @@ async def test_not_ready_says_why_from_the_pods_in_the_store(kmock: ApiServer, c
     pod_labels = stored(kmock, DEPLOYMENTS)["spec"]["template"]["metadata"]["labels"]
     kmock.objects["v1/pods", NAMESPACE, "chat-5d8f-abcde"] = {
         "metadata": {"name": "chat-5d8f-abcde", "namespace": NAMESPACE, "labels": pod_labels, "resourceVersion": kmock.next_version()},
-        "status": {"phase": "Pending", "conditions": [{
-            "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
-            "message": "0/2 nodes are available: 2 Insufficient nvidia.com/gpu.",
-        }]},
+        "status": {
+            "phase": "Pending",
+            "conditions": [
+                {
+                    "type": "PodScheduled",
+                    "status": "False",
+                    "reason": "Unschedulable",
+                    "message": "0/2 nodes are available: 2 Insufficient nvidia.com/gpu.",
+                }
+            ],
+        },
     }
 
     assert await controller.reconcile() == "applied"
@@ -149,8 +154,10 @@ async def test_not_ready_says_why_from_the_pods_in_the_store(kmock: ApiServer, c
 
     # The scheduler said so long ago: past the grace period it is a failure that waiting will not fix.
     pod = kmock.objects["v1/pods", NAMESPACE, "chat-5d8f-abcde"]
-    pod["status"] = {**pod.raw["status"], "conditions": [
-        {**pod.raw["status"]["conditions"][0], "lastTransitionTime": "2026-11-29T09:40:00Z"}]}
+    pod["status"] = {
+        **pod.raw["status"],
+        "conditions": [{**pod.raw["status"]["conditions"][0], "lastTransitionTime": "2026-11-29T09:40:00Z"}],
+    }
     pod["metadata"] = {**pod.raw["metadata"], "resourceVersion": kmock.next_version()}
     assert await controller.reconcile() == "applied"
 

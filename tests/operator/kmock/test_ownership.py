@@ -40,7 +40,8 @@ OTHER_UID = "0b5e2d35-2222-4c4c-8e8e-000000000000"
 def users_service() -> dict[str, Any]:
     """A Service someone made by hand before the LLMService: no labels of ours, no owner."""
     return {
-        "apiVersion": "v1", "kind": "Service",
+        "apiVersion": "v1",
+        "kind": "Service",
         "metadata": {"name": NAME, "namespace": NAMESPACE, "uid": "uid-of-users-service", "resourceVersion": "500"},
         "spec": {"ports": [{"name": "postgres", "port": 5432}], "selector": {"app": "postgres"}},
     }
@@ -62,8 +63,11 @@ async def test_a_name_held_by_someone_elses_object_is_a_name_conflict(kmock: Api
     assert stored(kmock, SERVICES) == users_service(), "the user's Service must be left exactly as it was"
     conditions = ready_conditions(kmock)
     assert {kind: (c["status"], c["reason"]) for kind, c in conditions.items()} == {
-        "Ready": ("False", "NameConflict"), "Progressing": ("False", "NameConflict"),
-        "Degraded": ("True", "NameConflict"), "Reconciling": ("False", "AsExpected"), "Stalled": ("True", "NameConflict"),
+        "Ready": ("False", "NameConflict"),
+        "Progressing": ("False", "NameConflict"),
+        "Degraded": ("True", "NameConflict"),
+        "Reconciling": ("False", "AsExpected"),
+        "Stalled": ("True", "NameConflict"),
     }
     message = conditions["Ready"]["message"]
     assert f"Service {NAMESPACE}/{NAME} already exists" in message and "will not change or delete it" in message
@@ -88,7 +92,9 @@ async def test_once_the_name_is_free_reconcile_goes_on(kmock: ApiServer, control
     assert await controller.reconcile() == "applied"
 
     assert [(r.method.value, r.url.path) for r in child_writes(kmock)] == [
-        ("PATCH", f"{COLLECTIONS['Deployment']}/{NAME}"), ("PATCH", SERVICE_PATH)]
+        ("PATCH", f"{COLLECTIONS['Deployment']}/{NAME}"),
+        ("PATCH", SERVICE_PATH),
+    ]
     assert stored(kmock, SERVICES)["metadata"]["ownerReferences"][0]["controller"] is True
     assert ready_conditions(kmock)["Ready"]["reason"] == "RollingOut"
 
@@ -114,8 +120,11 @@ async def test_a_child_of_a_deleted_predecessor_is_waited_for_not_taken(kmock: A
     assert ("GET", SERVICE_PATH) not in [(r.method.value, r.url.path) for r in controller.requests()]
     conditions = ready_conditions(kmock)
     assert {kind: (c["status"], c["reason"]) for kind, c in conditions.items()} == {
-        "Ready": ("False", "Creating"), "Progressing": ("True", "Creating"), "Degraded": ("False", "AsExpected"),
-        "Reconciling": ("True", "Creating"), "Stalled": ("False", "AsExpected"),
+        "Ready": ("False", "Creating"),
+        "Progressing": ("True", "Creating"),
+        "Degraded": ("False", "AsExpected"),
+        "Reconciling": ("True", "Creating"),
+        "Stalled": ("False", "AsExpected"),
     }
     assert "garbage collector" in conditions["Ready"]["message"]
     assert [r.url.path for r in writes(kmock)] == [STATUS_PATH], "routine progress: no Event"
@@ -150,10 +159,17 @@ async def test_our_own_child_the_store_missed_is_applied(kmock: ApiServer, contr
 
 async def test_a_foreign_hpa_of_the_same_name_blocks_autoscaling(kmock: ApiServer, controller: Controller) -> None:
     kmock.objects[HPAS, NAMESPACE, NAME] = {
-        "apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler",
-        "metadata": {"name": NAME, "namespace": NAMESPACE, "uid": "uid-of-keda-hpa", "resourceVersion": "503",
-                     "ownerReferences": [{"apiVersion": "keda.sh/v1alpha1", "kind": "ScaledObject", "name": NAME,
-                                          "uid": "keda-uid", "controller": True}]},
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": {
+            "name": NAME,
+            "namespace": NAMESPACE,
+            "uid": "uid-of-keda-hpa",
+            "resourceVersion": "503",
+            "ownerReferences": [
+                {"apiVersion": "keda.sh/v1alpha1", "kind": "ScaledObject", "name": NAME, "uid": "keda-uid", "controller": True}
+            ],
+        },
         "spec": {"maxReplicas": 9, "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": NAME}},
     }
     seed(kmock, body({**MINIMAL, "autoscaling": {"minReplicas": 1, "maxReplicas": 3, "metric": "cpu"}}))

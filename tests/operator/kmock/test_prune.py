@@ -67,7 +67,10 @@ async def test_turning_autoscaling_off_deletes_our_hpa_by_uid(kmock: ApiServer, 
     assert [r.url.path for r in deletes] == [f"{COLLECTIONS['HorizontalPodAutoscaler']}/{NAME}"]
     assert header(deletes[0], "Content-Type") == "application/json"
     assert body_of(deletes[0]) == {
-        "apiVersion": "v1", "kind": "DeleteOptions", "preconditions": {"uid": ours}, "propagationPolicy": "Background",
+        "apiVersion": "v1",
+        "kind": "DeleteOptions",
+        "preconditions": {"uid": ours},
+        "propagationPolicy": "Background",
     }
     assert kmock.objects[HPAS, NAMESPACE, NAME].deleted
     assert not kmock.objects[HPAS, NAMESPACE, "chat-canary"].deleted

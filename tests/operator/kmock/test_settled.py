@@ -26,11 +26,13 @@ SETTLED_SPECS: dict[str, tuple[dict[str, Any], int | None]] = {
     "one-replica": (MINIMAL, None),
     # 4096Mi is stored as 4Gi by the API server: the same quantity, not drift.
     "two-replicas-non-canonical-memory": (
-        {**MINIMAL, "replicas": 2, "resources": {"gpu": {"count": 0}, "memory": {"request": "4096Mi", "limit": "8Gi"}}}, None,
+        {**MINIMAL, "replicas": 2, "resources": {"gpu": {"count": 0}, "memory": {"request": "4096Mi", "limit": "8Gi"}}},
+        None,
     ),
     # The HPA has scaled the Deployment to 3: its choice, not drift, and not ours to fight.
     "autoscaled-hpa-chose-3": (
-        {**MINIMAL, "autoscaling": {"minReplicas": 2, "maxReplicas": 5, "metric": "cpu", "target": 60}}, 3,
+        {**MINIMAL, "autoscaling": {"minReplicas": 2, "maxReplicas": 5, "metric": "cpu", "target": 60}},
+        3,
     ),
 }
 
@@ -69,8 +71,13 @@ async def test_the_hpa_keeps_the_replicas_it_chose(kmock: ApiServer, controller:
 
     assert stored(kmock, DEPLOYMENTS)["spec"]["replicas"] == 4
     conditions = stored(kmock, LLMSERVICES)["status"]["conditions"]
-    assert {c["type"]: c["status"] for c in conditions} == {"Ready": "True", "Progressing": "False", "Degraded": "False",
-                                                      "Reconciling": "False", "Stalled": "False"}
+    assert {c["type"]: c["status"] for c in conditions} == {
+        "Ready": "True",
+        "Progressing": "False",
+        "Degraded": "False",
+        "Reconciling": "False",
+        "Stalled": "False",
+    }
 
 
 async def test_a_reconcile_right_after_our_writes_writes_nothing_again(kmock: ApiServer, controller: Controller) -> None:
