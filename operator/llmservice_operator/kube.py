@@ -163,25 +163,18 @@ class Kube:
     async def create(self, manifest: Manifest) -> Manifest:
         """POST a new object; 409 AlreadyExists raises. Only for objects written by compare-and-swap (a Lease)."""
         metadata = manifest["metadata"]
-        response = await self._request(
-            "create",
-            "POST",
-            KINDS[manifest["kind"]].path(metadata["namespace"]),
-            params={"fieldManager": self._field_manager},
-            content=json.dumps(manifest).encode(),
-            content_type="application/json",
-        )
-        self._raise_for(response)
-        body: Manifest = response.json()
-        return body
+        return await self._write("create", "POST", KINDS[manifest["kind"]].path(metadata["namespace"]), manifest)
 
     async def replace(self, manifest: Manifest) -> Manifest:
         """PUT an object whose metadata.resourceVersion says which version it replaces: 409 Conflict if another did."""
         metadata = manifest["metadata"]
+        return await self._write("update", "PUT", KINDS[manifest["kind"]].path(metadata["namespace"], metadata["name"]), manifest)
+
+    async def _write(self, verb: str, method: str, path: str, manifest: Manifest) -> Manifest:
         response = await self._request(
-            "update",
-            "PUT",
-            KINDS[manifest["kind"]].path(metadata["namespace"], metadata["name"]),
+            verb,
+            method,
+            path,
             params={"fieldManager": self._field_manager},
             content=json.dumps(manifest).encode(),
             content_type="application/json",

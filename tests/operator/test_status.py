@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from llmservice_operator.render import Capabilities
+from llmservice_operator.spec import LLMService
 from llmservice_operator.status import Observed, Policy, apply_failed, compute, invalid, name_conflict, recheck_after
 from tests.operator.specs import MINIMAL, service
 
@@ -91,7 +92,8 @@ def test_unschedulable_for_lack_of_gpus_is_called_out() -> None:
     assert "8 free nvidia.com/gpu" in ready["message"]
 
 
-def test_waiting_for_a_gpu_node_is_progress_for_the_grace_period_then_stalled() -> None:
+def _waiting_for_gpus() -> tuple[LLMService, Observed]:
+    """A service asking 8 GPUs per replica whose one pod the scheduler refused at NOW for lack of them."""
     svc = service({"model": {"source": {"bundled": {}}}, "resources": {"gpu": {"count": 8}}})
     pending = pod(
         scheduled={
@@ -101,7 +103,11 @@ def test_waiting_for_a_gpu_node_is_progress_for_the_grace_period_then_stalled() 
             "message": "0/2 nodes are available: 2 Insufficient nvidia.com/gpu.",
         }
     )
-    observed = Observed(deployment=deployment(1, 0), pods=(pending,))
+    return svc, Observed(deployment=deployment(1, 0), pods=(pending,))
+
+
+def test_waiting_for_a_gpu_node_is_progress_for_the_grace_period_then_stalled() -> None:
+    svc, observed = _waiting_for_gpus()
     policy = Policy(capacity_grace_seconds=600)
 
     waiting = conditions(compute(svc, observed, None, LATER, policy))  # 5 of 10 minutes
@@ -122,16 +128,7 @@ def test_waiting_for_a_gpu_node_is_progress_for_the_grace_period_then_stalled() 
 
 
 def test_the_waiting_message_does_not_change_while_waiting() -> None:
-    svc = service({"model": {"source": {"bundled": {}}}, "resources": {"gpu": {"count": 8}}})
-    pending = pod(
-        scheduled={
-            "status": "False",
-            "reason": "Unschedulable",
-            "lastTransitionTime": NOW,
-            "message": "0/2 nodes are available: 2 Insufficient nvidia.com/gpu.",
-        }
-    )
-    observed = Observed(deployment=deployment(1, 0), pods=(pending,))
+    svc, observed = _waiting_for_gpus()
     first = compute(svc, observed, None, NOW)
     assert compute(svc, observed, first, LATER) == first, "a resync while waiting must write nothing"
 
